@@ -1,0 +1,142 @@
+import pytest
+import torch
+
+from torchglow.layers import (
+    ActNorm,
+    Coupling,
+    FlowStep,
+    InvConv1x1,
+    Permute,
+    initializing,
+    squeeze2d,
+    unsqueeze2d,
+)
+
+from flow_checks import assert_invertible, assert_logdet_matches_jacobian, perturb
+
+LAYERS = {
+    "actnorm": lambda c: ActNorm(c),
+    "invconv": lambda c: InvConv1x1(c, lu=False),
+    "invconv_lu": lambda c: InvConv1x1(c, lu=True),
+    "reverse": lambda c: Permute(c, "reverse"),
+    "shuffle": lambda c: Permute(c, "shuffle"),
+    "coupling_affine": lambda c: Coupling(c, 8, affine=True),
+    "coupling_additive": lambda c: Coupling(c, 8, affine=False),
+    "flowstep_affine_lu": lambda c: FlowStep(c, 8, "affine", "invconv", lu=True),
+    "flowstep_additive_shuffle": lambda c: FlowStep(c, 8, "additive", "shuffle"),
+    "flowstep_affine_reverse_odd": lambda c: FlowStep(c + 1, 8, "affine", "reverse"),
+}
+
+
+def make(name, channels=4, dtype=torch.float64):
+    layer = LAYERS[name](channels).to(dtype)
+    perturb(layer)
+    return layer
+
+
+def channels_of(layer):
+    return next(m for m in layer.modules() if isinstance(m, (ActNorm, InvConv1x1, Permute, Coupling)))
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["f64", "f32"])
+def test_inverse(name, dtype, rtol):
+    layer = make(name, dtype=dtype)
+    c = 5 if name.endswith("_odd") else 4
+    assert_invertible(layer, torch.randn(3, c, 6, 6, dtype=dtype), rtol)
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_logdet_matches_jacobian(name):
+    layer = make(name)
+    c = 5 if name.endswith("_odd") else 4
+    assert_logdet_matches_jacobian(layer, torch.randn(2, c, 3, 3, dtype=torch.float64))
+
+
+def test_squeeze_inverse_and_official_channel_order():
+    x = torch.arange(2 * 3 * 4 * 6, dtype=torch.float64).reshape(2, 3, 4, 6)
+    y = squeeze2d(x)
+    assert y.shape == (2, 12, 2, 3)
+    # official squeeze2d (NHWC): channel c*4 + 2i + j holds pixel (2h+i, 2w+j) of channel c
+    for c in range(3):
+        for i in range(2):
+            for j in range(2):
+                torch.testing.assert_close(y[:, c * 4 + 2 * i + j], x[:, c, i::2, j::2])
+    assert torch.equal(unsqueeze2d(y), x)
+
+
+def test_actnorm_data_dependent_init():
+    layer = ActNorm(3)
+    x = torch.randn(64, 3, 5, 5) * torch.tensor([0.5, 2.0, 7.0])[:, None, None] + torch.tensor([1.0, -3.0, 0.2])[:, None, None]
+    assert not bool(layer.initialized)
+    with initializing(layer):
+        y, _ = layer(x)
+    assert bool(layer.initialized)
+    torch.testing.assert_close(y.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.std(dim=(0, 2, 3), unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
+    # outside the context and once initialised, data never changes the parameters again
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with initializing(layer):
+        layer(x * 10)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_actnorm_state_dict_carries_initialized():
+    layer = ActNorm(2)
+    with initializing(layer):
+        layer(torch.randn(8, 2, 3, 3) * 4)
+    fresh = ActNorm(2)
+    fresh.load_state_dict(layer.state_dict())
+    assert bool(fresh.initialized)
+    x = torch.randn(4, 2, 3, 3)
+    with initializing(fresh):  # loaded: must not re-initialise
+        torch.testing.assert_close(fresh(x)[0], layer(x)[0])
+
+
+@pytest.mark.parametrize("lu", [True, False], ids=["lu", "plain"])
+def test_invconv_starts_as_rotation_and_logdet(lu):
+    layer = InvConv1x1(6, lu=lu)
+    w = layer.weight_matrix().double()
+    torch.testing.assert_close(w @ w.T, torch.eye(6, dtype=torch.float64), atol=1e-5, rtol=0)
+    perturb(layer)
+    expected = torch.linalg.slogdet(layer.weight_matrix().double())[1]
+    torch.testing.assert_close(layer.logabsdet().double(), expected, atol=1e-5, rtol=0)
+
+
+def test_invconv_inverse_cache_follows_weight_updates():
+    layer = InvConv1x1(4, lu=True)
+    y = torch.randn(2, 4, 3, 3)
+    with torch.no_grad():
+        first = layer.inverse_matrix()
+        assert layer.inverse_matrix() is first  # cached while unchanged
+        layer.log_s.add_(0.3)  # an optimiser step is an in-place update
+        second = layer.inverse_matrix()
+    assert second is not first
+    torch.testing.assert_close(second.double() @ layer.weight_matrix().double(), torch.eye(4, dtype=torch.float64), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(layer.inverse(y))[0], y, atol=1e-5, rtol=0)
+
+
+def test_permute_save_load_restores_permutation():
+    a, b = Permute(7, "shuffle"), Permute(7, "shuffle")
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 7, 2, 2)
+    assert torch.equal(a(x)[0], b(x)[0])
+
+
+def test_coupling_starts_as_identity():
+    layer = Coupling(4, 8, affine=False)
+    x = torch.randn(2, 4, 3, 3)
+    y, logdet = layer(x)
+    assert torch.equal(y, x) and torch.equal(logdet, torch.zeros(2))
+
+
+def test_coupling_bf16_network_keeps_float32_logdet():
+    layer = Coupling(4, 8, affine=True)
+    perturb(layer)
+    layer.autocast_dtype = torch.bfloat16
+    x = torch.randn(2, 4, 3, 3)
+    y, logdet = layer(x)
+    assert y.dtype == torch.float32 and logdet.dtype == torch.float32
+    torch.testing.assert_close(layer.inverse(y), x, atol=1e-5, rtol=0)

@@ -1,0 +1,171 @@
+import math
+
+import pytest
+import torch
+
+from torchglow import PRESETS, Glow, preset
+from torchglow.layers import squeeze2d
+from torchglow.preprocess import to_uint8
+
+from conftest import tiny_config
+from flow_checks import jacobian_logabsdet, perturb
+
+VARIANTS = {
+    "affine_lu": {},
+    "affine_plain": dict(lu=False),
+    "additive_shuffle": dict(coupling="additive", permutation="shuffle"),
+    "affine_reverse_fixedtop": dict(permutation="reverse", learn_top=False),
+    "conditional": dict(num_classes=3),
+}
+
+
+def make(variant="affine_lu", dtype=torch.float64, **overrides):
+    model = Glow(tiny_config(**{**VARIANTS[variant], **overrides})).to(dtype)
+    perturb(model)
+    return model
+
+
+def labels(model, n):
+    return torch.arange(n) % model.config.num_classes if model.config.num_classes else None
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["f64", "f32"])
+@pytest.mark.parametrize("standardized", [False, True], ids=["z", "eps"])
+def test_decode_inverts_encode(variant, dtype, rtol, standardized):
+    model = make(variant, dtype)
+    x = torch.rand(4, 1, 4, 4, dtype=dtype) - 0.5
+    y = labels(model, 4)
+    with torch.no_grad():
+        latents, _ = model.encode(x, y, standardized=standardized)
+        assert [tuple(z.shape[1:]) for z in latents] == model.latent_shapes
+        x_rec = model.decode(latents, y, standardized=standardized)
+    assert (x_rec - x).abs().max() / x.abs().max() < rtol
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_logdet_matches_jacobian(variant):
+    model = make(variant)
+    x = torch.rand(2, 1, 4, 4, dtype=torch.float64) - 0.5
+    y = labels(model, 2)
+
+    def flat_latents(v):
+        latents, _ = model.encode(v, None if y is None else y[:1])
+        return torch.cat([z.reshape(1, -1) for z in latents], 1)
+
+    _, logdet = model.encode(x, y)
+    torch.testing.assert_close(logdet.detach(), jacobian_logabsdet(flat_latents, x), atol=1e-8, rtol=1e-9)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_log_prob_is_change_of_variables_to_standard_normal(variant):
+    """log p(x) = log N(ε; 0, I) + log|det dε/dx| with ε the standardised latents of all levels:
+    checks the split priors, the top prior and the flow's log-det together."""
+    model = make(variant)
+    x = torch.rand(2, 1, 4, 4, dtype=torch.float64) - 0.5
+    y = labels(model, 2)
+
+    for i in range(2):
+        yi = None if y is None else y[i : i + 1]
+
+        def eps_of(v):
+            return torch.cat([e.reshape(1, -1) for e in model.encode(v, yi, standardized=True)[0]], 1)
+
+        eps = eps_of(x[i : i + 1])
+        d = eps.numel()
+        expected = -0.5 * (eps**2).sum() - 0.5 * d * math.log(2 * math.pi) + jacobian_logabsdet(eps_of, x[i : i + 1])[0]
+        torch.testing.assert_close(model.log_prob(x[i : i + 1], yi)[0].detach(), expected.detach(), atol=1e-8, rtol=1e-9)
+
+
+def test_initialize_normalises_and_is_kept_on_reload(tmp_path):
+    model = Glow(tiny_config())
+    assert not model.initialized
+    x = torch.rand(64, 1, 4, 4) * 0.3 - 0.2
+    model.initialize(x)
+    assert model.initialized
+    first = model.levels[0][0].actnorm
+    h = first(squeeze2d(x))[0]
+    torch.testing.assert_close(h.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(h.std(dim=(0, 2, 3), unbiased=False), torch.ones(4), atol=1e-3, rtol=0)
+    model.save_pretrained(tmp_path)
+    loaded = Glow.from_pretrained(tmp_path)
+    assert loaded.initialized
+    loaded.initialize(x * 5)  # must be a no-op
+    torch.testing.assert_close(loaded.log_prob(x), model.log_prob(x))
+
+
+@pytest.mark.parametrize("variant", ["affine_lu", "additive_shuffle", "conditional"])
+def test_save_load_round_trip(tmp_path, variant):
+    model = make(variant, torch.float32)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "config.json").exists() and (tmp_path / "model.safetensors").exists()
+    loaded = Glow.from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    x = torch.rand(3, 1, 4, 4) - 0.5
+    y = labels(model, 3)
+    assert torch.equal(loaded.log_prob(x, y), model.log_prob(x, y))
+    g1, g2 = (torch.Generator().manual_seed(1) for _ in range(2))
+    assert torch.equal(loaded.sample(3, 0.8, y, generator=g1), model.sample(3, 0.8, y, generator=g2))
+
+
+def test_sample_at_temperature_zero_is_deterministic():
+    model = make("affine_lu", torch.float32)
+    a, b = model.sample(2, temperature=0.0), model.sample(2, temperature=0.0)
+    assert torch.equal(a, b) and torch.equal(a[0], a[1])
+
+
+def test_sample_uses_temperature_on_every_level():
+    model = make("affine_lu", torch.float32)
+    x = model.sample(8, temperature=0.5, generator=torch.Generator().manual_seed(0))
+    eps, _ = model.encode(x, standardized=True)
+    expected = [torch.randn((8, *s), generator=g) * 0.5 for g in [torch.Generator().manual_seed(0)] for s in model.latent_shapes]
+    for e, ref in zip(eps, expected):
+        torch.testing.assert_close(e, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_bits_per_dim_matches_formula_and_uint8_images_round_trip():
+    model = make("affine_lu", torch.float32)
+    x_uint8 = torch.randint(0, 256, (5, 1, 4, 4), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(3)
+    bpd = model.bits_per_dim(x_uint8, generator=g)
+    g = torch.Generator().manual_seed(3)
+    x = torch.floor(x_uint8.float() / 8) / 32 - 0.5 + torch.rand(x_uint8.shape, generator=g) / 32
+    expected = -(model.log_prob(x) - 16 * math.log(32)) / (16 * math.log(2))
+    torch.testing.assert_close(bpd, expected)
+    assert torch.equal(to_uint8(x, 5), x_uint8 // 8 * 8)
+
+
+def test_conditional_model_needs_labels_and_classifies():
+    model = make("conditional", torch.float32)
+    x = torch.rand(2, 1, 4, 4) - 0.5
+    with pytest.raises(ValueError, match="class-conditional"):
+        model.log_prob(x)
+    out = model(x, torch.tensor([0, 2]))
+    assert out.y_logits.shape == (2, 3)
+    # the label shifts the prior: the same x gets different densities under different labels
+    assert not torch.allclose(model.log_prob(x, torch.tensor([0, 0])), model.log_prob(x, torch.tensor([1, 1])))
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_build_with_right_shapes(name):
+    model = Glow.from_preset(name)
+    cfg = model.config
+    assert sum(math.prod(s) for s in model.latent_shapes) == cfg.n_dims
+    c, h, w = model.latent_shapes[-1]
+    assert (h, w) == (cfg.image_shape[1] // 2**cfg.n_levels, cfg.image_shape[2] // 2**cfg.n_levels)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    if name == "digits":
+        x = torch.rand(2, *cfg.image_shape) - 0.5
+        model.initialize(x)
+        assert model.sample(2).shape == (2, *cfg.image_shape)
+
+
+def test_cifar10_preset_matches_official_size():
+    model = Glow.from_preset("cifar10")
+    assert model.latent_shapes == [(6, 16, 16), (12, 8, 8), (48, 4, 4)]
+    assert 44.0e6 < sum(p.numel() for p in model.parameters()) < 44.5e6
+
+
+def test_from_preset_overrides():
+    cfg = preset("digits", n_steps=3, num_classes=10)
+    assert cfg.n_steps == 3 and cfg.num_classes == 10 and cfg.n_bits == PRESETS["digits"]["n_bits"]

@@ -1,0 +1,20 @@
+"""torchglow: Glow normalizing flows (Kingma & Dhariwal 2018) in PyTorch, exact and fast."""
+
+from .config import PRESETS, ConfigError, GlowConfig, preset
+from .model import FlowOutput, Glow
+from .preprocess import bits_per_dim_from_log_prob, dequantize, preprocess, to_uint8
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "ConfigError",
+    "FlowOutput",
+    "Glow",
+    "GlowConfig",
+    "bits_per_dim_from_log_prob",
+    "dequantize",
+    "preprocess",
+    "preset",
+    "to_uint8",
+]

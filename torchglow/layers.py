@@ -1,0 +1,322 @@
+"""Invertible layers of Glow.
+
+Every flow layer maps ``forward(x) -> (y, logdet)`` and ``inverse(y) -> x`` on (B, C, H, W)
+tensors; ``logdet`` is ``log|det dy/dx|`` per sample, shape (B,), in float32. All state lives in
+parameters and buffers, so ``load_state_dict`` restores a layer completely.
+
+Numerics follow the official openai/glow code (``model.py``/``tfops.py``): data-dependent ActNorm
+with a ``logscale_factor`` of 3, the zero-initialised last convolutions scaled by ``exp(3·logs)``,
+the sigmoid(h + 2) affine scale and float64 log-determinants of the plain 1x1 convolution. The
+official convolutions also pad with an extra "edge" channel marking the border; we pad with zeros
+only (as every PyTorch port does), which changes no log-determinant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The official code stores log-scales divided by this factor, which multiplies their effective
+# learning rate under Adam/Adamax by 3.
+LOGSCALE_FACTOR = 3.0
+
+
+def logdet_dtype(x: torch.Tensor) -> torch.dtype:
+    """Log-dets and priors accumulate in float32 whatever the activations' precision (bf16, fp16),
+    and in float64 when the model itself runs in float64."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class ActNorm(nn.Module):
+    """Per-channel affine normalisation: ``y = (x + bias) · exp(logs)``, log-det ``H·W·Σ logs``.
+
+    Initialised from data (Kingma & Dhariwal 2018, §3.1): the first batch seen inside
+    :func:`initializing` gets zero mean and unit variance per channel. Whether that happened is the
+    ``initialized`` buffer, saved in the ``state_dict``, so a loaded layer never re-initialises.
+    The flag is checked only by the initialisation routine, never in ``forward``.
+    """
+
+    def __init__(self, num_channels: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
+        self.logs = nn.Parameter(torch.zeros(1, num_channels, 1, 1))  # stored as logs / LOGSCALE_FACTOR
+        self.register_buffer("initialized", torch.tensor(False))
+        self._init_pending = False  # set by `initializing()`; a Python bool, so no device sync
+
+    def log_scale(self) -> torch.Tensor:
+        return self.logs * LOGSCALE_FACTOR
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._init_pending:
+            self._initialize(x)
+        logs = self.log_scale()
+        y = (x + self.bias) * torch.exp(logs)
+        logdet = (x.shape[2] * x.shape[3]) * logs.to(logdet_dtype(x)).sum()
+        return y, logdet.expand(x.shape[0])
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return y * torch.exp(-self.log_scale()) - self.bias
+
+    @torch.no_grad()
+    def _initialize(self, x: torch.Tensor) -> None:
+        """Centre first, then scale: ``bias = -mean``, ``logs = log(1 / (std + 1e-6))`` (official).
+
+        Under torch.distributed the moments are averaged over all ranks (equal batches per rank),
+        so every rank gets the same initialisation.
+        """
+        x = x.to(logdet_dtype(x))
+        mean = _all_reduce_mean(x.mean(dim=(0, 2, 3), keepdim=True))
+        var = _all_reduce_mean(((x - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True))
+        self.bias.copy_(-mean)
+        self.logs.copy_(torch.log(1.0 / (var.sqrt() + 1e-6)) / LOGSCALE_FACTOR)
+        self.initialized.fill_(True)
+        self._init_pending = False
+
+
+def _all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+@contextlib.contextmanager
+def initializing(module: nn.Module):
+    """Within this context, each not-yet-initialised ActNorm in ``module`` initialises itself
+    from the first input it sees (one forward pass initialises a whole model, in order)."""
+    pending = [m for m in module.modules() if isinstance(m, ActNorm) and not bool(m.initialized)]
+    for m in pending:
+        m._init_pending = True
+    try:
+        yield
+    finally:
+        for m in pending:
+            m._init_pending = False
+
+
+class InvConv1x1(nn.Module):
+    """Invertible 1x1 convolution ``y = W x`` over channels, log-det ``H·W·log|det W|``.
+
+    ``W`` starts as a random rotation (Q of the QR of a Gaussian). With ``lu=True`` it is
+    parametrised as ``W = P·(L + I)·(U + diag(sign·exp(log_s)))`` with fixed P and sign, and the
+    log-det is ``H·W·Σ log_s``; the inverse then comes from triangular solves with the factors.
+    Without LU the log-det is computed in float64 as in the official code.
+    """
+
+    def __init__(self, num_channels: int, lu: bool = True):
+        super().__init__()
+        self.lu = lu
+        self._inverse_cache: tuple[tuple, torch.Tensor] | None = None
+        c = num_channels
+        w = torch.linalg.qr(torch.randn(c, c, dtype=torch.float64))[0]
+        if not lu:
+            self.weight = nn.Parameter(w.float())
+            return
+        p, l, u = torch.linalg.lu(w)
+        s = torch.diagonal(u)
+        self.register_buffer("perm", p.float())
+        self.register_buffer("sign_s", torch.sign(s).float())
+        self.register_buffer("lower_mask", torch.tril(torch.ones(c, c), -1))
+        self.register_buffer("eye", torch.eye(c))
+        self.lower = nn.Parameter(l.float())
+        self.upper = nn.Parameter(torch.triu(u, 1).float())
+        self.log_s = nn.Parameter(torch.log(torch.abs(s)).float())
+
+    def _lu_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lower = self.lower * self.lower_mask + self.eye
+        upper = self.upper * self.lower_mask.T + torch.diag(self.sign_s * torch.exp(self.log_s))
+        return lower, upper
+
+    def weight_matrix(self) -> torch.Tensor:
+        if not self.lu:
+            return self.weight
+        lower, upper = self._lu_factors()
+        return self.perm @ lower @ upper
+
+    def inverse_matrix(self) -> torch.Tensor:
+        """``W⁻¹``: from the LU factors by triangular solves (else a float64 inverse); cached while
+        the weights are unchanged and no gradient is needed (sampling and evaluation)."""
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return self._compute_inverse()
+        # In-place updates (optimiser steps, load_state_dict) bump a parameter's version.
+        key = tuple((p._version, p.data_ptr(), p.device, p.dtype) for p in self.parameters())
+        if self._inverse_cache is None or self._inverse_cache[0] != key:
+            self._inverse_cache = (key, self._compute_inverse())
+        return self._inverse_cache[1]
+
+    def _compute_inverse(self) -> torch.Tensor:
+        if not self.lu:
+            return torch.linalg.inv(self.weight.double()).to(self.weight.dtype)
+        # W⁻¹ = U⁻¹ L⁻¹ Pᵀ, solved in float64 so the inverse is accurate to float32 rounding.
+        lower, upper = (m.double() for m in self._lu_factors())
+        eye = self.eye.double()
+        l_inv = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
+        u_inv = torch.linalg.solve_triangular(upper, eye, upper=True)
+        return (u_inv @ l_inv @ self.perm.double().T).to(self.log_s.dtype)
+
+    def logabsdet(self) -> torch.Tensor:
+        if self.lu:
+            return self.log_s.sum()
+        return torch.linalg.slogdet(self.weight.double())[1]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.weight_matrix()
+        y = F.conv2d(x, w.to(x.dtype)[:, :, None, None])
+        logdet = (x.shape[2] * x.shape[3]) * self.logabsdet().to(logdet_dtype(x))
+        return y, logdet.expand(x.shape[0])
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(y, self.inverse_matrix().to(y.dtype)[:, :, None, None])
+
+
+class Permute(nn.Module):
+    """Fixed channel permutation (``"reverse"`` or a seeded random ``"shuffle"``); log-det 0."""
+
+    def __init__(self, num_channels: int, mode: str = "reverse"):
+        super().__init__()
+        if mode == "reverse":
+            perm = torch.arange(num_channels - 1, -1, -1)
+        elif mode == "shuffle":
+            perm = torch.randperm(num_channels)
+        else:
+            raise ValueError(f"unknown permutation mode {mode!r}")
+        self.register_buffer("perm", perm)
+        self.register_buffer("inv_perm", torch.argsort(perm))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x[:, self.perm], x.new_zeros(x.shape[0], dtype=logdet_dtype(x))
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return y[:, self.inv_perm]
+
+
+def squeeze2d(x: torch.Tensor) -> torch.Tensor:
+    """Space-to-depth by 2, channel order of the official ``squeeze2d``: out[c·4 + 2i + j] = x[c, 2h+i, 2w+j]."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // 2, 2, w // 2, 2)  # (B, C, H/2, i, W/2, j)
+    x = x.permute(0, 1, 3, 5, 2, 4)  # (B, C, i, j, H/2, W/2)
+    return x.reshape(b, c * 4, h // 2, w // 2)
+
+
+def unsqueeze2d(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`squeeze2d`."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c // 4, 2, 2, h, w)  # (B, C/4, i, j, H, W)
+    x = x.permute(0, 1, 4, 2, 5, 3)  # (B, C/4, H, i, W, j)
+    return x.reshape(b, c // 4, h * 2, w * 2)
+
+
+class ZeroConv2d(nn.Module):
+    """Zero-initialised convolution whose output is scaled: ``(conv(x) + b) · exp(3·logs)``.
+
+    The last layer of every coupling network and prior, so that each flow step starts as the
+    identity and each prior as a standard normal (official ``conv2d_zeros``).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+        self.logs = nn.Parameter(torch.zeros(1, out_channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * torch.exp(self.logs * LOGSCALE_FACTOR)
+
+
+class ConvActNorm(nn.Module):
+    """Bias-free convolution followed by ActNorm (official ``conv2d`` with ``do_actnorm``),
+    weights drawn from N(0, 0.05²)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+        nn.init.normal_(self.conv.weight, std=0.05)
+        self.actnorm = ActNorm(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.actnorm(self.conv(x))[0]
+
+
+class Coupling(nn.Module):
+    """Affine or additive coupling on the channel halves ``x = [x_a, x_b]``.
+
+    ``h = NN(x_a)``; additive: ``y_b = x_b + h``, log-det 0; affine: ``shift = h[:, 0::2]``,
+    ``scale = sigmoid(h[:, 1::2] + 2)``, ``y_b = (x_b + shift)·scale``, log-det ``Σ log scale``
+    (official code; the paper writes ``exp`` for the scale). ``y_a = x_a``.
+
+    ``autocast_dtype`` (e.g. torch.bfloat16) runs only the network in reduced precision; the
+    coupling arithmetic and its log-det stay in the input's precision.
+    """
+
+    def __init__(self, num_channels: int, hidden_channels: int, affine: bool = True):
+        super().__init__()
+        self.affine = affine
+        self.n_a = num_channels // 2
+        n_b = num_channels - self.n_a
+        self.nn = nn.Sequential(
+            ConvActNorm(self.n_a, hidden_channels, 3),
+            nn.ReLU(),
+            ConvActNorm(hidden_channels, hidden_channels, 1),
+            nn.ReLU(),
+            ZeroConv2d(hidden_channels, 2 * n_b if affine else n_b),
+        )
+        self.autocast_dtype: torch.dtype | None = None
+
+    def _net(self, x_a: torch.Tensor) -> torch.Tensor:
+        if self.autocast_dtype is None:
+            return self.nn(x_a)
+        with torch.autocast(x_a.device.type, dtype=self.autocast_dtype):
+            return self.nn(x_a).to(x_a.dtype)
+
+    def _shift_logscale(self, x_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self._net(x_a)
+        return h[:, 0::2], F.logsigmoid(h[:, 1::2] + 2.0)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x_a, x_b = x[:, : self.n_a], x[:, self.n_a :]
+        if not self.affine:
+            y_b = x_b + self._net(x_a)
+            return torch.cat([x_a, y_b], 1), x.new_zeros(x.shape[0], dtype=logdet_dtype(x))
+        shift, log_scale = self._shift_logscale(x_a)
+        y_b = (x_b + shift) * torch.exp(log_scale)
+        return torch.cat([x_a, y_b], 1), log_scale.to(logdet_dtype(x)).sum(dim=(1, 2, 3))
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        y_a, y_b = y[:, : self.n_a], y[:, self.n_a :]
+        if not self.affine:
+            return torch.cat([y_a, y_b - self._net(y_a)], 1)
+        shift, log_scale = self._shift_logscale(y_a)
+        return torch.cat([y_a, y_b * torch.exp(-log_scale) - shift], 1)
+
+
+class FlowStep(nn.Module):
+    """One step of flow: ActNorm -> permutation (1x1 conv, shuffle or reverse) -> coupling."""
+
+    def __init__(self, num_channels: int, hidden_channels: int, coupling: str = "affine",
+                 permutation: str = "invconv", lu: bool = True):
+        super().__init__()
+        self.actnorm = ActNorm(num_channels)
+        if permutation == "invconv":
+            self.permute: nn.Module = InvConv1x1(num_channels, lu=lu)
+        else:
+            self.permute = Permute(num_channels, permutation)
+        self.coupling = Coupling(num_channels, hidden_channels, affine=coupling == "affine")
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, logdet = self.actnorm(x)
+        x, ld = self.permute(x)
+        logdet = logdet + ld
+        x, ld = self.coupling(x)
+        return x, logdet + ld
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        y = self.coupling.inverse(y)
+        y = self.permute.inverse(y)
+        return self.actnorm.inverse(y)

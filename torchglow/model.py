@@ -1,0 +1,249 @@
+"""The Glow model: multi-scale flow, learned priors, likelihood, sampling, save/load.
+
+Layout (official ``model.py``): the input is squeezed; each of the L levels runs K flow steps;
+between levels the channels are split, the second half ``z2`` is modelled by a Gaussian whose mean
+and log-std come from a zero-initialised conv on the kept half (and leaves the flow), and the kept
+half is squeezed again. The top latent has a standard or learned Gaussian prior, shifted by a
+zero-initialised embedding of the class label when the model is class-conditional.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import preprocess as pp
+from .config import GlowConfig, preset
+from .layers import ActNorm, FlowStep, ZeroConv2d, initializing, logdet_dtype, squeeze2d, unsqueeze2d
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+LOG_2PI = math.log(2 * math.pi)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, logs: torch.Tensor) -> torch.Tensor:
+    """Per-sample log N(x; mean, exp(logs)²) summed over (C, H, W), in float32 (float64 for
+    float64 inputs)."""
+    dtype = logdet_dtype(x)
+    x, mean, logs = x.to(dtype), mean.to(dtype), logs.to(dtype)
+    return (-0.5 * (LOG_2PI + 2.0 * logs + (x - mean) ** 2 * torch.exp(-2.0 * logs))).sum(dim=(1, 2, 3))
+
+
+class FlowOutput(NamedTuple):
+    log_prob: torch.Tensor  # (B,) log-density of the continuous input, nats: log_pz + logdet
+    logdet: torch.Tensor  # (B,) sum of the flow's log-determinants
+    log_pz: torch.Tensor  # (B,) sum of the priors' log-densities over all latents
+    y_logits: torch.Tensor | None  # (B, num_classes) classifier logits, class-conditional models only
+
+
+class Split(nn.Module):
+    """Conditional prior of the split-off half: ``[mean | logs]`` interleaved from a zero conv on
+    the kept half (official ``split2d_prior``). Not a flow layer: its term is a prior, not a log-det."""
+
+    def __init__(self, num_channels: int):
+        super().__init__()
+        self.n_keep = num_channels // 2
+        self.conv = ZeroConv2d(self.n_keep, 2 * (num_channels - self.n_keep))
+
+    def prior(self, z_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.conv(z_keep).to(logdet_dtype(z_keep))
+        return h[:, 0::2], h[:, 1::2]
+
+
+class TopPrior(nn.Module):
+    """Prior of the top latent: N(0, I), or with ``learn_top`` a learned mean and log-std (official:
+    a zero conv applied to zeros, i.e. a per-channel bias scaled by ``exp(3·logs)``), shifted by a
+    zero-initialised linear embedding of the one-hot class when ``num_classes`` is set."""
+
+    def __init__(self, shape: tuple[int, int, int], learn_top: bool, num_classes: int | None):
+        super().__init__()
+        self.shape = shape
+        c = shape[0]
+        self.learned = ZeroConv2d(2 * c, 2 * c) if learn_top else None
+        self.y_emb = nn.Linear(num_classes, 2 * c) if num_classes else None
+        if self.y_emb is not None:
+            nn.init.zeros_(self.y_emb.weight)
+            nn.init.zeros_(self.y_emb.bias)
+
+    def forward(self, batch: int, y: torch.Tensor | None, device: torch.device,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        c, h, w = self.shape
+        p = torch.zeros(1, 2 * c, h, w, device=device, dtype=dtype)
+        if self.learned is not None:
+            p = self.learned(p)
+        p = p.expand(batch, -1, -1, -1)
+        if self.y_emb is not None:
+            if y is None:
+                raise ValueError("this model is class-conditional: pass the labels y")
+            onehot = F.one_hot(y, self.y_emb.in_features).to(dtype)
+            p = p + self.y_emb(onehot)[:, :, None, None]
+        return p[:, :c], p[:, c:]
+
+
+class Glow(nn.Module):
+    """Glow (Kingma & Dhariwal 2018) with the numerics of the official code.
+
+    Inputs live in *model space*: images scaled to [-0.5, 0.5) and dequantised
+    (:mod:`torchglow.preprocess`); :meth:`bits_per_dim` takes uint8 images and does that itself.
+    """
+
+    def __init__(self, config: GlowConfig):
+        super().__init__()
+        self.config = config
+        c, h, w = config.image_shape
+        self.levels = nn.ModuleList()
+        self.splits = nn.ModuleList()
+        self.latent_shapes: list[tuple[int, int, int]] = []
+        for i in range(config.n_levels):
+            c, h, w = c * 4, h // 2, w // 2
+            steps = nn.ModuleList(
+                FlowStep(c, config.hidden_channels, config.coupling, config.permutation, config.lu)
+                for _ in range(config.n_steps)
+            )
+            self.levels.append(steps)
+            if i < config.n_levels - 1:
+                self.splits.append(Split(c))
+                self.latent_shapes.append((c - c // 2, h, w))
+                c = c // 2
+        self.latent_shapes.append((c, h, w))
+        self.top = TopPrior((c, h, w), config.learn_top, config.num_classes)
+        self.classifier = nn.Linear(c, config.num_classes) if config.num_classes else None
+        if self.classifier is not None:
+            nn.init.zeros_(self.classifier.weight)
+            nn.init.zeros_(self.classifier.bias)
+
+    # ---------------------------------------------------------------- construction and state
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "Glow":
+        return cls(preset(name, **overrides))
+
+    @property
+    def initialized(self) -> bool:
+        """True once the data-dependent ActNorm initialisation has run (or was loaded)."""
+        return all(bool(m.initialized) for m in self.modules() if isinstance(m, ActNorm))
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """Data-dependent initialisation of every ActNorm from a batch in model space (the
+        official code uses 256 dequantised training images). Under torch.distributed, call it
+        on every rank with its share of the batch: the statistics are averaged across ranks.
+        Layers that are already initialised (e.g. loaded from a checkpoint) are left alone."""
+        with initializing(self):
+            self.encode(x, y)
+
+    def set_autocast(self, dtype: torch.dtype | None) -> None:
+        """Run the coupling networks under autocast ``dtype`` (bf16/fp16); None for full precision."""
+        for step in self.flow_steps():
+            step.coupling.autocast_dtype = dtype
+
+    def flow_steps(self):
+        for steps in self.levels:
+            yield from steps
+
+    # ---------------------------------------------------------------- the flow
+    def _run_steps(self, steps: nn.ModuleList, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logdet = z.new_zeros(z.shape[0], dtype=logdet_dtype(z))
+        for step in steps:
+            z, ld = step(z)
+            logdet = logdet + ld
+        return z, logdet
+
+    def _encode(self, x: torch.Tensor, y: torch.Tensor | None, standardized: bool):
+        z = x
+        latents: list[torch.Tensor] = []
+        logdet = x.new_zeros(x.shape[0], dtype=logdet_dtype(x))
+        log_pz = torch.zeros_like(logdet)
+        for i, steps in enumerate(self.levels):
+            z, ld = self._run_steps(steps, squeeze2d(z))
+            logdet = logdet + ld
+            if i < len(self.splits):
+                split = self.splits[i]
+                z, z_out = z[:, : split.n_keep], z[:, split.n_keep :]
+                mean, logs = split.prior(z)
+                log_pz = log_pz + gaussian_log_prob(z_out, mean, logs)
+                latents.append((z_out - mean) * torch.exp(-logs) if standardized else z_out)
+        mean, logs = self.top(x.shape[0], y, x.device, logdet_dtype(x))
+        log_pz = log_pz + gaussian_log_prob(z, mean, logs)
+        latents.append((z - mean) * torch.exp(-logs) if standardized else z)
+        return latents, logdet, log_pz, z
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None, standardized: bool = False):
+        """Map inputs to latents: ``(latents, logdet)`` with one latent per split and the top one
+        last (shapes :attr:`latent_shapes`). ``standardized=True`` returns ``ε = (z - mean) / std``
+        under each level's prior instead of ``z``. :meth:`decode` inverts either exactly."""
+        latents, logdet, _, _ = self._encode(x, y, standardized)
+        return latents, logdet
+
+    def decode(self, latents: list[torch.Tensor], y: torch.Tensor | None = None,
+               standardized: bool = False) -> torch.Tensor:
+        """Inverse of :meth:`encode`: every given latent is used as is, none is resampled."""
+        if len(latents) != len(self.latent_shapes):
+            raise ValueError(f"expected {len(self.latent_shapes)} latents, got {len(latents)}")
+        z = latents[-1]
+        if standardized:
+            mean, logs = self.top(z.shape[0], y, z.device, logdet_dtype(z))
+            z = mean.to(z.dtype) + torch.exp(logs).to(z.dtype) * z
+        for i in reversed(range(len(self.levels))):
+            if i < len(self.splits):
+                z_out = latents[i]
+                if standardized:
+                    mean, logs = self.splits[i].prior(z)
+                    z_out = mean.to(z.dtype) + torch.exp(logs).to(z.dtype) * z_out
+                z = torch.cat([z, z_out], 1)
+            for step in reversed(self.levels[i]):
+                z = step.inverse(z)
+            z = unsqueeze2d(z)
+        return z
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> FlowOutput:
+        latents, logdet, log_pz, z_top = self._encode(x, y, standardized=False)
+        y_logits = self.classifier(z_top.to(self.classifier.weight.dtype).mean(dim=(2, 3))) if self.classifier is not None else None
+        return FlowOutput(log_pz + logdet, logdet, log_pz, y_logits)
+
+    # ---------------------------------------------------------------- as a distribution
+    def log_prob(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample log-density (nats) of continuous model-space inputs ``x``."""
+        return self(x, y).log_prob
+
+    def bits_per_dim(self, x_uint8: torch.Tensor, y: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per-sample bits/dim of uint8 images (B, C, H, W): reduced to ``n_bits``, dequantised with
+        uniform noise and scored with the discretisation term, as the official objective."""
+        n_bits = self.config.n_bits
+        x = pp.dequantize(pp.preprocess(x_uint8, n_bits), n_bits, generator)
+        return pp.bits_per_dim_from_log_prob(self.log_prob(x, y), self.config.n_dims, n_bits)
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, y: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` samples in model space: at every level ``z = mean + exp(logs)·ε·T``.
+        :func:`torchglow.preprocess.to_uint8` turns them into images."""
+        device = next(self.parameters()).device
+        eps = [torch.randn((n, *s), generator=generator, device=device) * temperature
+               for s in self.latent_shapes]
+        return self.decode(eps, y, standardized=True)
+
+    # ---------------------------------------------------------------- save / load
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save(directory / CONFIG_NAME)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "torchglow"})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "Glow":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        model = cls(GlowConfig.load(directory / CONFIG_NAME))
+        model.load_state_dict(load_file(str(directory / WEIGHTS_NAME), device=str(map_location)))
+        return model.to(map_location)
