@@ -1,8 +1,12 @@
-"""torchglow: Glow normalizing flows (Kingma & Dhariwal 2018) in PyTorch, exact and fast."""
+"""torchglow: Glow normalizing flows (Kingma & Dhariwal 2018) in PyTorch, exact and fast.
+
+``torchglow.preprocess`` is the module of pixel <-> model-space maps (its function of the same
+name is ``torchglow.preprocess.preprocess``).
+"""
 
 from .config import PRESETS, ConfigError, GlowConfig, preset
 from .model import FlowOutput, Glow
-from .preprocess import bits_per_dim_from_log_prob, dequantize, preprocess, to_uint8
+from .preprocess import bits_per_dim_from_log_prob, dequantize, to_uint8
 
 __version__ = "0.1.0"
 
@@ -14,7 +18,6 @@ __all__ = [
     "GlowConfig",
     "bits_per_dim_from_log_prob",
     "dequantize",
-    "preprocess",
     "preset",
     "to_uint8",
 ]

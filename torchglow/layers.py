@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import all_reduce_mean
+
 # The official code stores log-scales divided by this factor, which multiplies their effective
 # learning rate under Adam/Adamax by 3.
 LOGSCALE_FACTOR = 3.0
@@ -68,22 +70,12 @@ class ActNorm(nn.Module):
         so every rank gets the same initialisation.
         """
         x = x.to(logdet_dtype(x))
-        mean = _all_reduce_mean(x.mean(dim=(0, 2, 3), keepdim=True))
-        var = _all_reduce_mean(((x - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True))
+        mean = all_reduce_mean(x.mean(dim=(0, 2, 3), keepdim=True))
+        var = all_reduce_mean(((x - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True))
         self.bias.copy_(-mean)
         self.logs.copy_(torch.log(1.0 / (var.sqrt() + 1e-6)) / LOGSCALE_FACTOR)
         self.initialized.fill_(True)
         self._init_pending = False
-
-
-def _all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.clone()
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t
 
 
 @contextlib.contextmanager

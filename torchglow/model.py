@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import memory
 from . import preprocess as pp
 from .config import GlowConfig, preset
 from .layers import ActNorm, FlowStep, ZeroConv2d, initializing, logdet_dtype, squeeze2d, unsqueeze2d
@@ -116,6 +117,7 @@ class Glow(nn.Module):
         if self.classifier is not None:
             nn.init.zeros_(self.classifier.weight)
             nn.init.zeros_(self.classifier.bias)
+        self.memory = "none"  # backward memory mode, see set_memory / torchglow.memory
 
     # ---------------------------------------------------------------- construction and state
     @classmethod
@@ -141,12 +143,20 @@ class Glow(nn.Module):
         for step in self.flow_steps():
             step.coupling.autocast_dtype = dtype
 
+    def set_memory(self, mode: str) -> None:
+        """How the flow steps keep activations for backward (:mod:`torchglow.memory`): ``"none"``
+        (standard autograd), ``"checkpoint"`` (per-step gradient checkpointing) or ``"invertible"``
+        (inputs reconstructed by inversion; activation memory independent of K)."""
+        self.memory = memory.check_memory_mode(mode)
+
     def flow_steps(self):
         for steps in self.levels:
             yield from steps
 
     # ---------------------------------------------------------------- the flow
     def _run_steps(self, steps: nn.ModuleList, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.memory != "none":
+            return memory.run_steps(steps, z, self.memory)
         logdet = z.new_zeros(z.shape[0], dtype=logdet_dtype(z))
         for step in steps:
             z, ld = step(z)

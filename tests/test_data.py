@@ -1,0 +1,377 @@
+"""Data sets: each loader reads small files written here in the real on-disk format."""
+
+import gzip
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from torchglow.data import (
+    DATASETS,
+    DatasetError,
+    ImageFileDataset,
+    TensorImageDataset,
+    augment,
+    load_dataset,
+)
+
+RNG = np.random.RandomState(0)
+
+
+def assert_image_dataset(dataset, length, shape, labels=None):
+    """Length, attributes and the (uint8 image, int64 scalar label) items of a data set."""
+    assert len(dataset) == length
+    assert dataset.image_shape == shape
+    image, label = dataset[length - 1]
+    assert image.dtype == torch.uint8 and image.shape == shape
+    assert label.dtype == torch.int64 and label.ndim == 0
+    if labels is not None:
+        assert dataset.labels.tolist() == list(labels)
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def test_digits_split_and_5_bit_encoding():
+    from sklearn.datasets import load_digits
+
+    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+    assert isinstance(train, TensorImageDataset) and train.name == "digits/train"
+    assert_image_dataset(train, 1497, (1, 8, 8))
+    assert_image_dataset(test, 300, (1, 8, 8))
+    assert train.num_classes == 10 and train.class_names == [str(d) for d in range(10)]
+    # Pixels are level * 8: floor(x / 8) (the model's 5-bit reduction) gives the levels back.
+    images = torch.cat([train.images, test.images])
+    assert (images % 8 == 0).all() and images.max() == 16 * 8
+    levels = torch.sort(torch.from_numpy(load_digits().images).reshape(-1, 64).long(), dim=0).values
+    assert torch.equal(torch.sort((images // 8).reshape(-1, 64).long(), dim=0).values, levels)
+    assert sorted(torch.cat([train.labels, test.labels]).tolist()) == sorted(load_digits().target.tolist())
+
+
+def test_digits_split_is_seeded():
+    first, again = load_dataset("digits", "test"), load_dataset("digits", "test")
+    other = load_dataset("digits", "test", seed=1)
+    assert torch.equal(first.images, again.images) and torch.equal(first.labels, again.labels)
+    assert not torch.equal(first.images, other.images)
+
+
+def test_padding_and_channel_conversion():
+    padded = load_dataset("digits", "test", image_size=12, channels=3)
+    plain = load_dataset("digits", "test")
+    assert padded.image_shape == (3, 12, 12)
+    assert torch.equal(padded.images[:, :, 2:10, 2:10], plain.images.expand(-1, 3, -1, -1))
+    assert padded.images.sum() == 3 * plain.images.sum()  # the border is zeros
+    with pytest.raises(DatasetError, match="smaller"):
+        load_dataset("digits", image_size=4)
+    with pytest.raises(DatasetError, match="channels"):
+        load_dataset("digits", channels=2)
+
+
+# --------------------------------------------------------------------------- MNIST idx files
+
+
+def write_idx(path, array, compress=False):
+    """An idx file: 0, 0, type 0x08 (uint8), ndim, big-endian uint32 dims, data."""
+    header = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, ">u4").tobytes()
+    with (gzip.open if compress else open)(path, "wb") as file:
+        file.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_mnist(folder, n_train=5, n_test=3, compress=False):
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images, labels = RNG.randint(0, 256, (n, 28, 28)), RNG.randint(0, 10, n)
+        suffix = ".gz" if compress else ""
+        write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", images, compress)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels, compress)
+        arrays[prefix] = images, labels
+    return arrays
+
+
+def test_mnist_in_torchvision_layout(tmp_path):
+    arrays = write_mnist(tmp_path / "MNIST" / "raw")
+    for split, prefix, n in (("train", "train", 5), ("test", "t10k", 3)):
+        dataset = load_dataset("mnist", split, data_dir=tmp_path)
+        images, labels = arrays[prefix]
+        assert_image_dataset(dataset, n, (1, 28, 28), labels)
+        assert np.array_equal(dataset.images[:, 0].numpy(), images)
+        assert dataset.num_classes == 10
+
+
+def test_fashion_mnist_flat_gz_folder_padded_to_32(tmp_path):
+    images, labels = write_mnist(tmp_path, compress=True)["t10k"]
+    dataset = load_dataset("fashion-mnist", "test", data_dir=tmp_path, image_size=32)
+    assert_image_dataset(dataset, 3, (1, 32, 32), labels)
+    assert np.array_equal(dataset.images[:, 0, 2:30, 2:30].numpy(), images)
+    assert dataset.images[:, :, :2].sum() == 0 and dataset.images[:, :, :, 30:].sum() == 0
+    assert dataset.class_names[0] == "T-shirt/top"
+
+
+def test_fashion_mnist_system_folder_when_no_data_dir(tmp_path, monkeypatch):
+    import torchglow.data
+
+    write_mnist(tmp_path / "debian", compress=True)
+    monkeypatch.setenv("TORCHGLOW_DATA", str(tmp_path / "empty"))
+    monkeypatch.setitem(torchglow.data._SYSTEM_DIRS, "fashion-mnist", tmp_path / "debian")
+    assert len(load_dataset("fashion-mnist", "train")) == 5
+
+
+def test_corrupt_idx_file_is_a_dataset_error(tmp_path):
+    write_mnist(tmp_path)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"<html>not found</html>")
+    with pytest.raises(DatasetError, match="idx"):
+        load_dataset("mnist", data_dir=tmp_path)
+
+
+# --------------------------------------------------------------------------- CIFAR-10, SVHN
+
+
+def write_cifar10(folder, per_batch=2):
+    folder.mkdir(parents=True)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {
+            "data": RNG.randint(0, 256, (per_batch, 3072)).astype(np.uint8),
+            "labels": list(RNG.randint(0, 10, per_batch)),
+        }
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+        batches[name] = batch
+    meta = {"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return batches
+
+
+def test_cifar10_pickle_batches(tmp_path):
+    batches = write_cifar10(tmp_path / "cifar-10-batches-py")
+    train = load_dataset("cifar10", "train", data_dir=tmp_path)
+    order = [f"data_batch_{i}" for i in range(1, 6)]
+    assert_image_dataset(train, 10, (3, 32, 32), [label for name in order for label in batches[name]["labels"]])
+    # Rows are R, G, B planes of 32x32, in batch order.
+    assert np.array_equal(train.images[2].numpy(), batches["data_batch_2"]["data"][0].reshape(3, 32, 32))
+    assert train.class_names[9] == "truck" and train.num_classes == 10
+    test = load_dataset("cifar10", "test", data_dir=tmp_path)
+    assert_image_dataset(test, 2, (3, 32, 32), batches["test_batch"]["labels"])
+
+
+def test_svhn_mat_files(tmp_path):
+    from scipy.io import savemat
+
+    images = RNG.randint(0, 256, (4, 3, 32, 32)).astype(np.uint8)
+    savemat(
+        tmp_path / "test_32x32.mat",
+        {"X": images.transpose(2, 3, 1, 0), "y": np.array([[10], [1], [9], [10]], np.uint8)},
+    )
+    dataset = load_dataset("svhn", "test", data_dir=tmp_path)
+    assert_image_dataset(dataset, 4, (3, 32, 32), [0, 1, 9, 0])
+    assert np.array_equal(dataset.images.numpy(), images)
+
+
+# --------------------------------------------------------------------------- ImageNet npz
+
+
+def write_imagenet_npz(path, labels, size=32, mean=False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Image i is filled with the value 10 * i + channel, so order and CHW layout are visible.
+    data = (np.arange(len(labels))[:, None, None] * 10 + np.arange(3)[None, :, None]).repeat(size * size, 2)
+    arrays = {"data": data.reshape(len(labels), -1).astype(np.uint8), "labels": np.array(labels)}
+    if mean:  # the real training batches also hold the mean image
+        arrays["mean"] = np.zeros(3 * size * size)
+    np.savez_compressed(path, **arrays)
+
+
+def test_imagenet32_npz_batches(tmp_path):
+    train_dir = tmp_path / "Imagenet32_train_npz"
+    for number, labels in ((1, [1, 2]), (2, [3]), (10, [1000, 5, 6])):
+        write_imagenet_npz(train_dir / f"train_data_batch_{number}.npz", labels, mean=True)
+    write_imagenet_npz(tmp_path / "Imagenet32_val_npz" / "val_data.npz", [7, 8])
+    train = load_dataset("imagenet32", "train", data_dir=tmp_path)
+    assert isinstance(train, TensorImageDataset) and train.num_classes == 1000
+    assert_image_dataset(train, 6, (3, 32, 32), [0, 1, 2, 999, 4, 5])  # batch 10 after batch 2
+    assert train.images[3, :, 0, 0].tolist() == [0, 1, 2] and train.images[4, 2].unique().tolist() == [12]
+    assert_image_dataset(load_dataset("imagenet32", "test", data_dir=tmp_path), 2, (3, 32, 32), [6, 7])
+    with pytest.raises(DatasetError, match="expected"):  # 32x32 rows are not imagenet64's
+        load_dataset("imagenet64", "test", data_dir=tmp_path)
+
+
+# --------------------------------------------------------------------------- CelebA
+
+
+def write_celeba(root, partitions):
+    """Faces 178x218 with a red band of 20 rows at top and bottom (outside the centre square)."""
+    folder = root / "celeba"
+    (folder / "img_align_celeba").mkdir(parents=True)
+    names = [f"{i + 1:06d}.jpg" for i in range(len(partitions))]
+    face = np.zeros((218, 178, 3), np.uint8)
+    face[:, :] = (0, 0, 255)
+    face[:20], face[-20:] = (255, 0, 0), (255, 0, 0)
+    for name in names:
+        Image.fromarray(face).save(folder / "img_align_celeba" / name, quality=95)
+    attribute_names = [f"Attribute_{k}" for k in range(40)]
+    values = RNG.choice([-1, 1], (len(names), 40))
+    rows = [f"{name} " + " ".join(f"{v:2d}" for v in row) for name, row in zip(names, values)]
+    (folder / "list_attr_celeba.txt").write_text("\n".join([str(len(names)), " ".join(attribute_names), *rows]) + "\n")
+    (folder / "list_eval_partition.txt").write_text("".join(f"{n} {p}\n" for n, p in zip(names, partitions)))
+    return values > 0
+
+
+def test_celeba_attributes_partitions_and_centre_crop(tmp_path):
+    attributes = write_celeba(tmp_path, [0, 0, 1, 2, 0, 2])
+    train = load_dataset("celeba", "train", data_dir=tmp_path)
+    assert isinstance(train, ImageFileDataset)
+    assert_image_dataset(train, 3, (3, 64, 64), [-1, -1, -1])
+    assert train.num_classes is None and train.attribute_names[:2] == ["Attribute_0", "Attribute_1"]
+    assert train.attributes.dtype == torch.bool and torch.equal(
+        train.attributes, torch.from_numpy(attributes[[0, 1, 4]])
+    )
+    image, _ = train[0]
+    assert image[2].float().mean() > 240 and image[0].float().mean() < 15  # the red bands are cropped away
+    test = load_dataset("celeba", "test", data_dir=tmp_path, image_size=32, channels=1)
+    assert_image_dataset(test, 2, (1, 32, 32))
+    assert torch.equal(test.attributes, torch.from_numpy(attributes[[3, 5]]))
+    (tmp_path / "celeba" / "img_align_celeba" / "000001.jpg").unlink()  # e.g. images unzipped one level too deep
+    with pytest.raises(DatasetError, match="000001.jpg not found"):
+        load_dataset("celeba", "train", data_dir=tmp_path)
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def write_image(path, size=(12, 10), value=0, fmt=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size[1], size[0], 3), value, np.uint8)).save(path, format=fmt)
+
+
+def test_image_folder_classes_split_and_corrupt_file(tmp_path):
+    for i in range(30):
+        write_image(tmp_path / "cat" / f"{i:02d}.png", value=10)
+        write_image(tmp_path / "dog" / "sub" / f"{i:02d}.jpg", value=200)
+    (tmp_path / "dog" / "broken.png").write_bytes(b"not an image")
+    (tmp_path / "notes.txt").write_text("ignored: not an image extension")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train = load_dataset(str(tmp_path), "train", image_size=8)
+        test = load_dataset(f"folder:{tmp_path}", "test", image_size=8)
+    assert len(caught) == 1 and "1 unreadable" in str(caught[0].message) and "broken.png" in str(caught[0].message)
+    assert isinstance(train, ImageFileDataset) and train.class_names == ["cat", "dog"]
+    assert len(train) + len(test) == 60 and len(test) in (2, 3)  # 61 files: 3 in test, before dropping broken.png
+    assert set(train.paths).isdisjoint(test.paths)
+    for dataset in (train, test):
+        for index in range(len(dataset)):
+            image, label = dataset[index]
+            assert image.shape == (3, 8, 8) and image.dtype == torch.uint8
+            assert image.float().mean().item() == pytest.approx(10 if label == 0 else 200, abs=2)
+    assert torch.equal(load_dataset(str(tmp_path), "test", image_size=8).labels, test.labels)  # deterministic
+
+
+def test_flat_image_folder_is_unlabelled_and_reads_all_formats(tmp_path):
+    for i, fmt in enumerate(["png", "jpeg", "bmp", "webp", "gif"] * 4):
+        write_image(tmp_path / f"{i:02d}.{fmt}", size=(20, 12), value=100, fmt=fmt)
+    train = load_dataset(str(tmp_path), image_size=6, channels=1)
+    assert_image_dataset(train, 19, (1, 6, 6), [-1] * 19)
+    assert train.num_classes is None and train.class_names is None
+    assert all(train[i][0].float().mean().item() == pytest.approx(100, abs=3) for i in range(len(train)))
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(DatasetError, match=str(tmp_path)):
+        load_dataset(f"folder:{tmp_path}", image_size=8)
+    (tmp_path / "bad.png").write_bytes(b"")
+    with pytest.warns(UserWarning), pytest.raises(DatasetError, match="no readable images"):
+        load_dataset(str(tmp_path), image_size=8)
+    with pytest.raises(DatasetError, match="image_size is required"):
+        load_dataset(str(tmp_path))
+    for i in range(3):  # too few files for a test split (5%, rounded down)
+        write_image(tmp_path / "small" / f"{i}.png")
+    assert len(load_dataset(str(tmp_path / "small"), "train", image_size=8)) == 3
+    with pytest.raises(DatasetError, match="test split"):
+        load_dataset(str(tmp_path / "small"), "test", image_size=8)
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_dataset(f"folder:{tmp_path / 'missing'}", image_size=8)
+
+
+# --------------------------------------------------------------------------- missing files, downloads
+
+
+@pytest.mark.parametrize("name", [name for name in DATASETS if name != "digits"])
+def test_missing_files_give_one_line_dataset_error(tmp_path, name):
+    with pytest.raises(DatasetError) as error:
+        load_dataset(name, data_dir=tmp_path / "nowhere")
+    message = str(error.value)
+    assert str(tmp_path / "nowhere") in message and "\n" not in message
+    assert ("download=True" in message) == (not name.startswith("imagenet"))
+
+
+def test_default_data_dir_follows_torchglow_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHGLOW_DATA", str(tmp_path))
+    with pytest.raises(DatasetError, match=str(tmp_path / "cifar10")):
+        load_dataset("cifar10")
+
+
+def test_download_fetches_through_torchvision_then_parses(tmp_path, monkeypatch):
+    import torchvision.datasets
+    from scipy.io import savemat
+
+    def fake_svhn(root, split, download):  # writes what torchvision's download would, without the network
+        assert download
+        savemat(f"{root}/{split}_32x32.mat", {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.ones((2, 1))})
+
+    monkeypatch.setattr(torchvision.datasets, "SVHN", fake_svhn)
+    assert len(load_dataset("svhn", "train", data_dir=tmp_path, download=True)) == 2
+
+
+def test_failed_download_is_a_one_line_dataset_error(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(**kwargs):
+        raise RuntimeError("Error downloading cifar-10-python.tar.gz:\nTried https://...")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(DatasetError, match="download failed") as error:
+        load_dataset("cifar10", data_dir=tmp_path, download=True)
+    assert "\n" not in str(error.value)
+
+
+def test_unknown_name():
+    with pytest.raises(DatasetError, match="unknown data set"):
+        load_dataset("no-such-set")
+    with pytest.raises(ValueError, match="split"):
+        load_dataset("digits", "valid")
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def reference_augment(image, dy, dx, flip):
+    """out[i, j] = image[clamp(i + dy), clamp(j + dx)] (a translation with edge padding), maybe mirrored."""
+    _, height, width = image.shape
+    rows = torch.arange(height).add(dy).clamp(0, height - 1)
+    cols = torch.arange(width).add(dx).clamp(0, width - 1)
+    shifted = image[:, rows][:, :, cols]
+    return shifted.flip(2) if flip else shifted
+
+
+def test_augment_translates_with_edge_padding_and_flips():
+    x = torch.randint(0, 256, (64, 3, 6, 7), dtype=torch.uint8)
+    assert augment(x, 0, False) is x
+    out = augment(x, 2, True, generator=torch.Generator().manual_seed(0))
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    assert torch.equal(out, augment(x, 2, True, generator=torch.Generator().manual_seed(0)))
+    flipped = 0
+    for image, result in zip(x, out):
+        choices = [(dy, dx, flip) for dy in range(-2, 3) for dx in range(-2, 3) for flip in (False, True)]
+        matches = [flip for dy, dx, flip in choices if torch.equal(result, reference_augment(image, dy, dx, flip))]
+        assert matches, "every output is a shifted (and maybe mirrored) input"
+        flipped += matches[0]
+    assert 10 < flipped < 54
+
+
+def test_augment_flip_only_mirrors():
+    x = torch.randint(0, 256, (32, 1, 4, 5), dtype=torch.uint8)
+    out = augment(x, 0, True, generator=torch.Generator().manual_seed(1))
+    mirrored = (out == x.flip(3)).flatten(1).all(1)
+    assert torch.all(mirrored | (out == x).flatten(1).all(1)) and 0 < mirrored.sum() < 32

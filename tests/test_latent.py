@@ -1,0 +1,318 @@
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from torchglow import Glow, preset
+from torchglow import latent
+from torchglow.preprocess import dequantize, preprocess, to_uint8
+
+from flow_checks import perturb
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny tensors: thread start-up and contention cost more than the work
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def digits_like(n, seed=0):
+    """uint8 8x8 images like scikit-learn's digits: 17 levels stored as level * 8 (0..128)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 17, (n, 1, 8, 8), generator=g) * 8).to(torch.uint8)
+
+
+def make_model(**overrides) -> Glow:
+    torch.manual_seed(1)
+    model = Glow(preset("digits", n_steps=2, hidden_channels=16, **overrides))
+    x = digits_like(64, seed=1)
+    y = torch.arange(64) % model.config.num_classes if model.config.num_classes else None
+    model.initialize(dequantize(preprocess(x, 5), 5), y)
+    perturb(model, 0.05)  # move the zero-initialised couplings and priors away from the identity
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model()
+
+
+@pytest.fixture(scope="module")
+def cond_model():
+    return make_model(num_classes=3)
+
+
+def open_png(path) -> Image.Image:
+    with Image.open(path) as img:
+        img.load()
+        return img
+
+
+def grid_shape(img, h=8, scale=4, pad=2):
+    """(rows, columns) of a grid of h x h images upscaled by `scale` with `pad` px padding."""
+    cell = h * scale + pad
+    return (img.height - pad) // cell, (img.width - pad) // cell
+
+
+# ------------------------------------------------------------------ sampling
+def test_sample_grid_files_and_shape(model, tmp_path):
+    temps = (0.0, 0.7, 1.0)
+    summary = latent.sample_grid(model, tmp_path, temperatures=temps, n_per_row=5, seed=3)
+    assert json.loads((tmp_path / "samples.json").read_text()) == summary
+    assert summary["files"] == [str(tmp_path / "samples.png")]
+    img = open_png(tmp_path / "samples.png")
+    assert img.mode == "L"
+    # rows labelled on the left: count rows from the height only
+    assert (img.height - 2) // 34 == len(temps)
+    assert set(summary["per_temperature"]) == {"0", "0.7", "1"}
+    assert all(v["nonfinite"] == 0 for v in summary["per_temperature"].values())
+
+
+def test_sample_grid_is_deterministic(model, tmp_path):
+    a = latent.sample_grid(model, tmp_path / "a", temperatures=(0.5, 1.0), n_per_row=4, seed=7)
+    b = latent.sample_grid(model, tmp_path / "b", temperatures=(0.5, 1.0), n_per_row=4, seed=7)
+    c = latent.sample_grid(model, tmp_path / "c", temperatures=(0.5, 1.0), n_per_row=4, seed=8)
+    png = lambda s: Path(s["files"][0]).read_bytes()  # noqa: E731
+    assert png(a) == png(b)
+    assert png(a) != png(c)
+
+
+def test_sample_grid_temperature_zero_is_the_prior_mean(model, tmp_path):
+    # T=0: every column decodes the prior means, so all samples in the row are one image
+    latent.sample_grid(model, tmp_path, temperatures=(0.0,), n_per_row=3, seed=0)
+    arr = torch.from_numpy(np.array(open_png(tmp_path / "samples.png")))
+    w = arr.shape[1]
+    cells = [arr[2:34, w - (3 - j) * 34 : w - (3 - j) * 34 + 32] for j in range(3)]
+    assert torch.equal(cells[0], cells[1]) and torch.equal(cells[1], cells[2])
+
+
+def test_sample_grid_class_conditional(cond_model, tmp_path):
+    summary = latent.sample_grid(cond_model, tmp_path, temperatures=(0.5, 1.0), n_per_row=4, seed=0)
+    assert summary["classes"] == [0, 1, 2]
+    assert summary["files"] == [str(tmp_path / "samples_T0.5.png"), str(tmp_path / "samples_T1.png")]
+    for f in summary["files"]:
+        assert (open_png(f).height - 2) // 34 == 3  # one row per class
+    sub = latent.sample_grid(cond_model, tmp_path / "sub", temperatures=(1.0,), n_per_row=2, classes=[2])
+    assert (open_png(sub["files"][0]).height - 2) // 34 == 1
+
+
+def test_temperature_rows_match_model_sample(model, cond_model):
+    rows = latent.temperature_rows(model, (0.0, 0.7), n_per_row=4, seed=3)
+    assert [tuple(r.shape) for r in rows] == [(4, 1, 8, 8)] * 2
+    with torch.no_grad():
+        expected = model.sample(4, 0.7, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(rows[1], expected)
+    assert all(torch.equal(rows[0][0], r) for r in rows[0])  # T=0: the prior mean in every column
+    again = latent.temperature_rows(model, (0.0, 0.7), n_per_row=4, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(rows, again))
+    # class-conditional: column j is class j % num_classes unless y is given
+    crows = latent.temperature_rows(cond_model, (1.0,), n_per_row=4, seed=0)
+    with torch.no_grad():
+        expected = cond_model.sample(4, 1.0, y=torch.tensor([0, 1, 2, 0]), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(crows[0], expected)
+
+
+def test_sample_grid_rejects_classes_for_unconditional(model, tmp_path):
+    with pytest.raises(ValueError, match="class-conditional"):
+        latent.sample_grid(model, tmp_path, classes=[0])
+
+
+# ------------------------------------------------------------------ reconstruction
+def test_reconstruct_is_exact(model, tmp_path):
+    x = digits_like(12, seed=2)
+    summary = latent.reconstruct(model, x, tmp_path, nrow=6, batch_size=5)
+    assert summary["max_abs_error"] < 1e-4
+    assert summary["uint8_exact"] and summary["mismatched_pixels"] == 0
+    assert json.loads((tmp_path / "reconstruction.json").read_text()) == summary
+    img = open_png(tmp_path / "reconstruction.png")
+    assert (img.height - 2) // 34 == 4  # 2 chunks of 6 x (original, reconstruction)
+
+
+def test_reconstruct_full_range_8bit_images(model, tmp_path):
+    # low bits below n_bits are not representable: the comparison is with the n_bits image
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 256, (6, 1, 8, 8), generator=g, dtype=torch.uint8)
+    summary = latent.reconstruct(model, x, tmp_path)
+    assert summary["uint8_exact"]
+    # the model was initialised on 0..128 images: brighter inputs are far out of its range and
+    # the float32 inverse is less accurate there, but still well inside the bin (half width 1/64)
+    assert summary["max_abs_error"] < 0.25 / 32
+    summary64 = latent.reconstruct(copy.deepcopy(model).double(), x, tmp_path / "f64")
+    assert summary64["dtype"] == "float64" and summary64["max_abs_error"] < 1e-10
+
+
+def test_reconstruct_round_trip_matches_to_uint8(model):
+    x = digits_like(4, seed=4)
+    xc = latent.bin_centres(model, x)
+    with torch.no_grad():
+        rec = model.decode(model.encode(xc)[0])
+    assert torch.equal(to_uint8(rec, 5), x)
+
+
+def test_reconstruct_class_conditional(cond_model, tmp_path):
+    x = digits_like(6, seed=5)
+    summary = latent.reconstruct(cond_model, x, tmp_path, y=torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert summary["uint8_exact"] and summary["max_abs_error"] < 1e-4
+    with pytest.raises(ValueError, match="pass y"):
+        latent.reconstruct(cond_model, x, tmp_path)
+
+
+# ------------------------------------------------------------------ interpolation
+def test_slerp_and_lerp_basics():
+    a = torch.tensor([[1.0, 0.0]])
+    b = torch.tensor([[0.0, 1.0]])
+    mid = latent.slerp(a, b, 0.5)
+    torch.testing.assert_close(mid, torch.tensor([[2**-0.5, 2**-0.5]]))
+    for t in (0.1, 0.3, 0.9):
+        torch.testing.assert_close(latent.slerp(a, b, t).norm(), torch.tensor(1.0))  # stays on the sphere
+    assert torch.equal(latent.slerp(a, b, 0.0), a) and torch.equal(latent.slerp(a, b, 1.0), b)
+    # parallel rows fall back to linear interpolation
+    torch.testing.assert_close(latent.slerp(a, 3 * a, 0.5), 2 * a)
+    torch.testing.assert_close(latent.lerp(a, b, 0.25), torch.tensor([[0.75, 0.25]]))
+
+
+def test_interpolate_endpoints_are_the_images(model, tmp_path):
+    xa, xb = digits_like(3, seed=6), digits_like(3, seed=7)
+    summary = latent.interpolate(model, xa, xb, tmp_path, steps=5)
+    assert summary["methods"] == ["linear", "slerp"]
+    for m in ("linear", "slerp"):
+        res = summary["per_method"][m]
+        assert res["endpoint_max_abs_error"] < 1e-4 and res["endpoints_uint8_exact"]
+        img = open_png(tmp_path / f"interpolation_{m}.png")
+        assert grid_shape(img) == (3, 5)
+    assert json.loads((tmp_path / "interpolation.json").read_text()) == summary
+    # the decoded ends equal the originals, and the two methods differ in between
+    eps_a = latent.encode_eps(model, xa)
+    eps_b = latent.encode_eps(model, xb)
+    ends = latent.decode_eps(model, eps_a)
+    assert torch.equal(to_uint8(ends, 5), xa)
+    lin = latent.decode_eps(model, [latent.lerp(a, b, 0.5) for a, b in zip(eps_a, eps_b)])
+    sph = latent.decode_eps(model, [latent.slerp(a, b, 0.5) for a, b in zip(eps_a, eps_b)])
+    assert not torch.allclose(lin, sph)
+
+
+def test_interpolate_single_method_and_conditional(cond_model, tmp_path):
+    xa, xb = digits_like(2, seed=8), digits_like(2, seed=9)
+    summary = latent.interpolate(cond_model, xa, xb, tmp_path, steps=3, method="slerp", y=torch.tensor([1, 2]))
+    assert summary["methods"] == ["slerp"]
+    assert summary["per_method"]["slerp"]["endpoints_uint8_exact"]
+    with pytest.raises(ValueError, match="unknown interpolation"):
+        latent.interpolate(cond_model, xa, xb, tmp_path, method="cubic", y=torch.tensor([1, 2]))
+
+
+# ------------------------------------------------------------------ attributes and manipulation
+def test_attribute_directions_match_the_official_formula(model):
+    x = digits_like(40, seed=10)
+    classes = torch.arange(40) % 10
+    labels, names = latent.binary_labels_from_classes(classes, 3)
+    assert names == ["class_3"] and labels.shape == (40, 1) and labels.sum() == 4
+    two = torch.cat([labels, (classes < 5)[:, None]], 1)
+    dirs = latent.attribute_directions(model, x, two, names=["three", "small"], batch_size=7)
+    assert list(dirs) == ["three", "small"]
+    eps = latent.encode_eps(model, x)
+    for a, name in enumerate(["three", "small"]):
+        pos = two[:, a]
+        assert len(dirs[name]) == len(model.latent_shapes)
+        for lvl, e in enumerate(eps):
+            expected = 1.6 * (e[pos].double().mean(0) - e[~pos].double().mean(0))
+            assert dirs[name][lvl].shape == e.shape[1:]
+            torch.testing.assert_close(dirs[name][lvl], expected.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_attribute_directions_accept_signed_labels_and_reject_one_sided(model):
+    x = digits_like(10, seed=11)
+    signed = torch.tensor([1, -1] * 5)
+    d1 = latent.attribute_directions(model, x, signed, names=["a"])
+    d2 = latent.attribute_directions(model, x, signed > 0, names=["a"])
+    for u, v in zip(d1["a"], d2["a"]):
+        assert torch.equal(u, v)
+    with pytest.raises(ValueError, match="with and without"):
+        latent.attribute_directions(model, x, torch.ones(10, dtype=torch.bool))
+
+
+def test_directions_save_load_round_trip(model, tmp_path):
+    x = digits_like(20, seed=12)
+    labels = torch.stack([torch.arange(20) % 2 == 0, torch.arange(20) < 5], 1)
+    dirs = latent.attribute_directions(model, x, labels, names=["Smiling", "Eyeglasses"])
+    path = latent.save_directions(dirs, tmp_path / "d" / "directions.safetensors", metadata={"scale": 1.6})
+    loaded = latent.load_directions(path)
+    assert list(loaded) == ["Smiling", "Eyeglasses"]
+    for name in dirs:
+        for u, v in zip(dirs[name], loaded[name]):
+            assert torch.equal(u, v)
+
+
+def test_manipulate_alpha_zero_is_the_original(model, tmp_path):
+    x = digits_like(3, seed=13)
+    labels = torch.arange(30) % 3 == 0
+    dirs = latent.attribute_directions(model, digits_like(30, seed=14), labels, names=["zero mod 3"])
+    summary = latent.manipulate(model, x, dirs["zero mod 3"], tmp_path, name="zero mod 3")
+    assert summary["alpha0_uint8_exact"] and summary["alpha0_max_abs_error"] < 1e-4
+    assert summary["alphas"] == [-1.0, -0.5, 0.0, 0.5, 1.0]
+    png = tmp_path / "manipulate_zero_mod_3.png"
+    assert summary["files"] == [str(png)]
+    assert grid_shape(open_png(png)) == (3, 5)
+    assert json.loads((tmp_path / "manipulate_zero_mod_3.json").read_text()) == summary
+
+
+def test_manipulate_moves_along_the_direction(model, tmp_path):
+    x = digits_like(2, seed=15)
+    big = [torch.full(s, 3.0) for s in model.latent_shapes]
+    latent.manipulate(model, x, big, tmp_path, alphas=(0.0, 1.0))
+    eps = latent.encode_eps(model, x)
+    edited = latent.decode_eps(model, [e + d for e, d in zip(eps, big)])
+    assert not torch.equal(to_uint8(edited, 5), x)
+    with pytest.raises(ValueError, match="levels"):
+        latent.manipulate(model, x, big[:1], tmp_path)
+
+
+def test_manipulate_class_conditional(cond_model, tmp_path):
+    x = digits_like(3, seed=16)
+    y = torch.tensor([0, 1, 2])
+    dirs = latent.attribute_directions(cond_model, digits_like(12, seed=17), torch.arange(12) < 6,
+                                       names=["first half"], y=torch.arange(12) % 3)
+    summary = latent.manipulate(cond_model, x, dirs["first half"], tmp_path, y=y, name="half")
+    assert summary["alpha0_uint8_exact"]
+
+
+# ------------------------------------------------------------------ attribute sources
+def test_labels_from_csv(tmp_path):
+    path = tmp_path / "attrs.csv"
+    path.write_text("image_id,Smiling,Eyeglasses,Young\n"
+                    "a.png,1,-1,1\n"
+                    "b.png,-1,1,0\n"
+                    "c.png,1,1,true\n")
+    labels, names = latent.labels_from_csv(path)
+    assert names == ["Smiling", "Eyeglasses", "Young"]
+    assert labels.dtype == torch.bool
+    assert labels.tolist() == [[True, False, True], [False, True, False], [True, True, True]]
+    reordered, _ = latent.labels_from_csv(path, ids=["c.png", "a.png"])
+    assert reordered.tolist() == [[True, True, True], [True, False, True]]
+    with pytest.raises(ValueError, match="not in the file"):
+        latent.labels_from_csv(path, ids=["zzz.png"])
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,Smiling\nx.png,2\n")
+    with pytest.raises(ValueError, match="Smiling"):
+        latent.labels_from_csv(bad)
+
+
+def test_attribute_labels_from_a_dataset():
+    class Fake:
+        attributes = torch.tensor([[1, -1], [-1, 1]])
+        attribute_names = ["Smiling", "Male"]
+
+    labels, names = latent.attribute_labels(Fake())
+    assert names == ["Smiling", "Male"] and labels.tolist() == [[True, False], [False, True]]
+
+    class NoAttrs:
+        pass
+
+    with pytest.raises(ValueError, match="no per-image attributes"):
+        latent.attribute_labels(NoAttrs())

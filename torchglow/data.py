@@ -1,0 +1,633 @@
+"""Image data sets: uint8 images (C, H, W) in 0..255 with int64 labels, read from the files on disk.
+
+Every data set yields ``(image, label)``: ``image`` a uint8 tensor (C, H, W), ``label`` an int64
+scalar tensor, -1 where the data set has no classes. :func:`load_dataset` is the entry point:
+
+=============== ============ ======================================================================
+name            shape        files (under ``data_dir``)
+=============== ============ ======================================================================
+digits          (1, 8, 8)    none: scikit-learn's bundled ``load_digits()`` (pixels ``level * 8``)
+mnist           (1, 28, 28)  ``train-images-idx3-ubyte[.gz]`` ... in ``data_dir`` or ``MNIST/raw/``
+fashion-mnist   (1, 28, 28)  the same idx files, in ``data_dir`` or ``FashionMNIST/raw/``
+cifar10         (3, 32, 32)  ``cifar-10-batches-py/data_batch_1..5, test_batch, batches.meta``
+svhn            (3, 32, 32)  ``train_32x32.mat``, ``test_32x32.mat``
+celeba          (3, 64, 64)  ``celeba/img_align_celeba/``, ``list_attr_celeba.txt``,
+                             ``list_eval_partition.txt`` (loaded lazily, 40 binary attributes)
+imagenet32/64   (3, s, s)    ``*train_data_batch_*.npz`` and ``val_data.npz`` anywhere below
+a folder path   (3, s, s)    any images below it (loaded lazily); ``image_size`` is required
+=============== ============ ======================================================================
+
+Where the files are: ``data_dir``, or by default ``~/.cache/torchglow/<name>``; the environment
+variable ``TORCHGLOW_DATA`` replaces the root ``~/.cache/torchglow``. Fashion-MNIST is also found
+in ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist`` package) when no
+``data_dir`` is given. Missing files raise :class:`DatasetError`, whose one-line message names the
+expected path and how to get the files.
+
+Downloads (``download=True``): torchvision fetches and md5-checks the official files, but the files
+are then parsed here rather than by torchvision's data set classes. Those classes refuse any file
+whose md5 differs from the official one (CIFAR-10, SVHN, CelebA), so one parser per format serves a
+torchvision download, other layouts of the same files (a Debian package, gzip-compressed idx files)
+and the small files the tests write.
+
+Sets that fit in memory are :class:`TensorImageDataset` (the trainer moves ``.images`` to the GPU);
+CelebA and image folders are :class:`ImageFileDataset`, which decodes one file per item.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "svhn", "celeba", "imagenet32", "imagenet64")
+SPLITS = ("train", "test")
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif"})
+
+DIGITS_TEST_SIZE = 300  # of scikit-learn's 1797 digits; the other 1497 are the training set
+FOLDER_TEST_FRACTION = 0.05  # image folders: a seeded 95/5 train/test split of the file list
+CELEBA_IMAGE_SIZE = 64
+CELEBA_PARTITION = {"train": "0", "test": "2"}  # list_eval_partition.txt: 0 train, 1 valid, 2 test
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"
+)  # fmt: skip
+DIGIT_CLASSES = tuple(str(digit) for digit in range(10))
+
+# Folders searched after the default one when no data_dir is given.
+_SYSTEM_DIRS = {"fashion-mnist": Path("/usr/share/datasets/fashion-mnist")}
+
+_SOURCES = {
+    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/ (torchvision's mirror)",
+    "fashion-mnist": "https://github.com/zalandoresearch/fashion-mnist (or apt-get install dataset-fashion-mnist)",
+    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "svhn": "http://ufldl.stanford.edu/housenumbers/",
+    "celeba": "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (Align&Cropped images)",
+}
+
+
+class DatasetError(Exception):
+    """A data set cannot be loaded as asked: its files are missing or unusable, or it cannot have the
+    requested size or channels. The message is one line naming the path and the remedy."""
+
+
+# --------------------------------------------------------------------------- data set classes
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Base class: ``dataset[i]`` is ``(uint8 image (C, H, W), int64 scalar label)``.
+
+    Attributes:
+        name: what error messages call it, e.g. ``"digits/train"`` or the folder's path.
+        image_shape: ``(C, H, W)`` of every image.
+        labels: int64 (N,), -1 everywhere for unlabelled data.
+        num_classes, class_names: the classes, or None when unlabelled (ImageNet has no names here).
+        attributes: bool (N, A) per-image binary attributes (CelebA) or None; ``attribute_names`` (A,).
+    """
+
+    image_shape: tuple[int, int, int]
+
+    def __init__(
+        self,
+        labels: torch.Tensor,
+        *,
+        name: str,
+        class_names: Sequence[str] | None = None,
+        num_classes: int | None = None,
+        attributes: torch.Tensor | None = None,
+        attribute_names: Sequence[str] | None = None,
+    ):
+        self.name = name
+        self.labels = labels
+        self.class_names = list(class_names) if class_names is not None else None
+        self.num_classes = len(self.class_names) if num_classes is None and class_names is not None else num_classes
+        self.attributes = attributes
+        self.attribute_names = list(attribute_names) if attribute_names is not None else None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {len(self)} images of shape {self.image_shape})"
+
+
+class TensorImageDataset(ImageDataset):
+    """A data set held in memory: ``images`` uint8 (N, C, H, W), ``labels`` int64 (N,)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, **metadata):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise TypeError(f"images must be a uint8 (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != (len(images),):
+            raise ValueError(f"labels must have shape ({len(images)},), got {tuple(labels.shape)}")
+        super().__init__(labels.long(), **metadata)
+        self.images = images
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
+
+
+class ImageFileDataset(ImageDataset):
+    """A data set of image files decoded on access (CelebA, image folders).
+
+    Each image is converted to RGB (grey "L" when ``channels == 1``; a GIF gives its first frame),
+    cropped to its centred square and resized to ``image_size`` with Lanczos (antialiased) filtering;
+    this equals resizing the shorter side to ``image_size`` and centre-cropping.
+    """
+
+    def __init__(self, paths: Sequence[Path], labels: torch.Tensor, *, image_size: int, channels: int, **metadata):
+        super().__init__(labels, **metadata)
+        self.paths = list(paths)
+        self.image_size = image_size
+        self.channels = channels
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _read_image(self.paths[index], self.image_size, self.channels), self.labels[index]
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def load_dataset(
+    name: str,
+    split: str = "train",
+    *,
+    data_dir: str | Path | None = None,
+    download: bool = False,
+    image_size: int | None = None,
+    channels: int | None = None,
+    seed: int = 0,
+) -> ImageDataset:
+    """Load the ``split`` ("train" or "test") of a data set in :data:`DATASETS` or of an image folder.
+
+    ``name`` is a folder of images when it starts with ``folder:`` or is an existing directory that
+    is not also a data set name. ``image_size``: for in-memory sets, pad the images with zeros up to
+    this size (MNIST 28 -> 32, as the official code does); for CelebA (default 64) and folders
+    (required), the size they are resized to. ``channels`` (1 or 3): convert grey <-> RGB (RGB -> grey
+    with the ITU-R 601-2 luma weights of PIL's "L"); None keeps the data set's own. ``seed`` fixes the
+    train/test split of digits and image folders; the other sets have official splits.
+
+    Raises :class:`DatasetError` (one line, naming the path) for missing or unusable files, an
+    unknown name, or a size or channel count the data set cannot take.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if channels not in (None, 1, 3):
+        raise DatasetError(f"{name}: channels must be 1 (grey) or 3 (RGB), got {channels!r}")
+    if name in DATASETS:
+        roots = _data_roots(name, data_dir)
+    elif name.startswith("folder:") or Path(name).expanduser().is_dir():
+        folder = Path(name.removeprefix("folder:")).expanduser()
+        return _load_image_folder(folder, split, image_size=image_size, channels=channels, seed=seed)
+    else:
+        raise DatasetError(f"unknown data set {name!r}: not one of {', '.join(DATASETS)} and not an existing folder")
+
+    match name:
+        case "digits":
+            dataset = _load_digits(split, seed)
+        case "mnist" | "fashion-mnist":
+            dataset = _load_mnist(name, roots, split, download)
+        case "cifar10":
+            dataset = _load_cifar10(roots, split, download)
+        case "svhn":
+            dataset = _load_svhn(roots, split, download)
+        case "imagenet32" | "imagenet64":
+            dataset = _load_imagenet(name, roots, split)
+        case "celeba":
+            return _load_celeba(
+                roots, split, download, image_size=image_size or CELEBA_IMAGE_SIZE, channels=channels or 3
+            )
+    return _fit(dataset, image_size, channels)
+
+
+def _data_roots(name: str, data_dir: str | Path | None) -> list[Path]:
+    """Folders to search for ``name``'s files, the first one also being where downloads go."""
+    if data_dir is not None:
+        return [Path(data_dir).expanduser()]
+    base = Path(os.environ.get("TORCHGLOW_DATA") or Path.home() / ".cache" / "torchglow").expanduser()
+    system = _SYSTEM_DIRS.get(name)
+    return [base / name] + ([system] if system is not None and system.is_dir() else [])
+
+
+def _fit(dataset: TensorImageDataset, image_size: int | None, channels: int | None) -> TensorImageDataset:
+    """Zero-pad an in-memory set up to ``image_size`` and convert it to ``channels``, in place."""
+    if image_size is not None:
+        dataset.images = _pad_to(dataset.images, image_size, dataset.name)
+    if channels is not None:
+        dataset.images = _convert_channels(dataset.images, channels)
+    return dataset
+
+
+def _pad_to(images: torch.Tensor, size: int, name: str) -> torch.Tensor:
+    """Centre the images on a ``size`` x ``size`` canvas of zeros (any odd pixel goes bottom/right)."""
+    height, width = images.shape[-2:]
+    if height == width == size:
+        return images
+    if size < max(height, width):
+        raise DatasetError(
+            f"{name}: image_size {size} is smaller than its {height}x{width} images (only padding is supported)"
+        )
+    top, left = (size - height) // 2, (size - width) // 2
+    return F.pad(images, (left, size - width - left, top, size - height - top))
+
+
+def _convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """Grey -> RGB by repeating the plane (as the official code tiles MNIST); RGB -> grey by luma."""
+    if images.shape[1] == channels:
+        return images
+    if channels == 3:
+        return images.expand(-1, 3, -1, -1).contiguous()
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    return (images.float() * luma).sum(1, keepdim=True).round_().to(torch.uint8)
+
+
+# --------------------------------------------------------------------------- finding and fetching files
+
+
+def _locate(
+    name: str,
+    folders: Sequence[Path],
+    required: Sequence[str],
+    *,
+    download: bool,
+    fetch: Callable[[], object],
+) -> list[Path]:
+    """The ``required`` files in the first folder that holds them all, fetched first if asked and needed.
+
+    A required file may also be gzip-compressed (``name.gz``), as MNIST is distributed.
+    """
+    found = _find_all(folders, required)
+    if found is None and download:
+        _fetch(name, fetch)
+        found = _find_all(folders, required)
+    if found is not None:
+        return found
+    where = " or ".join(str(folder) for folder in folders)
+    remedy = f"get them from {_SOURCES[name]}"
+    if not download:
+        remedy = f"pass download=True (--download) to fetch them, or {remedy}"
+    raise DatasetError(f"{name}: {', '.join(required)} not found in {where}; {remedy}")
+
+
+def _find_all(folders: Sequence[Path], required: Sequence[str]) -> list[Path] | None:
+    for folder in folders:
+        found = [_resolve(folder, filename) for filename in required]
+        if all(path is not None for path in found):
+            return found
+    return None
+
+
+def _resolve(folder: Path, filename: str) -> Path | None:
+    """``folder/filename`` or its gzip-compressed twin ``folder/filename.gz``, whichever exists."""
+    for path in (folder / filename, folder / f"{filename}.gz"):
+        if path.exists():
+            return path
+    return None
+
+
+def _open(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _fetch(name: str, fetch: Callable[[], object]) -> None:
+    try:
+        fetch()
+    except Exception as error:  # network, md5, missing gdown...: torchvision raises many kinds
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DatasetError(f"{name}: download failed ({detail}); get the files from {_SOURCES[name]}") from error
+
+
+def _torchvision_fetch(class_name: str, root: Path, **kwargs) -> Callable[[], object]:
+    """A callable that has torchvision's ``class_name`` download (and md5-check) its files into ``root``."""
+
+    def fetch() -> object:
+        from torchvision import datasets
+
+        return getattr(datasets, class_name)(root=str(root), download=True, **kwargs)
+
+    return fetch
+
+
+def _subfolders(roots: Sequence[Path], layouts: Sequence[str]) -> list[Path]:
+    return [root / layout for root in roots for layout in layouts]
+
+
+# --------------------------------------------------------------------------- in-memory data sets
+
+
+def _split_indices(n: int, n_test: int, split: str, seed: int) -> np.ndarray:
+    """A seeded split of ``range(n)``: a RandomState(seed) permutation's first ``n_test`` are the
+    test set, the rest the training set; each part is returned sorted, so keeps the original order."""
+    order = np.random.RandomState(seed).permutation(n)
+    return np.sort(order[:n_test] if split == "test" else order[n_test:])
+
+
+def _load_digits(split: str, seed: int) -> TensorImageDataset:
+    """scikit-learn's 1797 8x8 digits, split 1497/300 by :func:`_split_indices`.
+
+    Pixels are grey levels 0..16 stored as ``level * 8`` (0..128): the 17 levels stay consecutive on
+    a 5-bit scale, so the model's ``floor(x / 2**(8 - 5))`` with ``n_bits=5`` gives back 0..16.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    index = _split_indices(len(digits.target), DIGITS_TEST_SIZE, split, seed)
+    images = torch.from_numpy(digits.images[index].astype(np.uint8) * 8)[:, None]  # (N, 1, 8, 8)
+    labels = torch.from_numpy(digits.target[index])
+    return TensorImageDataset(images, labels, name=f"digits/{split}", class_names=DIGIT_CLASSES)
+
+
+def _load_mnist(name: str, roots: list[Path], split: str, download: bool) -> TensorImageDataset:
+    """MNIST or Fashion-MNIST from idx files, in a folder of their own or torchvision's layout."""
+    torchvision_class = "MNIST" if name == "mnist" else "FashionMNIST"
+    prefix = "train" if split == "train" else "t10k"
+    images_path, labels_path = _locate(
+        name,
+        _subfolders(roots, ["", f"{torchvision_class}/raw"]),
+        [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"],
+        download=download,
+        fetch=_torchvision_fetch(torchvision_class, roots[0]),
+    )
+    images, labels = _read_idx(images_path), _read_idx(labels_path)
+    if len(images) != len(labels):
+        raise DatasetError(f"{name}: {images_path} has {len(images)} images but {labels_path} {len(labels)} labels")
+    class_names = DIGIT_CLASSES if name == "mnist" else FASHION_MNIST_CLASSES
+    return TensorImageDataset(
+        torch.from_numpy(images)[:, None], torch.from_numpy(labels), name=f"{name}/{split}", class_names=class_names
+    )
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Parse an idx file: two zero bytes, the type code (0x08: uint8), the number of dimensions,
+    each dimension as a big-endian uint32, then the values in C order."""
+    with _open(path) as file:
+        raw = bytearray(file.read())  # writable, so torch.from_numpy can share it
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
+        raise DatasetError(f"{path} is not an idx file of uint8 values (bad magic number)")
+    ndim = raw[3]
+    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    values = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if values.size != np.prod(shape):
+        raise DatasetError(f"{path}: header says {shape} but holds {values.size} values (truncated file?)")
+    return values.reshape(shape)
+
+
+def _load_cifar10(roots: list[Path], split: str, download: bool) -> TensorImageDataset:
+    """CIFAR-10's python batches: pickled dicts whose ``data`` rows are 3072 bytes, R, G, B planes."""
+    batches = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    *batch_paths, meta_path = _locate(
+        "cifar10",
+        _subfolders(roots, ["cifar-10-batches-py", ""]),
+        [*batches, "batches.meta"],
+        download=download,
+        fetch=_torchvision_fetch("CIFAR10", roots[0]),
+    )
+    contents = [_unpickle(path) for path in batch_paths]
+    images = np.concatenate([batch["data"] for batch in contents]).reshape(-1, 3, 32, 32)
+    labels = np.concatenate([batch["labels"] for batch in contents])
+    return TensorImageDataset(
+        torch.from_numpy(images),
+        torch.from_numpy(labels),
+        name=f"cifar10/{split}",
+        class_names=_unpickle(meta_path)["label_names"],
+    )
+
+
+def _unpickle(path: Path) -> dict:
+    # The batches were pickled by Python 2; latin1 decodes their str keys and byte strings losslessly.
+    with _open(path) as file:
+        return pickle.load(file, encoding="latin1")
+
+
+def _load_svhn(roots: list[Path], split: str, download: bool) -> TensorImageDataset:
+    """SVHN's MATLAB files: ``X`` (32, 32, 3, N) uint8 and ``y`` (N, 1) with the digit 0 labelled 10."""
+    from scipy.io import loadmat
+
+    (path,) = _locate(
+        "svhn",
+        roots,
+        [f"{split}_32x32.mat"],
+        download=download,
+        fetch=_torchvision_fetch("SVHN", roots[0], split=split),
+    )
+    with _open(path) as file:
+        mat = loadmat(file)
+    images = np.ascontiguousarray(mat["X"].transpose(3, 2, 0, 1))  # (H, W, C, N) -> (N, C, H, W)
+    labels = mat["y"].reshape(-1).astype(np.int64) % 10
+    return TensorImageDataset(
+        torch.from_numpy(images), torch.from_numpy(labels), name=f"svhn/{split}", class_names=DIGIT_CLASSES
+    )
+
+
+def _load_imagenet(name: str, roots: list[Path], split: str) -> TensorImageDataset:
+    """Downsampled ImageNet (Chrabaszcz et al. 2017) npz files: ``data`` (N, 3*s*s) uint8 rows of
+    R, G, B planes and ``labels`` 1..1000, made 0-based here."""
+    size = int(name.removeprefix("imagenet"))
+    pattern = "*train_data_batch_*.npz" if split == "train" else "val_data.npz"
+    files = sorted((path for root in roots if root.is_dir() for path in root.rglob(pattern)), key=_batch_order)
+    if not files:
+        raise DatasetError(
+            f"{name}: no {pattern} found below {roots[0]}; download Imagenet{size}_train_npz.zip and "
+            f"Imagenet{size}_val_npz.zip from https://image-net.org/download-images and unzip them there"
+        )
+    labels = [_npz_array(path, "labels") for path in files]
+    # Filled batch by batch so that the peak memory is the data set plus one file (ImageNet64: 15 GB).
+    images = torch.empty((sum(map(len, labels)), 3, size, size), dtype=torch.uint8)
+    start = 0
+    for path, batch_labels in zip(files, labels):
+        data = _npz_array(path, "data")
+        if data.shape != (len(batch_labels), 3 * size * size):
+            raise DatasetError(
+                f"{path}: data of shape {data.shape}, expected ({len(batch_labels)}, {3 * size * size}) for {name}"
+            )
+        images[start : start + len(data)] = torch.from_numpy(data.reshape(-1, 3, size, size))
+        start += len(data)
+    targets = torch.from_numpy(np.concatenate(labels).astype(np.int64) - 1)
+    return TensorImageDataset(images, targets, name=f"{name}/{split}", num_classes=1000)
+
+
+def _batch_order(path: Path) -> tuple[str, int]:
+    """Sort key putting train_data_batch_10 after train_data_batch_9."""
+    number = re.search(r"_(\d+)\.npz$", path.name)
+    return str(path.parent), int(number.group(1)) if number else 0
+
+
+def _npz_array(path: Path, key: str) -> np.ndarray:
+    with np.load(path) as npz:
+        return np.asarray(npz[key])
+
+
+# --------------------------------------------------------------------------- file-backed data sets
+
+
+def _load_celeba(roots: list[Path], split: str, download: bool, *, image_size: int, channels: int) -> ImageFileDataset:
+    """CelebA's aligned 178x218 faces, centre-square-cropped (178x178) and resized, with their 40
+    binary attributes; "train"/"test" are partitions 0/2 of ``list_eval_partition.txt`` (the
+    validation partition 1 is not used). Unlabelled: every label is -1."""
+    attr_path, partition_path, image_dir = _locate(
+        "celeba",
+        _subfolders(roots, ["celeba", ""]),
+        ["list_attr_celeba.txt", "list_eval_partition.txt", "img_align_celeba"],
+        download=download,
+        fetch=_torchvision_fetch("CelebA", roots[0], split="all"),
+    )
+    filenames, attribute_names, attributes = _read_celeba_attributes(attr_path)
+    with _open(partition_path) as file:
+        partition = dict(line.split() for line in file.read().decode().splitlines() if line.strip())
+    keep = np.array([partition.get(filename) == CELEBA_PARTITION[split] for filename in filenames])
+    paths = [image_dir / filename for filename, kept in zip(filenames, keep) if kept]
+    if not paths or not paths[0].exists():  # catches a wrong layout before training starts
+        raise DatasetError(
+            f"celeba: {paths[0] if paths else image_dir} not found; unzip img_align_celeba.zip into {image_dir.parent}"
+        )
+    return ImageFileDataset(
+        paths,
+        torch.full((len(paths),), -1, dtype=torch.int64),
+        image_size=image_size,
+        channels=channels,
+        name=f"celeba/{split}",
+        attributes=torch.from_numpy(attributes[keep]),
+        attribute_names=attribute_names,
+    )
+
+
+def _read_celeba_attributes(path: Path) -> tuple[list[str], list[str], np.ndarray]:
+    """``list_attr_celeba.txt``: the image count, the attribute names, then one line per image,
+    its file name and -1/1 per attribute. Returns file names, attribute names and a bool array."""
+    with _open(path) as file:
+        lines = file.read().decode().splitlines()
+    rows = [line.split() for line in lines[2:] if line.strip()]
+    values = np.array([row[1:] for row in rows], dtype=np.int8)
+    return [row[0] for row in rows], lines[1].split(), values > 0
+
+
+def _load_image_folder(
+    folder: Path, split: str, *, image_size: int | None, channels: int | None, seed: int
+) -> ImageFileDataset:
+    """All images below ``folder``, found recursively and sorted by path.
+
+    Split: a RandomState(seed) permutation of the sorted file list puts 5% (rounded down) in the
+    test set, the rest in the training set, before unreadable files are dropped, so that one
+    corrupt file does not reshuffle the split. Labels: when every image lies in a top-level
+    subfolder, the sorted subfolder names are the classes (like torchvision's ImageFolder);
+    otherwise the folder is unlabelled (-1). Files PIL cannot identify are skipped with one warning.
+    """
+    if image_size is None:
+        raise DatasetError(f"image folder {folder}: image_size is required (e.g. --image-size 64)")
+    if not folder.is_dir():
+        raise DatasetError(f"image folder {folder} does not exist")
+    paths = sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
+    if not paths:
+        raise DatasetError(f"image folder {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    class_names, labels = _folder_labels(folder, paths)
+    n_files = len(paths)
+    index = _split_indices(n_files, int(n_files * FOLDER_TEST_FRACTION), split, seed)
+    paths, labels = [paths[i] for i in index], labels[index]
+
+    readable = _readable(paths)
+    unreadable = [path for path, ok in zip(paths, readable) if not ok]
+    if unreadable:
+        warnings.warn(
+            f"image folder {folder}: skipped {len(unreadable)} unreadable file(s), the first {unreadable[0]}",
+            stacklevel=3,
+        )
+    if len(unreadable) == len(paths):
+        raise DatasetError(
+            f"image folder {folder}: no readable images in its {split} split ({len(paths)} of its {n_files} image "
+            f"files, {len(unreadable)} unreadable; the test split is {FOLDER_TEST_FRACTION:.0%} of them, rounded down)"
+        )
+    return ImageFileDataset(
+        [path for path, ok in zip(paths, readable) if ok],
+        labels[torch.tensor(readable)],
+        image_size=image_size,
+        channels=channels or 3,
+        name=f"{folder} ({split})",
+        class_names=class_names,
+    )
+
+
+def _folder_labels(folder: Path, paths: list[Path]) -> tuple[list[str] | None, torch.Tensor]:
+    """Class names and labels from the top-level subfolders, or (None, all -1) for a flat folder."""
+    tops = [path.relative_to(folder).parts[0] if path.parent != folder else None for path in paths]
+    if None in tops:
+        return None, torch.full((len(paths),), -1, dtype=torch.int64)
+    class_names = sorted(set(tops))
+    label_of = {class_name: label for label, class_name in enumerate(class_names)}
+    return class_names, torch.tensor([label_of[top] for top in tops], dtype=torch.int64)
+
+
+def _readable(paths: list[Path]) -> list[bool]:
+    """Whether PIL identifies each file; only headers are read, in threads, as this is I/O bound."""
+    with ThreadPoolExecutor() as pool:
+        return list(pool.map(_is_image, paths))
+
+
+def _is_image(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path):
+            return True
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError... for malformed files
+        return False
+
+
+def _read_image(path: Path, size: int, channels: int) -> torch.Tensor:
+    """Decode ``path`` to uint8 (channels, size, size): centred square crop, then Lanczos resize."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as file:
+            image = file.convert("L" if channels == 1 else "RGB")  # a GIF's first frame
+    except Exception as error:  # the file changed or is truncated after the header PIL checked
+        raise DatasetError(f"cannot read image {path}: {error}") from error
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    image = image.resize((size, size), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side))
+    pixels = torch.from_numpy(np.array(image)).reshape(size, size, channels)  # (H, W, C)
+    return pixels.permute(2, 0, 1).contiguous()
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def augment(x: torch.Tensor, shift: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Randomly translate and mirror a batch of images (B, C, H, W), on the batch's device.
+
+    Each image moves by its own integer offsets, uniform in ``[-shift, shift]`` on each axis; the
+    uncovered border repeats the edge pixels, as in the official code (Keras' ImageDataGenerator
+    with ``fill_mode="nearest"``). With ``flip``, each image is mirrored left-right with probability
+    1/2. Both are two gathers with per-image index maps, without a Python loop over the images.
+    ``generator`` (on any device) makes the draws reproducible.
+    """
+    if shift < 0:
+        raise ValueError(f"shift must be >= 0, got {shift}")
+    if shift == 0 and not flip:
+        return x
+    batch, _, height, width = x.shape
+    draw_device = generator.device if generator is not None else x.device
+    offsets = torch.randint(-shift, shift + 1, (2, batch, 1), generator=generator, device=draw_device).to(x.device)
+    rows = (torch.arange(height, device=x.device) + offsets[0]).clamp_(0, height - 1)  # (B, H) source rows
+    cols = (torch.arange(width, device=x.device) + offsets[1]).clamp_(0, width - 1)  # (B, W) source columns
+    if flip:
+        mirrored = torch.rand(batch, 1, generator=generator, device=draw_device).to(x.device) < 0.5
+        cols = torch.where(mirrored, cols.flip(1), cols)
+    x = x.gather(2, rows[:, None, :, None].expand_as(x))
+    return x.gather(3, cols[:, None, None, :].expand_as(x))

@@ -1,0 +1,588 @@
+"""Latent-space tools: temperature sample grids, reconstructions, interpolations and attribute
+manipulation (Kingma & Dhariwal 2018, §5; the official ``demo/``).
+
+Every tool is one function taking a model, uint8 images (B, C, H, W) and options; it writes a PNG
+grid and a JSON summary into ``out_dir`` and returns the summary (JSON-serialisable). Random draws
+come from a CPU ``torch.Generator`` seeded with ``seed`` and are then moved to the model's device,
+so the same seed gives the same latents (and, on one device, byte-identical PNGs).
+
+Images are encoded at their **bin centres**, ``preprocess(x) + 0.5 / n_bins``, not dequantised
+with random noise (the official encoder adds ``U(0, 1/n_bins)`` noise): the encoding is then
+deterministic and ``to_uint8(decode(encode(x)))`` gives back exactly the ``n_bits`` image, since
+the flow is inverted to ~1e-6 and the centre is ``0.5 / n_bins`` from either bin edge.
+
+All edits happen on the **standardised** latents ``ε = (z - mean) / std`` of every level
+(``encode(..., standardized=True)``), as in the official demo. For a class-conditional model
+``y`` (one label per image) is used to encode and to decode: the top prior's mean and std depend
+on it, the ``z``s do not.
+
+Displayed images go through :func:`torchglow.images.display_uint8`: bin ``max_level`` -> 255.
+``max_level=None`` uses the input images' own top bin where there are inputs (so the digits,
+which use bins 0..16 of 32, are shown at full contrast) and the top bin ``2**n_bits - 1`` for
+samples; pass ``max_level`` to choose.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from . import preprocess as pp
+from .images import data_max_level, display_uint8, save_grid
+from .model import Glow
+
+DIRECTION_SCALE = 1.6  # official demo/get_manipulators.py: 1.6 * (mean ε with - mean ε without)
+DEFAULT_TEMPERATURES = (0.0, 0.5, 0.7, 0.8, 0.9, 1.0)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _device_dtype(model: Glow) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+def bin_centres(model: Glow, x_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> model space at the centre of each ``n_bits`` bin, on the model's device
+    and in its dtype."""
+    device, dtype = _device_dtype(model)
+    n_bits = model.config.n_bits
+    x = pp.preprocess(x_uint8.cpu(), n_bits) + 0.5 / pp.n_bins(n_bits)
+    return x.to(device=device, dtype=dtype)
+
+
+def _reduced(x_uint8: torch.Tensor, n_bits: int) -> torch.Tensor:
+    """uint8 images with the bits below ``n_bits`` cleared: what the model can reproduce."""
+    return pp.to_uint8(pp.preprocess(x_uint8.cpu(), n_bits), n_bits)
+
+
+def _check_images(model: Glow, x_uint8: torch.Tensor, what: str = "images") -> None:
+    if not isinstance(x_uint8, torch.Tensor) or x_uint8.dtype != torch.uint8:
+        raise TypeError(f"{what} must be a uint8 tensor (N, C, H, W)")
+    if x_uint8.dim() != 4 or tuple(x_uint8.shape[1:]) != tuple(model.config.image_shape):
+        raise ValueError(f"{what} must have shape (N, {', '.join(map(str, model.config.image_shape))}), "
+                         f"got {tuple(x_uint8.shape)}")
+
+
+def _labels(model: Glow, y, n: int, device: torch.device) -> torch.Tensor | None:
+    if not model.config.num_classes:
+        if y is not None:
+            raise ValueError("this model is not class-conditional: do not pass y")
+        return None
+    if y is None:
+        raise ValueError("this model is class-conditional: pass y, one label per image")
+    y = torch.as_tensor(y, dtype=torch.long).reshape(-1)
+    if y.numel() == 1 and n > 1:
+        y = y.expand(n)
+    if y.numel() != n:
+        raise ValueError(f"expected {n} labels, got {y.numel()}")
+    if (y < 0).any() or (y >= model.config.num_classes).any():
+        raise ValueError(f"labels must be in 0..{model.config.num_classes - 1}")
+    return y.to(device)
+
+
+def _batches(n: int, batch_size: int) -> Iterable[slice]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for s in range(0, n, batch_size):
+        yield slice(s, min(n, s + batch_size))
+
+
+@torch.no_grad()
+def encode_eps(model: Glow, x_uint8: torch.Tensor, y=None, batch_size: int = 256) -> list[torch.Tensor]:
+    """Standardised latents ε (one tensor per level, shapes ``model.latent_shapes``) of uint8
+    images encoded at their bin centres, on the model's device."""
+    _check_images(model, x_uint8)
+    device, _ = _device_dtype(model)
+    y = _labels(model, y, x_uint8.shape[0], device)
+    parts: list[list[torch.Tensor]] = []
+    for sl in _batches(x_uint8.shape[0], batch_size):
+        eps, _ = model.encode(bin_centres(model, x_uint8[sl]), None if y is None else y[sl], standardized=True)
+        parts.append(eps)
+    return [torch.cat([p[i] for p in parts]) for i in range(len(model.latent_shapes))]
+
+
+@torch.no_grad()
+def decode_eps(model: Glow, eps: Sequence[torch.Tensor], y=None, batch_size: int = 256) -> torch.Tensor:
+    """Model-space images from standardised latents (inverse of :func:`encode_eps`)."""
+    device, dtype = _device_dtype(model)
+    n = eps[0].shape[0]
+    y = _labels(model, y, n, device)
+    out = []
+    for sl in _batches(n, batch_size):
+        out.append(model.decode([e[sl].to(device=device, dtype=dtype) for e in eps],
+                                None if y is None else y[sl], standardized=True))
+    return torch.cat(out)
+
+
+def _write_json(path: Path, summary: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("_") or "direction"
+
+
+def _fmt(t: float) -> str:
+    return f"{float(t):g}"
+
+
+# ---------------------------------------------------------------------------- sampling
+def _seeded_eps(model: Glow, n: int, seed: int) -> list[torch.Tensor]:
+    """ε ~ N(0, I) for every level, (n, *shape), from a CPU generator seeded with ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn((n, *s), generator=gen) for s in model.latent_shapes]
+
+
+@torch.no_grad()
+def temperature_rows(model: Glow, temperatures: Sequence[float] = DEFAULT_TEMPERATURES, n_per_row: int = 8,
+                     seed: int = 0, y=None) -> list[torch.Tensor]:
+    """One row of ``n_per_row`` samples per temperature, in model space (float32, CPU): at every
+    level ``z = mean + std · T · ε`` with one seeded ε draw shared by all rows (a column is one
+    latent at every temperature). For a class-conditional model, ``y`` gives the class of each
+    column (one label, or ``n_per_row``); by default column j is class ``j % num_classes``.
+    :func:`torchglow.images.to_display` turns the rows into images for :func:`save_grid`."""
+    if n_per_row < 1:
+        raise ValueError(f"n_per_row must be >= 1, got {n_per_row}")
+    device, dtype = _device_dtype(model)
+    if model.config.num_classes and y is None:
+        y = torch.arange(n_per_row) % model.config.num_classes
+    y = _labels(model, y, n_per_row, device)
+    eps = _seeded_eps(model, n_per_row, seed)
+    return [model.decode([(e * float(t)).to(device=device, dtype=dtype) for e in eps], y, standardized=True).float().cpu()
+            for t in temperatures]
+
+
+@torch.no_grad()
+def sample_grid(model: Glow, out_dir: str | Path, temperatures: Sequence[float] = DEFAULT_TEMPERATURES,
+                n_per_row: int = 8, seed: int = 0, classes: Sequence[int] | None = None,
+                max_level: int | None = None) -> dict[str, Any]:
+    """The paper's temperature sweep: at every level ``z = mean + std · T · ε``, ``ε ~ N(0, I)``.
+
+    One ε draw (``n_per_row`` samples, seeded) is shared by every row, so a column shows the same
+    latent at every temperature (T=0 gives the prior means, the same image in every column).
+
+    * Unconditional model: ``samples.png``, one row per temperature.
+    * Class-conditional model: one grid per temperature, ``samples_T{T}.png``, one row per class
+      (``classes``, default all), the same ε in every row so that columns differ only by class.
+
+    Writes ``samples.json``; returns the summary (files, seed, per-temperature statistics:
+    fraction of values outside [-0.5, 0.5) that were clipped, non-finite values).
+    """
+    if n_per_row < 1:
+        raise ValueError(f"n_per_row must be >= 1, got {n_per_row}")
+    temperatures = [float(t) for t in temperatures]
+    if not temperatures:
+        raise ValueError("give at least one temperature")
+    if any(t < 0 or not math.isfinite(t) for t in temperatures):
+        raise ValueError(f"temperatures must be finite and >= 0, got {temperatures}")
+    conditional = bool(model.config.num_classes)
+    if classes is not None and not conditional:
+        raise ValueError("classes are only for class-conditional models")
+    if conditional:
+        classes = list(range(model.config.num_classes)) if classes is None else [int(c) for c in classes]
+        _labels(model, classes, len(classes), torch.device("cpu"))  # validates the range
+    n_bits = model.config.n_bits
+    device, dtype = _device_dtype(model)
+    out_dir = Path(out_dir)
+    eps = _seeded_eps(model, n_per_row, seed)
+
+    def draw(t: float, y: torch.Tensor | None) -> torch.Tensor:
+        x = model.decode([(e * t).to(device=device, dtype=dtype) for e in eps], y, standardized=True)
+        return x.float().cpu()
+
+    def stats(x: torch.Tensor) -> dict[str, float]:
+        finite = torch.isfinite(x)
+        clipped = finite & ((x < -0.5) | (x >= 0.5))
+        return {"clipped_fraction": float(clipped.float().mean()), "nonfinite": int((~finite).sum())}
+
+    files: list[str] = []
+    per_t: dict[str, dict[str, float]] = {}
+    if not conditional:
+        rows, labels = [], []
+        for t in temperatures:
+            x = draw(t, None)
+            per_t[_fmt(t)] = stats(x)
+            rows.append(display_uint8(pp.to_uint8(x, n_bits), n_bits, max_level))
+            labels.append(f"T={_fmt(t)}")
+        files.append(str(save_grid(rows, out_dir / "samples.png", row_labels=labels)))
+    else:
+        for t in temperatures:
+            rows, labels, xs = [], [], []
+            for c in classes:
+                x = draw(t, torch.full((n_per_row,), c, dtype=torch.long, device=device))
+                xs.append(x)
+                rows.append(display_uint8(pp.to_uint8(x, n_bits), n_bits, max_level))
+                labels.append(f"class {c}")
+            per_t[_fmt(t)] = stats(torch.cat(xs))
+            files.append(str(save_grid(rows, out_dir / f"samples_T{_fmt(t)}.png", row_labels=labels)))
+    summary = {
+        "tool": "sample", "seed": seed, "temperatures": temperatures, "n_per_row": n_per_row,
+        "classes": classes if conditional else None, "n_bits": n_bits,
+        "max_level": max_level if max_level is not None else 2**n_bits - 1,
+        "per_temperature": per_t, "files": files,
+    }
+    _write_json(out_dir / "samples.json", summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------- reconstruction
+@torch.no_grad()
+def reconstruct(model: Glow, x_uint8: torch.Tensor, out_dir: str | Path, y=None, nrow: int = 8,
+                batch_size: int = 256, max_level: int | None = None) -> dict[str, Any]:
+    """Originals next to ``decode(encode(x))`` (bin centres in, no noise).
+
+    ``reconstruction.png``: for every ``nrow`` images a row of originals (reduced to ``n_bits``)
+    above a row of reconstructions. The summary reports the largest and mean absolute error in
+    model space (the [0, 1] pixel scale: model space is [-0.5, 0.5)), and whether ``to_uint8`` of
+    the reconstructions equals the ``n_bits``-reduced originals exactly (``uint8_exact``, with the
+    count of pixels that differ).
+    """
+    _check_images(model, x_uint8)
+    n_bits = model.config.n_bits
+    device, dtype = _device_dtype(model)
+    yy = _labels(model, y, x_uint8.shape[0], device)
+    max_err, sum_err, count = 0.0, 0.0, 0
+    recs = []
+    for sl in _batches(x_uint8.shape[0], batch_size):
+        x = bin_centres(model, x_uint8[sl])
+        yb = None if yy is None else yy[sl]
+        latents, _ = model.encode(x, yb)
+        x_rec = model.decode(latents, yb)
+        err = (x_rec - x).abs()
+        max_err = max(max_err, float(err.max()))
+        sum_err += float(err.double().sum())
+        count += err.numel()
+        recs.append(x_rec.float().cpu())
+    x_rec = torch.cat(recs)
+    rec_uint8 = pp.to_uint8(x_rec, n_bits)
+    orig = _reduced(x_uint8, n_bits)
+    mismatched = int((rec_uint8 != orig).sum())
+    level = data_max_level(x_uint8, n_bits) if max_level is None else max_level
+    rows, labels = [], []
+    for s in range(0, x_uint8.shape[0], nrow):
+        rows += [display_uint8(orig[s : s + nrow], n_bits, level), display_uint8(rec_uint8[s : s + nrow], n_bits, level)]
+        labels += ["original", "reconstructed"]
+    out_dir = Path(out_dir)
+    png = save_grid(rows, out_dir / "reconstruction.png", row_labels=labels)
+    summary = {
+        "tool": "reconstruct", "images": int(x_uint8.shape[0]), "dtype": str(dtype).replace("torch.", ""),
+        "max_abs_error": max_err, "mean_abs_error": sum_err / max(count, 1),
+        "uint8_exact": mismatched == 0, "mismatched_pixels": mismatched,
+        "n_bits": n_bits, "files": [str(png)],
+    }
+    _write_json(out_dir / "reconstruction.json", summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------- interpolation
+def lerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """``(1 - t) · a + t · b``, exactly ``a`` at t=0 and ``b`` at t=1."""
+    if t == 0.0:
+        return a.clone()
+    if t == 1.0:
+        return b.clone()
+    return (1 - t) * a + t * b
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-7) -> torch.Tensor:
+    """Spherical interpolation between the rows of ``a`` and ``b`` (B, ...), each row flattened:
+    ``sin((1-t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b`` with Ω the angle between the rows; rows that
+    are (anti)parallel or zero fall back to linear interpolation. Exact at t=0 and t=1."""
+    if t == 0.0:
+        return a.clone()
+    if t == 1.0:
+        return b.clone()
+    shape = a.shape
+    a2, b2 = a.reshape(shape[0], -1).double(), b.reshape(shape[0], -1).double()
+    na, nb = a2.norm(dim=1), b2.norm(dim=1)
+    cos = ((a2 * b2).sum(1) / (na * nb).clamp_min(1e-300)).clamp(-1.0, 1.0)
+    omega = torch.arccos(cos)
+    so = torch.sin(omega)
+    ok = (so > eps) & (na > 0) & (nb > 0)
+    wa = torch.where(ok, torch.sin((1 - t) * omega) / torch.where(ok, so, 1.0), torch.full_like(so, 1 - t))
+    wb = torch.where(ok, torch.sin(t * omega) / torch.where(ok, so, 1.0), torch.full_like(so, t))
+    out = wa[:, None] * a2 + wb[:, None] * b2
+    return out.reshape(shape).to(a.dtype)
+
+
+INTERPOLATIONS = {"linear": lerp, "slerp": slerp}
+
+
+@torch.no_grad()
+def interpolate(model: Glow, x_a: torch.Tensor, x_b: torch.Tensor, out_dir: str | Path, steps: int = 8,
+                method: str | Sequence[str] = ("linear", "slerp"), y=None, batch_size: int = 256,
+                max_level: int | None = None) -> dict[str, Any]:
+    """Interpolate between pairs of images (``x_a[i]``, ``x_b[i]``) through their standardised
+    latents: every level's ε is interpolated (``slerp`` on each level's flattened ε) at
+    ``t = 0, 1/(steps-1), ..., 1`` and decoded. ``y``: one label per pair for a
+    class-conditional model, used for both ends (any label reconstructs both ends exactly).
+
+    Writes ``interpolation_{method}.png`` (one row per pair, ``steps`` columns from ``x_a`` to
+    ``x_b``) per method and ``interpolation.json``; the summary reports, per method, the largest
+    model-space error of the decoded endpoints against the images and whether they give back the
+    ``n_bits`` images exactly.
+    """
+    _check_images(model, x_a, "x_a")
+    _check_images(model, x_b, "x_b")
+    if x_a.shape[0] != x_b.shape[0]:
+        raise ValueError(f"x_a and x_b must hold the same number of images, got {x_a.shape[0]} and {x_b.shape[0]}")
+    if steps < 2:
+        raise ValueError(f"steps must be >= 2 (the two ends), got {steps}")
+    methods = [method] if isinstance(method, str) else list(method)
+    for m in methods:
+        if m not in INTERPOLATIONS:
+            raise ValueError(f"unknown interpolation {m!r}; choose from {sorted(INTERPOLATIONS)}")
+    n_bits = model.config.n_bits
+    n = x_a.shape[0]
+    eps_a = encode_eps(model, x_a, y, batch_size)
+    eps_b = encode_eps(model, x_b, y, batch_size)
+    ts = [i / (steps - 1) for i in range(steps)]
+    level = max(data_max_level(x_a, n_bits), data_max_level(x_b, n_bits)) if max_level is None else max_level
+    centres = (bin_centres(model, x_a).float().cpu(), bin_centres(model, x_b).float().cpu())
+    reduced = (_reduced(x_a, n_bits), _reduced(x_b, n_bits))
+    out_dir = Path(out_dir)
+    files, per_method = [], {}
+    for m in methods:
+        fn = INTERPOLATIONS[m]
+        frames = []
+        for t in ts:
+            eps_t = [fn(a, b, t) for a, b in zip(eps_a, eps_b)]
+            frames.append(decode_eps(model, eps_t, y, batch_size).float().cpu())
+        err = max(float((frames[0] - centres[0]).abs().max()), float((frames[-1] - centres[1]).abs().max()))
+        exact = bool((pp.to_uint8(frames[0], n_bits) == reduced[0]).all()
+                     and (pp.to_uint8(frames[-1], n_bits) == reduced[1]).all())
+        per_method[m] = {"endpoint_max_abs_error": err, "endpoints_uint8_exact": exact}
+        uint8 = torch.stack([pp.to_uint8(f, n_bits) for f in frames], 1)  # (n, steps, C, H, W)
+        rows = [display_uint8(uint8[i], n_bits, level) for i in range(n)]
+        files.append(str(save_grid(rows, out_dir / f"interpolation_{m}.png")))
+    summary = {"tool": "interpolate", "pairs": n, "steps": steps, "t": ts, "methods": methods,
+               "per_method": per_method, "n_bits": n_bits, "files": files}
+    _write_json(out_dir / "interpolation.json", summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------- attributes
+def _bool_labels(labels) -> torch.Tensor:
+    labels = torch.as_tensor(labels)
+    if labels.dim() == 1:
+        labels = labels[:, None]
+    if labels.dim() != 2:
+        raise ValueError(f"attribute labels must be (N,) or (N, A), got shape {tuple(labels.shape)}")
+    if labels.dtype == torch.bool:
+        return labels
+    values = set(torch.unique(labels).tolist())
+    if not values <= {-1, 0, 1}:
+        raise ValueError(f"attribute labels must be boolean, 0/1 or -1/1, got values {sorted(values)[:10]}")
+    return labels > 0
+
+
+def binary_labels_from_classes(labels, positive_class: int | Sequence[int],
+                               name: str | None = None) -> tuple[torch.Tensor, list[str]]:
+    """One attribute from class labels: True where the label is ``positive_class`` (or one of
+    them), e.g. "digit 3" against every other digit. Returns (bool (N, 1), [name])."""
+    labels = torch.as_tensor(labels).reshape(-1)
+    pos = [positive_class] if isinstance(positive_class, int) else list(positive_class)
+    mask = torch.isin(labels, torch.as_tensor(pos, dtype=labels.dtype))
+    if name is None:
+        name = "class_" + "_".join(str(p) for p in pos)
+    return mask[:, None], [name]
+
+
+_TRUE = {"1", "true", "yes", "y", "t"}
+_FALSE = {"0", "-1", "false", "no", "n", "f"}
+
+
+def labels_from_csv(path: str | Path, ids: Sequence[str] | None = None) -> tuple[torch.Tensor, list[str]]:
+    """Per-image binary attributes from a CSV file.
+
+    Format: a header row; the first column is an image id (e.g. a file name), every other column
+    one attribute, named by its header, with values ``1`` (has it) or ``0`` / ``-1`` (has not);
+    ``true``/``false`` and ``yes``/``no`` are accepted too. Comma, semicolon or tab separated.
+    Kaggle's CelebA ``list_attr_celeba.csv`` (``image_id,5_o_Clock_Shadow,...`` with -1/1) is in
+    this format.
+
+    Rows come in file order; pass ``ids`` (the data set's image ids, in its order) to get one row
+    per id in that order (every id must be in the file). Returns (bool (N, A), attribute names).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ValueError(f"cannot read labels file {path}: {e}") from None
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if len(lines) < 2:
+        raise ValueError(f"{path}: expected a header row and at least one row of labels")
+    delimiter = max(",;\t", key=lines[0].count)
+    rows = list(csv.reader(lines, delimiter=delimiter))
+    header, body = [h.strip() for h in rows[0]], rows[1:]
+    names = header[1:]
+    if not names:
+        raise ValueError(f"{path}: no attribute columns after the id column")
+    row_ids, values = [], []
+    for lineno, row in enumerate(body, start=2):
+        if len(row) != len(header):
+            raise ValueError(f"{path}:{lineno}: {len(row)} fields, the header has {len(header)}")
+        row_ids.append(row[0].strip())
+        vals = []
+        for name, v in zip(names, row[1:]):
+            v = v.strip().lower()
+            if v in _TRUE:
+                vals.append(True)
+            elif v in _FALSE:
+                vals.append(False)
+            else:
+                raise ValueError(f"{path}:{lineno}: attribute {name!r} has value {v!r}; use 1 or 0/-1")
+        values.append(vals)
+    labels = torch.tensor(values, dtype=torch.bool)
+    if ids is not None:
+        index = {r: i for i, r in enumerate(row_ids)}
+        missing = [i for i in ids if str(i) not in index]
+        if missing:
+            raise ValueError(f"{path}: {len(missing)} image id(s) not in the file, e.g. {missing[:3]}")
+        labels = labels[torch.tensor([index[str(i)] for i in ids], dtype=torch.long)]
+    return labels, names
+
+
+def attribute_labels(dataset) -> tuple[torch.Tensor, list[str]]:
+    """(bool (N, A), names) from a data set with an ``attributes`` tensor (N, A) of -1/1, 0/1 or
+    bool values (CelebA), its names from ``attribute_names`` or ``attr_names`` when present."""
+    attrs = getattr(dataset, "attributes", None)
+    if attrs is None:
+        raise ValueError("this data set has no per-image attributes: use class labels or a CSV of labels")
+    labels = _bool_labels(attrs)
+    names = getattr(dataset, "attribute_names", None) or getattr(dataset, "attr_names", None)
+    names = [str(n) for n in names if str(n)] if names is not None else [f"attr_{i}" for i in range(labels.shape[1])]
+    if len(names) != labels.shape[1]:
+        raise ValueError(f"{len(names)} attribute names for {labels.shape[1]} attributes")
+    return labels, names
+
+
+@torch.no_grad()
+def attribute_directions(model: Glow, x_uint8: torch.Tensor, labels, names: Sequence[str] | None = None,
+                         batch_size: int = 256, y=None, scale: float = DIRECTION_SCALE
+                         ) -> dict[str, list[torch.Tensor]]:
+    """Manipulation directions, as the official demo (``demo/get_manipulators.py``): encode every
+    image to its standardised latents ε (all levels), and for each attribute
+    ``direction = scale · (mean ε of the images with it − mean ε of those without)``, with
+    ``scale = 1.6`` as the demo. ``labels``: bool (N, A) (or (N,); 0/1 and -1/1 accepted).
+
+    Returns ``{name: [direction of level 0, ..., top level]}`` (float32, CPU, shapes
+    ``model.latent_shapes``). Every attribute needs images with and without it.
+    """
+    _check_images(model, x_uint8)
+    labels = _bool_labels(labels)
+    n, n_attr = labels.shape
+    if n != x_uint8.shape[0]:
+        raise ValueError(f"{n} label rows for {x_uint8.shape[0]} images")
+    names = [f"attr_{i}" for i in range(n_attr)] if names is None else [str(s) for s in names]
+    if len(names) != n_attr or len(set(names)) != n_attr:
+        raise ValueError(f"need {n_attr} distinct attribute names, got {names}")
+    n_pos = labels.sum(0)
+    for name, p in zip(names, n_pos.tolist()):
+        if p == 0 or p == n:
+            raise ValueError(f"attribute {name!r}: {p} of {n} images have it; need images with and without")
+    device, _ = _device_dtype(model)
+    yy = _labels(model, y, n, device)
+    lab = labels.to(device=device, dtype=torch.float64)
+    pos_sum = [torch.zeros(n_attr, math.prod(s), dtype=torch.float64, device=device) for s in model.latent_shapes]
+    tot_sum = [torch.zeros(math.prod(s), dtype=torch.float64, device=device) for s in model.latent_shapes]
+    for sl in _batches(n, batch_size):
+        eps, _ = model.encode(bin_centres(model, x_uint8[sl]), None if yy is None else yy[sl], standardized=True)
+        for i, e in enumerate(eps):
+            flat = e.reshape(e.shape[0], -1).double()
+            pos_sum[i] += lab[sl].T @ flat
+            tot_sum[i] += flat.sum(0)
+    n_pos = n_pos.to(device=device, dtype=torch.float64)[:, None]
+    directions: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    for i, shape in enumerate(model.latent_shapes):
+        mean_pos = pos_sum[i] / n_pos
+        mean_neg = (tot_sum[i][None] - pos_sum[i]) / (n - n_pos)
+        d = (scale * (mean_pos - mean_neg)).float().cpu()
+        for a, name in enumerate(names):
+            directions[name].append(d[a].reshape(shape).contiguous())
+    return directions
+
+
+def save_directions(directions: dict[str, Sequence[torch.Tensor]], path: str | Path,
+                    metadata: dict[str, Any] | None = None) -> Path:
+    """Write directions to a safetensors file: tensor ``"{i}/level{l}"`` for the i-th name, the
+    names (in order) and ``metadata`` as JSON in the file's metadata."""
+    from safetensors.torch import save_file
+
+    names = list(directions)
+    tensors = {}
+    for i, name in enumerate(names):
+        for lvl, d in enumerate(directions[name]):
+            tensors[f"{i}/level{lvl}"] = d.detach().float().contiguous().cpu()
+    meta = {"format": "torchglow-directions", "names": json.dumps(names),
+            "n_levels": str(len(directions[names[0]]) if names else 0),
+            "metadata": json.dumps(metadata or {})}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def load_directions(path: str | Path) -> dict[str, list[torch.Tensor]]:
+    """Inverse of :func:`save_directions`: ``{name: [per-level direction]}`` in the saved order."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != "torchglow-directions":
+            raise ValueError(f"{path} is not a torchglow directions file")
+        names = json.loads(meta["names"])
+        n_levels = int(meta["n_levels"])
+        return {name: [f.get_tensor(f"{i}/level{lvl}") for lvl in range(n_levels)] for i, name in enumerate(names)}
+
+
+@torch.no_grad()
+def manipulate(model: Glow, x_uint8: torch.Tensor, direction: Sequence[torch.Tensor], out_dir: str | Path,
+               alphas: Sequence[float] = (-1.0, -0.5, 0.0, 0.5, 1.0), y=None, name: str = "direction",
+               batch_size: int = 256, max_level: int | None = None) -> dict[str, Any]:
+    """Edit images along a direction (per-level list, e.g. from :func:`attribute_directions`):
+    ``ε + α · direction`` at every level, decoded, as the official demo's ``manipulate``
+    (α in [-1, 1]). Writes ``manipulate_{name}.png`` (one row per image, one column per α) and
+    ``manipulate_{name}.json``; the summary reports, for α = 0 when given, the model-space error
+    against the image and whether the ``n_bits`` image comes back exactly.
+    """
+    _check_images(model, x_uint8)
+    if len(direction) != len(model.latent_shapes):
+        raise ValueError(f"a direction needs {len(model.latent_shapes)} levels, got {len(direction)}")
+    for d, s in zip(direction, model.latent_shapes):
+        if d.numel() != math.prod(s):
+            raise ValueError(f"direction level of shape {tuple(d.shape)} does not fit latent shape {s}")
+    alphas = [float(a) for a in alphas]
+    if not alphas:
+        raise ValueError("give at least one alpha")
+    n_bits = model.config.n_bits
+    device, dtype = _device_dtype(model)
+    dirs = [d.reshape(1, *s).to(device=device, dtype=dtype) for d, s in zip(direction, model.latent_shapes)]
+    eps = encode_eps(model, x_uint8, y, batch_size)
+    cols = []
+    summary_extra: dict[str, Any] = {}
+    for a in alphas:
+        x = decode_eps(model, [e + a * d for e, d in zip(eps, dirs)], y, batch_size).float().cpu()
+        if a == 0.0:
+            summary_extra = {
+                "alpha0_max_abs_error": float((x - bin_centres(model, x_uint8).float().cpu()).abs().max()),
+                "alpha0_uint8_exact": bool((pp.to_uint8(x, n_bits) == _reduced(x_uint8, n_bits)).all()),
+            }
+        cols.append(pp.to_uint8(x, n_bits))
+    grid = torch.stack(cols, 1)  # (N, len(alphas), C, H, W)
+    level = data_max_level(x_uint8, n_bits) if max_level is None else max_level
+    rows = [display_uint8(grid[i], n_bits, level) for i in range(grid.shape[0])]
+    out_dir = Path(out_dir)
+    png = save_grid(rows, out_dir / f"manipulate_{_slug(name)}.png")
+    summary = {"tool": "manipulate", "name": name, "images": int(x_uint8.shape[0]), "alphas": alphas,
+               "direction_norm_per_level": [float(d.norm()) for d in dirs], **summary_extra,
+               "n_bits": n_bits, "files": [str(png)]}
+    _write_json(out_dir / f"manipulate_{_slug(name)}.json", summary)
+    return summary

@@ -1,0 +1,275 @@
+"""Memory-saving backward passes for a level of flow steps (``Glow.set_memory``).
+
+Three modes, chosen per model with :meth:`torchglow.Glow.set_memory`:
+
+``"none"``
+    Standard autograd: every step keeps its activations for the backward pass. Fastest; the
+    activation memory grows linearly with the number of steps K.
+
+``"checkpoint"``
+    Per-step gradient checkpointing (``torch.utils.checkpoint``, non-reentrant): only the input of
+    each flow step is kept, and the step's forward is run again during backward. Memory is one
+    tensor per step plus one step's activations; the cost is one extra forward per step. Gradients
+    are those of standard backprop up to floating-point reassociation (bit-identical on CPU).
+
+``"invertible"``
+    Invertible backward, as in reversible networks (RevNet, Gomez et al. 2017; i-RevNet; MemCNN):
+    the K steps of a level run as one :class:`torch.autograd.Function` whose forward keeps only the
+    level's *output*. Backward walks the steps in reverse, reconstructs each step's input from its
+    output with ``step.inverse`` and re-runs the step with grad enabled to get the input and
+    parameter gradients. Activation memory does not grow with K (one tensor per level plus one
+    step's activations during backward); the cost is one inverse and one extra forward per step.
+
+Caveats of ``"invertible"``:
+
+* The inputs used for the gradients are *reconstructions*: their error accumulates over the K
+  steps of a level (each inverse adds float rounding, amplified by the steps' conditioning), so
+  gradients differ slightly from standard backprop. In float64 the difference is ~1e-12 relative;
+  in float32 it is around 1e-5..1e-4 relative (norm of the difference over the norm of the
+  gradient) on trained-like models, larger on ill-conditioned ones. ``benchmarks`` / the tests
+  measure it; see :func:`gradient_difference`.
+* ActNorm's data-dependent initialisation mutates parameters during the forward, so it must not
+  run inside the Function (the reconstruction would use the new values): whenever grad mode is off
+  (``Glow.initialize`` runs under ``torch.no_grad``, as does evaluation) or any ActNorm of the
+  level is pending initialisation, the level runs the plain path. The same holds for
+  ``"checkpoint"``.
+* The flow steps must be deterministic (they are: no dropout), and their parameters must not be
+  changed in place between forward and backward (autograd's version check cannot see through the
+  Function, which saves no parameter tensors).
+* Double backward (gradients of gradients) is not supported.
+* Coupling networks under ``coupling.autocast_dtype`` recompute in the same precision (the module
+  sets its own autocast); an outer ``torch.autocast`` region active during the forward is
+  re-entered for the recomputation, as ``torch.utils.checkpoint`` does.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .layers import ActNorm, logdet_dtype
+
+MEMORY_MODES = ("none", "checkpoint", "invertible")
+
+
+def check_memory_mode(mode: str) -> str:
+    """Return ``mode`` if it is one of :data:`MEMORY_MODES`, else raise ValueError."""
+    if mode not in MEMORY_MODES:
+        raise ValueError(f"memory mode must be one of {MEMORY_MODES}, got {mode!r}")
+    return mode
+
+
+# ActNorms of each level (ModuleList of FlowSteps), found once: checking their Python flags is then
+# a few attribute reads per forward. Keyed weakly by the level; the step ids guard against a level
+# whose steps were replaced after the first call.
+_ACTNORMS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], list[ActNorm]]]" = weakref.WeakKeyDictionary()
+
+
+def _level_actnorms(steps: nn.ModuleList) -> list[ActNorm]:
+    key = tuple(id(s) for s in steps)
+    cached = _ACTNORMS.get(steps)
+    if cached is None or cached[0] != key:
+        cached = (key, [m for m in steps.modules() if isinstance(m, ActNorm)])
+        _ACTNORMS[steps] = cached
+    return cached[1]
+
+
+def init_pending(steps: nn.ModuleList) -> bool:
+    """True if an ActNorm of ``steps`` will initialise itself on its next forward (a Python flag
+    set by :func:`torchglow.layers.initializing`; reading it never syncs a device)."""
+    return any(m._init_pending for m in _level_actnorms(steps))
+
+
+def run_steps_plain(steps, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standard autograd: ``z`` through every step, log-dets summed, shape (B,)."""
+    logdet = z.new_zeros(z.shape[0], dtype=logdet_dtype(z))
+    for step in steps:
+        z, ld = step(z)
+        logdet = logdet + ld
+    return z, logdet
+
+
+def run_steps_checkpoint(steps, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each step under non-reentrant gradient checkpointing: only its input is saved."""
+    logdet = z.new_zeros(z.shape[0], dtype=logdet_dtype(z))
+    for step in steps:
+        z, ld = checkpoint(step, z, use_reentrant=False)
+        logdet = logdet + ld
+    return z, logdet
+
+
+# After the backward of a level, its reconstructed input is compared with a sample of the true one
+# (one device sync per level and backward); set False to skip the check.
+CHECK_RECONSTRUCTION = True
+FINGERPRINT_SIZE = 4096
+
+
+class ReconstructionWarning(RuntimeWarning):
+    """The invertible backward reconstructed a level's input with a large error: the flow is not
+    numerically invertible at these inputs, and its gradients are inaccurate."""
+
+
+def _check_reconstruction(x_rec: torch.Tensor, fingerprint: torch.Tensor, stride: int) -> None:
+    """Warn when the reconstructed level input is off by more than sqrt(eps) relative (or is not
+    finite). Non-finite reconstructions give non-finite gradients, which training loops that skip
+    non-finite steps handle; a large finite error would otherwise go unnoticed."""
+    sample = x_rec.reshape(-1)[::stride].to(fingerprint.dtype)
+    scale = fingerprint.abs().max()
+    err = torch.where(torch.isfinite(sample).all(), (sample - fingerprint).abs().max(), torch.inf)
+    err, scale = (float(v) for v in torch.stack([err, scale]).tolist())
+    if not math.isfinite(scale):
+        return  # the forward itself was not finite: nothing to compare with
+    rel = err / max(scale, torch.finfo(fingerprint.dtype).tiny)
+    if rel > torch.finfo(fingerprint.dtype).eps ** 0.5:
+        warnings.warn(
+            f"memory='invertible': a level's input was reconstructed with relative error {rel:.3g} "
+            f"(the flow is not numerically invertible here), so the gradients are inaccurate; "
+            f"memory='checkpoint' gives exact gradients", ReconstructionWarning, stacklevel=2)
+
+
+class _InvertibleSteps(torch.autograd.Function):
+    """``(y, logdet) = steps(x)`` keeping only ``y``; backward reconstructs inputs by inversion.
+
+    ``forward(ctx, x, steps, counts, *params)``: ``params`` are the parameters of all steps in
+    order, ``counts[k]`` how many belong to step k. They are inputs of the Function so that autograd
+    (and DDP's gradient hooks, and any optimiser) see their gradients, which backward returns.
+    """
+
+    @staticmethod
+    def forward(ctx, x, steps, counts, *params):
+        with torch.no_grad():
+            y, logdet = run_steps_plain(steps, x)
+        ctx.steps = steps
+        ctx.counts = counts
+        device_type = x.device.type
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type),
+                        torch.get_autocast_dtype(device_type))
+        # A strided sample of at most FINGERPRINT_SIZE input values (a copy, so x can be freed)
+        # to measure the reconstruction error in backward; constant size, like y.
+        flat = x.detach().reshape(-1)
+        ctx.stride = max(1, -(-flat.numel() // FINGERPRINT_SIZE))
+        ctx.save_for_backward(y, flat[:: ctx.stride].clone())
+        return y, logdet
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, grad_logdet):
+        y, fingerprint = ctx.saved_tensors
+        steps, counts = ctx.steps, ctx.counts
+        needs = ctx.needs_input_grad  # (x, steps, counts, *params)
+        n_params = len(needs) - 3
+        param_grads: list[torch.Tensor | None] = [None] * n_params
+        device_type, autocast_enabled, autocast_dtype = ctx.autocast
+        # Parameters are ordered step by step: the last step's are at the end.
+        end = n_params
+        y = y.detach()
+        grad_y = grad_y.contiguous()
+        for k in range(len(steps) - 1, -1, -1):
+            step, start = steps[k], end - counts[k]
+            step_params = [p for p in step.parameters()]
+            wanted = [i for i in range(start, end) if needs[3 + i]]
+            need_x = k > 0 or needs[0]
+            with torch.autocast(device_type, enabled=autocast_enabled, dtype=autocast_dtype):
+                with torch.no_grad():
+                    x = step.inverse(y)
+                x = x.detach().requires_grad_(need_x)
+                with torch.enable_grad():
+                    y_re, ld = step(x)
+            inputs = ([x] if need_x else []) + [step_params[i - start] for i in wanted]
+            if inputs:
+                grads = torch.autograd.grad((y_re, ld), inputs, (grad_y, grad_logdet), allow_unused=True)
+            else:
+                grads = ()
+            if need_x:
+                grad_y = grads[0]
+                if grad_y is None:  # cannot happen for an invertible step; be safe
+                    grad_y = torch.zeros_like(x)
+                grads = grads[1:]
+            for i, g in zip(wanted, grads):
+                param_grads[i] = g
+            y = x.detach()
+            end = start
+            del y_re, ld, x
+        if CHECK_RECONSTRUCTION:
+            _check_reconstruction(y, fingerprint, ctx.stride)
+        grad_x = grad_y if needs[0] else None
+        return (grad_x, None, None, *param_grads)
+
+
+def run_steps_invertible(steps, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All steps of a level as one :class:`_InvertibleSteps` (memory independent of K)."""
+    params: list[torch.Tensor] = []
+    counts: list[int] = []
+    for step in steps:
+        ps = list(step.parameters())
+        params.extend(ps)
+        counts.append(len(ps))
+    return _InvertibleSteps.apply(z, steps, counts, *params)
+
+
+def run_steps(steps, z: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run one level's flow steps in memory ``mode``: ``(z, logdet (B,))``.
+
+    The memory-saving modes fall back to the plain path when grad mode is off (nothing is saved
+    anyway), when a level has no steps, or while an ActNorm of the level is pending its
+    data-dependent initialisation (which must run exactly once, in a plain forward).
+    """
+    if mode == "none" or not torch.is_grad_enabled() or len(steps) == 0 or init_pending(steps):
+        check_memory_mode(mode)
+        return run_steps_plain(steps, z)
+    if mode == "checkpoint":
+        return run_steps_checkpoint(steps, z)
+    if mode == "invertible":
+        return run_steps_invertible(steps, z)
+    raise ValueError(f"memory mode must be one of {MEMORY_MODES}, got {mode!r}")
+
+
+def gradient_difference(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None,
+                        mode: str = "invertible") -> dict[str, float]:
+    """Compare the gradients of ``-log_prob(x).mean()`` (plus the classification cross-entropy
+    for a class-conditional model) in memory ``mode`` against standard backprop.
+
+    Returns the relative difference ``|g_mode - g_none| / |g_none|`` (Euclidean norms) over all
+    parameter gradients concatenated (``"params"``), the worst such ratio of any single parameter
+    tensor with a non-negligible gradient (``"params_worst"``), and that of the input gradient
+    (``"input"``). The model's memory mode is restored afterwards.
+    """
+    check_memory_mode(mode)
+    previous = getattr(model, "memory", "none")
+
+    def run(m):
+        model.set_memory(m)
+        model.zero_grad(set_to_none=True)
+        xi = x.detach().clone().requires_grad_()
+        out = model(xi, y)
+        loss = -out.log_prob.mean()
+        if out.y_logits is not None and y is not None:
+            loss = loss + torch.nn.functional.cross_entropy(out.y_logits, y)
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        return grads, xi.grad.detach().clone()
+
+    try:
+        ref, ref_x = run("none")
+        got, got_x = run(mode)
+    finally:
+        model.set_memory(previous)
+        model.zero_grad(set_to_none=True)
+    if set(ref) != set(got):
+        raise AssertionError(f"parameters with gradients differ: {sorted(set(ref) ^ set(got))}")
+    flat_ref = torch.cat([ref[n].reshape(-1).double() for n in ref])
+    flat_got = torch.cat([got[n].reshape(-1).double() for n in ref])
+    total = float((flat_got - flat_ref).norm() / flat_ref.norm())
+    scale = flat_ref.abs().max()
+    worst = 0.0
+    for n in ref:
+        r, g = ref[n].double(), got[n].double()
+        if r.norm() > 1e-6 * scale * r.numel() ** 0.5:
+            worst = max(worst, float((g - r).norm() / r.norm()))
+    return {"params": total, "params_worst": worst,
+            "input": float((got_x - ref_x).double().norm() / ref_x.double().norm())}
