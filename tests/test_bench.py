@@ -1,0 +1,75 @@
+"""Smoke tests of the benchmark harness on a tiny config: it runs, returns the documented keys and
+positive numbers, and the command line writes its JSON. No timing assertions."""
+
+import json
+
+import pytest
+
+from torchglow import bench
+
+TINY = dict(image_shape=(1, 8, 8), n_levels=2, n_steps=2, hidden_channels=8)
+PHASES = ("train", "sample", "eval")
+
+
+def check_result(r, phases=PHASES):
+    for key in ("preset", "overrides", "config", "batch_size", "device", "device_name", "precision", "memory",
+                "compile", "threads", "torch", "git_commit", "peak_memory_mb", "peak_memory_kind",
+                "load_average_before", "load_average_after"):
+        assert key in r, key
+    assert r["device_name"] and r["torch"] and r["git_commit"]
+    assert r["threads"] >= 1
+    for phase in phases:
+        assert r[f"{phase}_images_per_s"] > 0
+        p = r[phase]
+        assert p["seconds_median"] > 0 and len(p["seconds"]) == r["repeats"]
+        assert p["cpu_seconds_median"] >= 0
+        assert r["peak_memory_mb"][phase] > 0
+    json.dumps(r)  # JSON-serialisable
+
+
+@pytest.mark.parametrize("memory", ["none", "checkpoint", "invertible"])
+def test_run_benchmark_in_process(memory):
+    r = bench.run_benchmark("digits", 4, "cpu", overrides=TINY, memory=memory, warmup=1, repeats=2, isolate=False)
+    check_result(r)
+    assert r["config"]["n_steps"] == 2 and r["memory"] == memory
+    assert r["peak_memory_kind"] == "process_peak_rss_so_far"
+
+
+def test_run_benchmark_bf16_conditional_subset_of_phases():
+    r = bench.run_benchmark("digits", 4, "cpu", precision="bf16", overrides={**TINY, "num_classes": 3},
+                            warmup=0, repeats=1, phases=("train", "eval"), isolate=False)
+    check_result(r, ("train", "eval"))
+    assert "sample" not in r and "sample_images_per_s" not in r
+
+
+def test_run_benchmark_isolated_phases_report_their_own_peak():
+    r = bench.run_benchmark("digits", 4, "cpu", overrides=TINY, warmup=1, repeats=2, phases=("train", "sample"),
+                            threads=1)
+    check_result(r, ("train", "sample"))
+    assert r["isolated_phases"] and r["peak_memory_kind"] == "peak_rss_of_a_fresh_process_per_phase"
+    for phase in ("train", "sample"):
+        assert r[phase]["peak_rss_mb"] >= r[phase]["baseline_rss_mb"] > 0
+
+
+def test_run_benchmark_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        bench.run_benchmark("digits", 4, "cpu", overrides=TINY, memory="nope")
+    with pytest.raises(ValueError):
+        bench.run_benchmark("digits", 4, "cpu", overrides=TINY, precision="fp8")
+    with pytest.raises(ValueError):
+        bench.run_benchmark("digits", 4, "cpu", overrides=TINY, phases=("train", "fly"))
+
+
+def test_main_writes_json(tmp_path, capsys):
+    rc = bench.main(["--preset", "digits", "--batch-size", "4", "--device", "cpu", "--n-steps", "2",
+                     "--hidden-channels", "8", "--set", "n_levels=2", "--warmup", "0", "--repeats", "1",
+                     "--no-isolate", "--threads", "1", "--out-dir", str(tmp_path)])
+    assert rc == 0
+    files = list(tmp_path.glob("*.json"))
+    assert [f.name for f in files] == ["digits-K2-L2-w8-b4-cpu-fp32-t1.json"]
+    r = json.loads(files[0].read_text())
+    assert r["name"] == files[0].stem
+    check_result(r)
+    assert r["overrides"] == {"n_levels": 2, "n_steps": 2, "hidden_channels": 8}
+    assert r["threads"] == 1
+    assert str(files[0]) in capsys.readouterr().out
