@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,9 +48,10 @@ class GlowConfig:
     weight_y: float = 0.01
 
     def __post_init__(self) -> None:
-        shape = tuple(self.image_shape)
-        object.__setattr__(self, "image_shape", shape)
-        if len(shape) != 3 or not all(_is_int(s) and s > 0 for s in shape):
+        shape = tuple(self.image_shape) if isinstance(self.image_shape, (list, tuple)) else None
+        if shape is not None:
+            object.__setattr__(self, "image_shape", shape)
+        if shape is None or len(shape) != 3 or not all(_is_int(s) and s > 0 for s in shape):
             raise ConfigError(f"image_shape must be three positive integers (C, H, W), got {self.image_shape!r}")
         for name in ("n_levels", "n_steps", "hidden_channels", "n_bits"):
             value = getattr(self, name)
@@ -58,8 +60,9 @@ class GlowConfig:
         if self.n_bits > 8:
             raise ConfigError(f"n_bits must be between 1 and 8, got {self.n_bits}")
         c, h, w = shape
-        factor = 2**self.n_levels
-        if h % factor or w % factor:
+        # (n_levels beyond the image's bit length cannot divide it; 2**n_levels is not computed then)
+        if self.n_levels > max(h, w).bit_length() or h % 2**self.n_levels or w % 2**self.n_levels:
+            factor = 2**self.n_levels if self.n_levels <= 64 else f"2**{self.n_levels}"
             raise ConfigError(
                 f"image_shape {h}x{w} is not divisible by 2**n_levels = {factor}; "
                 f"use fewer levels or another image size"
@@ -73,7 +76,8 @@ class GlowConfig:
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.num_classes is not None and (not _is_int(self.num_classes) or self.num_classes < 2):
             raise ConfigError(f"num_classes must be None or an integer >= 2, got {self.num_classes!r}")
-        if isinstance(self.weight_y, bool) or not isinstance(self.weight_y, (int, float)) or self.weight_y < 0:
+        if (isinstance(self.weight_y, bool) or not isinstance(self.weight_y, (int, float))
+                or not math.isfinite(self.weight_y) or self.weight_y < 0):
             raise ConfigError(f"weight_y must be a non-negative number, got {self.weight_y!r}")
 
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import signal
 import sys
 import time
@@ -22,8 +23,9 @@ from typing import Any
 import torch
 
 from . import distributed as dist_utils
+from . import health
 from . import preprocess as pp
-from .checkpoint import FORMAT, CheckpointError, atomic_save, load_checkpoint, load_model, load_state
+from .checkpoint import FORMAT, CheckpointError, atomic_save, config_diff, load_checkpoint, load_model, load_state
 from .config import ConfigError, GlowConfig
 from .evaluate import categorical_baseline_bpd, evaluate_bpd, plot_curves
 from .model import Glow
@@ -106,7 +108,29 @@ class TrainConfig:
     init_from: str | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sample_temperatures", tuple(float(t) for t in self.sample_temperatures))
+        # types first (values from a YAML file or a Python caller may be anything), then ranges
+        for name in ("dataset", "optimizer", "precision", "memory", "device"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("data_dir", "out", "init_from"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a path (a string) or None, got {getattr(self, name)!r}")
+        for name in ("download", "ema", "compile", "augment_flip"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("lr", "beta2", "grad_clip", "ema_decay"):
+            if not _is_number(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)!r}"
+                                  f"{_yaml_number_hint(getattr(self, name))}")
+        temps = self.sample_temperatures
+        if not (isinstance(temps, (list, tuple)) and temps and all(_is_number(t) and t >= 0 for t in temps)):
+            raise ConfigError(f"sample_temperatures must be a non-empty list of finite numbers >= 0, got {temps!r}")
+        object.__setattr__(self, "sample_temperatures", tuple(float(t) for t in temps))
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}") from None
         for name in ("epochs", "batch_size", "eval_batch_size", "init_images", "log_every", "eval_every",
                      "eval_draws", "max_bad_steps"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
@@ -141,6 +165,19 @@ class TrainConfig:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _yaml_number_hint(v: Any) -> str:
+    """YAML (1.1) reads ``1e-3`` as a string; say so when a number arrives as such a string."""
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return ""
+    return " (a string: YAML needs a dot and a signed exponent, e.g. 1.0e-3, for a number)" if isinstance(v, str) else ""
 
 
 # Training defaults of each preset (model presets live in config.PRESETS). The digits run is sized
@@ -197,8 +234,12 @@ class _StopRequest:
     def __init__(self):
         self.signal: int | None = None
         self._previous: dict[int, Any] = {}
+        self._depth = 0  # re-entering the same object is a no-op
 
     def __enter__(self):
+        self._depth += 1
+        if self._depth > 1:
+            return self
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -211,8 +252,12 @@ class _StopRequest:
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # a second one is fatal
 
     def __exit__(self, *exc):
+        self._depth -= 1
+        if self._depth:
+            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous.clear()
 
     def __bool__(self) -> bool:
         return self.signal is not None
@@ -295,11 +340,22 @@ def train(model_config: GlowConfig, cfg: TrainConfig, resume: bool = False, prog
 
     With ``resume=True``, ``cfg.out`` must be an existing run folder; training continues from its
     ``last.pt`` and ends exactly where an uninterrupted run would have.
+
+    SIGINT/SIGTERM (once) at any point after this is called stop the run cleanly: ``last.pt`` is
+    written at the next step boundary and the summary says ``interrupted_by``; a second signal is
+    fatal (the previous ``last.pt`` stays intact, as every checkpoint is written atomically).
     """
-    from .data import augment, load_dataset
+    with _StopRequest() as stop:
+        return _train(model_config, cfg, resume, progress, stop)
+
+
+def _train(model_config: GlowConfig, cfg: TrainConfig, resume: bool, progress: bool, stop: _StopRequest) -> TrainResult:
+    from .data import DatasetError, augment, load_dataset
     from .images import save_grid, to_display
     from .latent import temperature_rows
 
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {cfg.device}: no CUDA GPU is available here (use --device cpu or auto)")
     device = dist_utils.setup(cfg.device)
     rank, world = dist_utils.rank_and_world()
     is_main = rank == 0
@@ -335,6 +391,9 @@ def train(model_config: GlowConfig, cfg: TrainConfig, resume: bool = False, prog
     out = Path(cfg.out) if cfg.out else default_run_dir(cfg.dataset)
     if resume and not (out / "config.json").is_file():
         raise CheckpointError(f"cannot resume: {out} is not a run folder (no config.json)")
+    if resume and not (out / "last.pt").is_file():
+        raise CheckpointError(f"cannot resume: {out} has no last.pt (the run stopped before its first "
+                              f"checkpoint); start it again without --resume")
     if is_main:
         try:
             (out / "samples").mkdir(parents=True, exist_ok=True)
@@ -371,7 +430,11 @@ def train(model_config: GlowConfig, cfg: TrainConfig, resume: bool = False, prog
     if resume:
         ckpt = load_checkpoint(out / "last.pt", map_location=device)
         if ckpt["model_config"] != model_config.to_dict():
-            raise CheckpointError(f"cannot resume: {out / 'last.pt'} was made with another model config")
+            raise CheckpointError(f"cannot resume: {out / 'last.pt'} was made with another model config "
+                                  f"(checkpoint vs run: {config_diff(ckpt['model_config'], model_config.to_dict())})")
+        missing = [k for k in ("optimizer", "scaler", "state", "rng", "ema") if k not in ckpt]
+        if missing:
+            raise CheckpointError(f"cannot resume: {out / 'last.pt'} has no training state ({', '.join(missing)})")
         load_state(model, ckpt["model"], source=str(out / "last.pt"))
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -385,7 +448,14 @@ def train(model_config: GlowConfig, cfg: TrainConfig, resume: bool = False, prog
                 ema.model.load_state_dict(ckpt["ema"])
     else:
         if cfg.init_from:
-            load_state(model, load_model(cfg.init_from, device, use_ema=False).state_dict(), source=cfg.init_from)
+            source = load_model(cfg.init_from, device, use_ema=False)
+            try:
+                load_state(model, source.state_dict(), source=f"--init-from {cfg.init_from}")
+            except CheckpointError as e:
+                diff = config_diff(source.config.to_dict(), model_config.to_dict())
+                raise CheckpointError(f"--init-from {cfg.init_from} has another model config (it vs this run: "
+                                      f"{diff})" if diff
+                                      else str(e)) from None
         # Data-dependent initialisation: every rank draws the same images and noise and takes its share.
         n_init = min(cfg.init_images, len(train_data))
         x_init, y_init = next(train_data.batches([_epoch_order(len(train_data), cfg.seed, -1)[:n_init]]))
@@ -405,6 +475,9 @@ def train(model_config: GlowConfig, cfg: TrainConfig, resume: bool = False, prog
     params = list(model.parameters())
     n_dims = model_config.n_dims
     metrics_file = open(out / "metrics.jsonl", "a") if is_main else None
+    # a few fixed training images (bin centres: no random draw) for the per-epoch health numbers
+    health_x, health_y = (_health_batch(train_data, model_config.n_bits, HEALTH_IMAGES) if is_main
+                          else (None, None))
     tb = _tensorboard(out) if is_main else None
 
     def log(record: dict[str, Any]) -> None:
@@ -427,10 +500,30 @@ def train(model_config: GlowConfig, cfg: TrainConfig, resume: bool = False, prog
                                 cfg.eval_batch_size, cfg.eval_draws, seed=cfg.seed)
         if is_main:
             rows = temperature_rows(m, cfg.sample_temperatures, n_per_row=8, seed=cfg.seed)
+            health.check_samples(torch.cat(rows), context=f"samples of {out}")
             save_grid([to_display(r, model_config.n_bits) for r in rows], out / "samples" / f"epoch_{epoch}.png",
                       row_labels=[f"T={t:g}" for t in cfg.sample_temperatures])
         model.train()
         return test_bpd
+
+    def epoch_health() -> dict[str, Any]:
+        """invconv_cond_max and coupling_scale_min of the evaluated model (rank 0, one small batch)."""
+        if not is_main:
+            return {}
+        record = health.health_record(eval_model(), health_x, health_y if conditional else None)
+        for message in health.health_warnings(record):
+            print(f"epoch {state['epoch']}: warning: {message}", file=sys.stderr)
+        return health.json_safe(record)
+
+    def data_error(e: Exception) -> Exception:
+        """A file that cannot be read mid-run: checkpoint at this step boundary, then stop."""
+        message = _last_error_line(str(e))
+        try:
+            checkpoint("last.pt")
+            return DatasetError(f"{message}; the run is checkpointed at step {state['step']}: fix or remove "
+                                f"the file, then --resume {out}")
+        except CheckpointError as ce:
+            return DatasetError(f"{message} (and {ce})")
 
     def restore_last_good() -> None:
         if not (out / "last.pt").is_file():
@@ -447,7 +540,7 @@ def train(model_config: GlowConfig, cfg: TrainConfig, resume: bool = False, prog
     max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     start_time, interrupted = time.time(), None
     bad_in_a_row, restored_since_good = 0, False
-    with _StopRequest() as stop:
+    with stop:
         while state["epoch"] < cfg.epochs and state["step"] < max_steps and not stop:
             epoch = state["epoch"]
             order = _epoch_order(len(train_data), cfg.seed, epoch)
@@ -456,7 +549,7 @@ def train(model_config: GlowConfig, cfg: TrainConfig, resume: bool = False, prog
                              for i in range(done_in_epoch, steps_per_epoch)]
             bar = _progress(len(index_batches), f"epoch {epoch + 1}/{cfg.epochs}", progress and is_main)
             window_bpd, window_n, window_t = torch.zeros((), device=device), 0, time.time()
-            for x_uint8, y in train_data.batches(index_batches):
+            for x_uint8, y in _reraise_data_errors(train_data.batches(index_batches), DatasetError, data_error):
                 step = state["step"]
                 gen = torch.Generator(device=device).manual_seed(_step_noise_seed(cfg.seed, step))
                 if cfg.augment_shift or cfg.augment_flip:
@@ -524,9 +617,11 @@ def train(model_config: GlowConfig, cfg: TrainConfig, resume: bool = False, prog
             if state["step"] - epoch * steps_per_epoch < steps_per_epoch:  # max_steps reached mid-epoch
                 break
             state["epoch"] += 1
+            health_record = epoch_health()
             if state["epoch"] % cfg.eval_every == 0 or state["epoch"] == cfg.epochs:
                 test_bpd = evaluate_and_sample(state["epoch"])
-                log({"step": state["step"], "epoch": state["epoch"], "images": state["images"], "test_bpd": test_bpd})
+                log({"step": state["step"], "epoch": state["epoch"], "images": state["images"], "test_bpd": test_bpd,
+                     **health_record})
                 if is_main:
                     print(f"epoch {state['epoch']}: test {test_bpd:.4f} bits/dim (baseline {baseline:.4f})",
                           file=sys.stderr)
@@ -535,6 +630,8 @@ def train(model_config: GlowConfig, cfg: TrainConfig, resume: bool = False, prog
                     checkpoint("best.pt")
                 if is_main:
                     plot_curves(state["history"], out / "bpd.png", baseline)
+            elif health_record:
+                log({"step": state["step"], "epoch": state["epoch"], "images": state["images"], **health_record})
             checkpoint("last.pt")
         if stop:
             interrupted = signal.Signals(stop.signal).name
@@ -566,6 +663,39 @@ def train(model_config: GlowConfig, cfg: TrainConfig, resume: bool = False, prog
             tb.close()
     dist_utils.barrier()
     return TrainResult(summary, model, eval_model())
+
+
+# Training images in the per-epoch health batch (torchglow.health): one small no-grad forward.
+HEALTH_IMAGES = 16
+
+
+def _health_batch(data: _Data, n_bits: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` training images at their bin centres (no noise: no random number is drawn)."""
+    x, y = data.all(limit=n)
+    x, y = x[:n].to(data.device), y[:n].to(data.device)
+    return pp.preprocess(x, n_bits) + 0.5 / pp.n_bins(n_bits), y
+
+
+def _reraise_data_errors(batches, error_type: type, convert):
+    """Yield from ``batches``; an ``error_type`` raised while fetching one becomes ``convert(error)``."""
+    it = iter(batches)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except error_type as e:
+            raise convert(e) from None
+        yield item
+
+
+def _last_error_line(text: str) -> str:
+    """The message itself, also when a DataLoader worker wrapped it with its traceback."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return text
+    line = lines[-1] if len(lines) > 1 else lines[0]
+    return re.sub(r"^[\w.]*Error: ", "", line) if len(lines) > 1 else line
 
 
 def _progress(total: int, desc: str, enabled: bool):
