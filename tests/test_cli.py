@@ -256,3 +256,13 @@ def test_tools_on_a_class_conditional_pretrained_folder(capsys, tmp_path):
     assert code == 0 and list(json.loads(out)["attributes"]) == ["class_3", "class_8"]
     code, out, _ = call(capsys, "ood", pre, "--ood", "flipped", "--max-images", 20, "--typicality-m", 2, *common)
     assert code == 0 and "flipped" in out
+
+
+def test_bench_subcommand_writes_json(tmp_path, capsys):
+    rc = cli.main(["bench", "--preset", "digits", "--batch-size", "4", "--device", "cpu", "--n-steps", "2",
+               "--hidden-channels", "8", "--warmup", "0", "--repeats", "1", "--phases", "sample", "--no-isolate",
+               "--name", "tiny", "--out-dir", str(tmp_path)])
+    assert rc == 0
+    r = json.loads((tmp_path / "tiny.json").read_text())
+    assert r["sample_images_per_s"] > 0 and r["config"]["n_steps"] == 2 and "train" not in r
+    assert str(tmp_path / "tiny.json") in capsys.readouterr().out

@@ -17,6 +17,9 @@ from torchglow import ConfigError, GlowConfig, preset
         (dict(lu="yes"), "lu"),
         (dict(weight_y=-1.0), "weight_y"),
         (dict(image_shape=(3, 32)), "image_shape"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(dropout=-0.1), "dropout"),
+        (dict(dropout="0.2"), "dropout"),
     ],
 )
 def test_invalid_configs_name_the_field(overrides, field):

@@ -12,7 +12,7 @@ from torchglow.layers import (
     unsqueeze2d,
 )
 
-from flow_checks import assert_invertible, assert_logdet_matches_jacobian, perturb
+from flow_checks import assert_invertible, assert_logdet_matches_jacobian, jacobian_logabsdet, perturb
 
 LAYERS = {
     "actnorm": lambda c: ActNorm(c),
@@ -140,3 +140,27 @@ def test_coupling_bf16_network_keeps_float32_logdet():
     y, logdet = layer(x)
     assert y.dtype == torch.float32 and logdet.dtype == torch.float32
     torch.testing.assert_close(layer.inverse(y), x, atol=1e-5, rtol=0)
+
+
+def test_coupling_dropout_acts_in_training_only():
+    """With dropout the coupling is exact in eval mode; in training mode each drawn mask gives a
+    different, still invertible flow whose log-det matches its Jacobian."""
+    layer = Coupling(4, 8, affine=True, dropout=0.5).double()
+    perturb(layer)
+    x = torch.randn(3, 4, 6, 6, dtype=torch.float64)
+    layer.eval()
+    assert_invertible(layer, x, 1e-10)
+    assert_logdet_matches_jacobian(layer, x[:2, :, :3, :3])
+
+    layer.train()
+    y1, _ = layer(x)
+    y2, _ = layer(x)
+    assert not torch.allclose(y1, y2)
+
+    def with_mask(v):
+        torch.manual_seed(7)
+        return layer(v)
+
+    x1 = x[:1, :, :3, :3]
+    _, logdet = with_mask(x1)
+    torch.testing.assert_close(logdet, jacobian_logabsdet(lambda v: with_mask(v)[0], x1), atol=1e-8, rtol=1e-9)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torchglow import Glow, preset
+from torchglow import ConfigError, Glow, preset
 from torchglow import memory
 from torchglow.layers import initializing
 
@@ -250,3 +250,20 @@ def test_mode_is_validated():
     model.memory = "bogus"  # set directly: refused at the next forward
     with pytest.raises(ValueError, match="bogus"):
         model.log_prob(torch.rand(2, 1, 4, 4) - 0.5)
+
+
+def test_checkpoint_with_dropout_replays_the_masks():
+    """Gradient checkpointing restores the RNG state for the recomputation, so a model with dropout
+    gets the gradients of standard backprop with the same masks; the invertible backward would
+    draw new masks and is refused."""
+    model = make(dropout=0.3)
+    x = torch.randn(4, 1, 4, 4, dtype=torch.float64) * 0.3
+    torch.manual_seed(5)
+    ref, ref_x, ref_lp = gradients(model, x, None, "none")
+    torch.manual_seed(5)
+    got, got_x, got_lp = gradients(model, x, None, "checkpoint")
+    torch.testing.assert_close(got_lp, ref_lp, rtol=0, atol=0)
+    assert_grads_close(got, ref, RTOL[torch.float64])
+    torch.testing.assert_close(got_x, ref_x)
+    with pytest.raises(ConfigError, match="dropout"):
+        model.set_memory("invertible")

@@ -169,3 +169,15 @@ def test_cifar10_preset_matches_official_size():
 def test_from_preset_overrides():
     cfg = preset("digits", n_steps=3, num_classes=10)
     assert cfg.n_steps == 3 and cfg.num_classes == 10 and cfg.n_bits == PRESETS["digits"]["n_bits"]
+
+
+def test_dropout_model_is_exact_in_eval_mode():
+    model = make(dropout=0.5)
+    x = torch.rand(4, 1, 4, 4, dtype=torch.float64) - 0.5
+    train_lp = [model.log_prob(x) for _ in range(2)]
+    assert not torch.allclose(*train_lp)  # training mode: a mask per call
+    model.eval()
+    with torch.no_grad():
+        latents, _ = model.encode(x)
+        assert (model.decode(latents) - x).abs().max() < 1e-10
+        torch.testing.assert_close(model.log_prob(x), model.log_prob(x), rtol=0, atol=0)

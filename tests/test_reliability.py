@@ -134,6 +134,9 @@ def test_argparse_errors_name_the_option(capsys, args, option):
     (["--sample-temperatures", "nan"], "sample_temperatures"),
     (["--device", "gpu"], "device"),
     (["--weight-y", "nan"], "weight_y"),
+    (["--weight-decay", "-0.1"], "weight_decay"),
+    (["--dropout", "1"], "dropout"),
+    (["--dropout", "0.2", "--memory", "invertible"], "dropout"),
 ])
 def test_configs_that_cannot_work(capsys, tmp_path, args, field):
     rc, _, err = cli(capsys, "train", "--out", tmp_path / "run", *args)

@@ -126,3 +126,15 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     single = train(tiny_model_config(), tiny_train_config(tmp_path / "single", epochs=1, max_steps=8), progress=False)
     for k, v in single.model.state_dict().items():
         torch.testing.assert_close(r0[k], v, atol=2e-5, rtol=1e-4, msg=k)
+
+
+def test_weight_decay_is_decoupled(tmp_path):
+    """One step with decay differs from one without by exactly -lr·wd·(initial weights): the decay
+    is applied to the weights, not added to the gradient that Adamax normalises."""
+    runs = {wd: train(tiny_model_config(), tiny_train_config(tmp_path / f"wd{wd}", max_steps=1, weight_decay=wd),
+                      progress=False) for wd in (0.0, 0.5)}
+    init = Glow.from_pretrained(tmp_path / "wd0.0" / "init").state_dict()
+    lr = 1e-3 * 32 / 500  # first step of the linear warm-up
+    plain, decayed = runs[0.0].model.state_dict(), runs[0.5].model.state_dict()
+    for name, p in runs[0.0].model.named_parameters():
+        torch.testing.assert_close(decayed[name] - plain[name], -lr * 0.5 * init[name], atol=1e-7, rtol=1e-5)

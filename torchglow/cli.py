@@ -632,6 +632,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=0, help="at most this many (seeded) images per set (0: all)")
     p.add_argument("--json", action="store_true", help="print the full JSON summary instead of the table")
     p.set_defaults(func=cmd_ood)
+
+    from . import bench
+    p = sub.add_parser("bench", help="training, sampling and evaluation images/s and peak memory",
+                       description=bench.__doc__.split("\n\n")[0] + " Writes benchmarks/results/<name>.json.")
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.cmd_bench)
     return parser
 
 

@@ -33,6 +33,8 @@ class GlowConfig:
         n_bits: bits per colour channel the images are reduced to (1..8).
         num_classes: number of classes for a class-conditional model; None for unconditional.
         weight_y: weight of the classification loss (bits of y) in the objective.
+        dropout: dropout rate on the coupling networks' hidden features, in training mode only
+            (not in the official code, whose presets keep 0): a regulariser for small data sets.
     """
 
     image_shape: tuple[int, int, int] = (3, 32, 32)
@@ -46,6 +48,7 @@ class GlowConfig:
     n_bits: int = 8
     num_classes: int | None = None
     weight_y: float = 0.01
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         shape = tuple(self.image_shape) if isinstance(self.image_shape, (list, tuple)) else None
@@ -79,6 +82,9 @@ class GlowConfig:
         if (isinstance(self.weight_y, bool) or not isinstance(self.weight_y, (int, float))
                 or not math.isfinite(self.weight_y) or self.weight_y < 0):
             raise ConfigError(f"weight_y must be a non-negative number, got {self.weight_y!r}")
+        if (isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float))
+                or not 0 <= self.dropout < 1):
+            raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
 
     @property
     def n_dims(self) -> int:

@@ -259,10 +259,12 @@ class Coupling(nn.Module):
     (official code; the paper writes ``exp`` for the scale). ``y_a = x_a``.
 
     ``autocast_dtype`` (e.g. torch.bfloat16) runs only the network in reduced precision; the
-    coupling arithmetic and its log-det stay in the input's precision.
+    coupling arithmetic and its log-det stay in the input's precision. ``dropout`` acts on the
+    network's hidden features in training mode; the layer is then a flow for each drawn mask, and
+    is deterministic (exactly invertible) in eval mode.
     """
 
-    def __init__(self, num_channels: int, hidden_channels: int, affine: bool = True):
+    def __init__(self, num_channels: int, hidden_channels: int, affine: bool = True, dropout: float = 0.0):
         super().__init__()
         self.affine = affine
         self.n_a = num_channels // 2
@@ -272,6 +274,7 @@ class Coupling(nn.Module):
             nn.ReLU(inplace=True),
             ConvActNorm(hidden_channels, hidden_channels, 1),
             nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
             ZeroConv2d(hidden_channels, 2 * n_b if affine else n_b),
         )
         self.autocast_dtype: torch.dtype | None = None
@@ -312,14 +315,14 @@ class FlowStep(nn.Module):
     """One step of flow: ActNorm -> permutation (1x1 conv, shuffle or reverse) -> coupling."""
 
     def __init__(self, num_channels: int, hidden_channels: int, coupling: str = "affine",
-                 permutation: str = "invconv", lu: bool = True):
+                 permutation: str = "invconv", lu: bool = True, dropout: float = 0.0):
         super().__init__()
         self.actnorm = ActNorm(num_channels)
         if permutation == "invconv":
             self.permute: nn.Module = InvConv1x1(num_channels, lu=lu)
         else:
             self.permute = Permute(num_channels, permutation)
-        self.coupling = Coupling(num_channels, hidden_channels, affine=coupling == "affine")
+        self.coupling = Coupling(num_channels, hidden_channels, affine=coupling == "affine", dropout=dropout)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, logdet = self.actnorm(x)

@@ -52,15 +52,20 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .config import ConfigError
 from .layers import ActNorm, logdet_dtype
 
 MEMORY_MODES = ("none", "checkpoint", "invertible")
 
 
-def check_memory_mode(mode: str) -> str:
-    """Return ``mode`` if it is one of :data:`MEMORY_MODES`, else raise ValueError."""
+def check_memory_mode(mode: str, dropout: float = 0.0) -> str:
+    """Return ``mode`` if it is one of :data:`MEMORY_MODES` and works with the coupling ``dropout``,
+    else raise ValueError (ConfigError for the dropout conflict)."""
     if mode not in MEMORY_MODES:
         raise ValueError(f"memory mode must be one of {MEMORY_MODES}, got {mode!r}")
+    if mode == "invertible" and dropout > 0:
+        # the backward re-runs each coupling network, which would draw another dropout mask
+        raise ConfigError("memory='invertible' cannot be used with dropout > 0: use memory='checkpoint'")
     return mode
 
 

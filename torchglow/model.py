@@ -103,7 +103,7 @@ class Glow(nn.Module):
         for i in range(config.n_levels):
             c, h, w = c * 4, h // 2, w // 2
             steps = nn.ModuleList(
-                FlowStep(c, config.hidden_channels, config.coupling, config.permutation, config.lu)
+                FlowStep(c, config.hidden_channels, config.coupling, config.permutation, config.lu, config.dropout)
                 for _ in range(config.n_steps)
             )
             self.levels.append(steps)
@@ -147,7 +147,7 @@ class Glow(nn.Module):
         """How the flow steps keep activations for backward (:mod:`torchglow.memory`): ``"none"``
         (standard autograd), ``"checkpoint"`` (per-step gradient checkpointing) or ``"invertible"``
         (inputs reconstructed by inversion; activation memory independent of K)."""
-        self.memory = memory.check_memory_mode(mode)
+        self.memory = memory.check_memory_mode(mode, self.config.dropout)
 
     def flow_steps(self):
         for steps in self.levels:

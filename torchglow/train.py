@@ -28,11 +28,11 @@ from . import preprocess as pp
 from .checkpoint import FORMAT, CheckpointError, atomic_save, config_diff, load_checkpoint, load_model, load_state
 from .config import ConfigError, GlowConfig
 from .evaluate import categorical_baseline_bpd, evaluate_bpd, plot_curves
+from .memory import MEMORY_MODES, check_memory_mode
 from .model import Glow
 
 OPTIMIZERS = ("adamax", "adam")
 PRECISIONS = ("fp32", "bf16", "fp16")
-MEMORY_MODES = ("none", "checkpoint", "invertible")
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,8 @@ class TrainConfig:
         optimizer: "adamax" (official) or "adam".
         beta2: second-moment decay; 0 means the official ``1 - 1/(steps per epoch)``.
         grad_clip: clip the global gradient norm to this value (0: no clipping).
+        weight_decay: decoupled weight decay (as AdamW): every step multiplies all parameters by
+            ``1 - lr * weight_decay`` (0: none, as the official code; the digits preset uses it).
         ema: keep an exponential moving average of the weights for evaluation and sampling.
         ema_decay: its decay; 0 means the official Polyak decay, equal to ``beta2``.
         init_images: images for the data-dependent ActNorm initialisation.
@@ -88,6 +90,7 @@ class TrainConfig:
     optimizer: str = "adamax"
     beta2: float = 0.0
     grad_clip: float = 0.0
+    weight_decay: float = 0.0
     ema: bool = True
     ema_decay: float = 0.0
     init_images: int = 256
@@ -118,7 +121,7 @@ class TrainConfig:
         for name in ("download", "ema", "compile", "augment_flip"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("lr", "beta2", "grad_clip", "ema_decay"):
+        for name in ("lr", "beta2", "grad_clip", "weight_decay", "ema_decay"):
             if not _is_number(getattr(self, name)):
                 raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)!r}"
                                   f"{_yaml_number_hint(getattr(self, name))}")
@@ -146,8 +149,9 @@ class TrainConfig:
         for name in ("beta2", "ema_decay"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be in [0, 1) (0: the official default), got {getattr(self, name)!r}")
-        if self.grad_clip < 0:
-            raise ConfigError(f"grad_clip must be >= 0, got {self.grad_clip!r}")
+        for name in ("grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -356,6 +360,7 @@ def _train(model_config: GlowConfig, cfg: TrainConfig, resume: bool, progress: b
 
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {cfg.device}: no CUDA GPU is available here (use --device cpu or auto)")
+    check_memory_mode(cfg.memory, model_config.dropout)
     device = dist_utils.setup(cfg.device)
     rank, world = dist_utils.rank_and_world()
     is_main = rank == 0
@@ -577,6 +582,9 @@ def _train(model_config: GlowConfig, cfg: TrainConfig, resume: bool, progress: b
                 state["step"] += 1
                 if finite:
                     bad_in_a_row, restored_since_good = 0, False
+                    if cfg.weight_decay:
+                        with torch.no_grad():
+                            torch._foreach_mul_(params, 1.0 - lr * cfg.weight_decay)
                     scaler.step(optimizer)
                     scaler.update()
                     if ema:
