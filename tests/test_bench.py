@@ -7,7 +7,7 @@ import pytest
 
 from torchglow import bench
 
-TINY = dict(image_shape=(1, 8, 8), n_levels=2, n_steps=2, hidden_channels=8)
+TINY = dict(image_shape=(1, 8, 8), n_levels=2, n_steps=2, hidden_channels=8, dropout=0.0)
 PHASES = ("train", "sample", "eval")
 
 

@@ -224,9 +224,24 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model = load_model(args.run).to(_device(args.device))
     out = Path(args.out or (Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent) / "samples")
     summary = sample_grid(model, out, temperatures=args.temperatures, n_per_row=args.n, seed=args.seed,
-                          max_level=args.max_level)
+                          max_level=_display_max_level(args, model))
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _display_max_level(args: argparse.Namespace, model) -> int | None:
+    """--max-level; else the top bin of the run's own test images when they are held in memory
+    (16 for the digits, whose 17 levels fill 5-bit bins 0..16); else None, the top bin."""
+    from .data import DatasetError
+    from .images import data_max_level
+
+    if args.max_level is not None or model.config.n_bits == 8:
+        return args.max_level
+    try:
+        data = _dataset_for(args.run, model, None, None, "test")
+    except (CLIError, DatasetError):
+        return None
+    return data_max_level(data.images, model.config.n_bits) if hasattr(data, "images") else None
 
 
 # --------------------------------------------------------------------------- latent-space and OOD tools
@@ -559,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds the latent draw shared by all temperatures")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--max-level", type=int, default=None,
-                   help="bin shown as white (default: the top bin 2**n_bits-1; 16 for the digits)")
+                   help="bin shown as white (default: the top bin the run's own in-memory test images use, e.g. 16 for the digits; else 2**n_bits-1)")
     p.add_argument("--out", help="output folder (default: RUN/samples)")
     p.set_defaults(func=cmd_sample)
 

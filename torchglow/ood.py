@@ -206,27 +206,32 @@ def uniform_noise(n: int, shape: Sequence[int], n_bits: int, seed: int = 0,
 
 
 # ---------------------------------------------------------------------------- report
-def _histogram(values: dict[str, torch.Tensor], path: Path, xlabel: str, title: str) -> None:
+def _histogram(values: dict[str, torch.Tensor], in_name: str, path: Path, xlabel: str, title: str) -> None:
+    """One panel per OOD set, overlaid on the in-distribution histogram with bins spanning just
+    those two sets: on a shared axis, far-away sets (noise) squeeze the close ones into a few bins."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     finite = {k: v[torch.isfinite(v)].numpy() for k, v in values.items()}
-    allv = np.concatenate([v for v in finite.values() if v.size] or [np.zeros(1)])
-    lo, hi = float(allv.min()), float(allv.max())
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    bins = np.linspace(lo, hi, 51)
-    fig = Figure(figsize=(7, 4))
+    others = [k for k in finite if k != in_name]
+    fig = Figure(figsize=(7, 2.6 * max(len(others), 1)))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for name, v in finite.items():
-        if v.size:
-            ax.hist(v, bins=bins, density=True, alpha=0.5, label=f"{name} (n={v.size})", histtype="stepfilled")
+    for i, name in enumerate(others or [in_name]):
+        ax = fig.add_subplot(max(len(others), 1), 1, i + 1)
+        pair = {k: finite[k] for k in dict.fromkeys([in_name, name])}
+        allv = np.concatenate([v for v in pair.values() if v.size] or [np.zeros(1)])
+        lo, hi = float(allv.min()), float(allv.max())
+        if hi <= lo:
+            lo, hi = lo - 0.5, hi + 0.5
+        bins = np.linspace(lo, hi, 51)
+        for k, v in pair.items():
+            if v.size:
+                ax.hist(v, bins=bins, density=True, alpha=0.5, label=f"{k} (n={v.size})", histtype="stepfilled")
+        ax.set_ylabel("density")
+        ax.set_title(f"{title}: {in_name} vs {name}" if name != in_name else title, fontsize=10)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("density")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -260,7 +265,7 @@ def ood_report(model: Glow, in_images: torch.Tensor, out_sets: dict[str, torch.T
     estimates Ĥ, the other half's batches are the in-distribution side of the typicality metrics
     (``bpd`` and ``complexity`` always use all of ``in_images``).
 
-    Writes ``ood.json``, ``bpd_hist.png`` (overlaid bits/dim histograms of every set) and
+    Writes ``ood.json``, ``bpd_hist.png`` (bits/dim histograms, one panel per OOD set against the in-distribution) and
     ``complexity_hist.png``; prints the table when ``verbose``; returns the summary, whose
     ``"table"`` is the printed table.
     """
@@ -310,8 +315,8 @@ def ood_report(model: Glow, in_images: torch.Tensor, out_sets: dict[str, torch.T
         rows += [(name, score, mm) for score, mm in res.items()]
     table = _table(rows)
 
-    _histogram(bpd, out_dir / "bpd_hist.png", "bits/dim", "bits/dim per image")
-    _histogram(complexity, out_dir / "complexity_hist.png", "S(x) = bits/dim - PNG bits/dim",
+    _histogram(bpd, in_name, out_dir / "bpd_hist.png", "bits/dim", "bits/dim per image")
+    _histogram(complexity, in_name, out_dir / "complexity_hist.png", "S(x) = bits/dim - PNG bits/dim",
                "input-complexity score")
     summary = {
         "tool": "ood", "convention": "higher score = more OOD; OOD is the positive class",
