@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,7 +28,7 @@ from PIL import Image
 
 from torchglow import ConfigError, Glow, GlowConfig, preset, to_uint8
 from torchglow import checkpoint as ckpt_module
-from torchglow.checkpoint import FORMAT, CheckpointError, load_checkpoint
+from torchglow.checkpoint import load_checkpoint
 from torchglow.cli import CLIError, build_configs, main, read_config_file
 from torchglow.data import DatasetError, load_dataset
 from torchglow.health import (NumericalHealthWarning, check_samples, coupling_scales, health_record,

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -154,9 +153,9 @@ def _build(preset_name: str, overrides: dict[str, Any], batch_size: int, device:
 
 
 def _train_step_fn(model, config, x_uint8, y, precision: str, compile: bool):
-    """One training step exactly as :func:`torchglow.train.train` takes it (fixed lr)."""
+    """One training step exactly as :func:`torchglow.train.train` takes it (fixed lr, no clipping)."""
     from . import preprocess as pp
-    from .train import EMA
+    from .train import EMA, apply_step, backward, objective
 
     device = x_uint8.device
     optimizer = torch.optim.Adamax(model.parameters(), lr=1e-4, betas=(0.9, 0.999), foreach=True)
@@ -164,29 +163,14 @@ def _train_step_fn(model, config, x_uint8, y, precision: str, compile: bool):
     ema = EMA(model, 0.999)
     train_model = torch.compile(model) if compile else model
     params = list(model.parameters())
-    n_dims, n_bits = config.n_dims, config.n_bits
-    conditional = config.num_classes is not None
     model.train()
 
     def step() -> None:
         noise = torch.rand(x_uint8.shape, device=device)
-        x = pp.preprocess(x_uint8, n_bits) + noise / pp.n_bins(n_bits)
-        out = train_model(x, y)
-        bpd = pp.bits_per_dim_from_log_prob(out.log_prob, n_dims, n_bits)
-        loss = bpd.mean()
-        if conditional and config.weight_y > 0:
-            loss = loss + config.weight_y * torch.nn.functional.cross_entropy(out.y_logits, y) / math.log(2)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, math.inf, foreach=True)
-        finite = bool(torch.isfinite(loss) & (torch.isfinite(grad_norm) | (precision == "fp16")))
-        if finite:
-            scaler.step(optimizer)
-            scaler.update()
-            ema.update(model)
-        else:
-            scaler.update()
+        x = pp.preprocess(x_uint8, config.n_bits) + noise / pp.n_bins(config.n_bits)
+        loss, _ = objective(train_model(x, y), y, config)
+        _, finite = backward(loss, optimizer, scaler, params, 0.0, precision)
+        apply_step(finite, model, optimizer, scaler, params, 0.0, ema)
 
     return step
 

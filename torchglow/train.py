@@ -29,7 +29,7 @@ from .checkpoint import FORMAT, CheckpointError, atomic_save, config_diff, load_
 from .config import ConfigError, GlowConfig
 from .evaluate import categorical_baseline_bpd, evaluate_bpd, plot_curves
 from .memory import MEMORY_MODES, check_memory_mode
-from .model import Glow
+from .model import FlowOutput, Glow
 
 OPTIMIZERS = ("adamax", "adam")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -240,6 +240,42 @@ class EMA:
         torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - self.decay)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
+
+
+def objective(out: FlowOutput, y: torch.Tensor | None, config: GlowConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official training objective: ``(loss, per-sample bits/dim)``, the loss being the mean
+    bits/dim plus ``weight_y`` times the classifier's bits of y for class-conditional models."""
+    bpd = pp.bits_per_dim_from_log_prob(out.log_prob, config.n_dims, config.n_bits)
+    loss = bpd.mean()
+    if config.num_classes is not None and config.weight_y > 0:
+        loss = loss + config.weight_y * torch.nn.functional.cross_entropy(out.y_logits, y) / math.log(2)
+    return loss, bpd
+
+
+def backward(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+             params: list[torch.Tensor], grad_clip: float, precision: str) -> tuple[torch.Tensor, bool]:
+    """Gradients of ``loss`` (unscaled, clipped to ``grad_clip`` when > 0) and whether the step is
+    finite: the one host sync of a training step, so that a NaN never reaches the weights. fp16
+    leaves inf gradients to the grad scaler, which skips such steps and lowers its scale."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf, foreach=True)
+    return grad_norm, bool(torch.isfinite(loss) & (torch.isfinite(grad_norm) | (precision == "fp16")))
+
+
+def apply_step(finite: bool, model: Glow, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               params: list[torch.Tensor], decay: float, ema: EMA | None) -> None:
+    """A finite step: weights times ``1 - decay`` (decoupled weight decay, ``lr·weight_decay``),
+    the optimiser step and the EMA update; a non-finite one only updates the grad scaler."""
+    if finite:
+        if decay:
+            with torch.no_grad():
+                torch._foreach_mul_(params, 1.0 - decay)
+        scaler.step(optimizer)
+    scaler.update()
+    if finite and ema is not None:
+        ema.update(model)
 
 
 class _StopRequest:
@@ -490,7 +526,6 @@ def _train(model_config: GlowConfig, cfg: TrainConfig, resume: bool, progress: b
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
     params = list(model.parameters())
-    n_dims = model_config.n_dims
     metrics_file = open(out / "metrics.jsonl", "a") if is_main else None
     # a few fixed training images (bin centres: no random draw) for the per-epoch health numbers
     health_x, health_y = (_health_batch(train_data, model_config.n_bits, HEALTH_IMAGES) if is_main
@@ -583,36 +618,18 @@ def _train(model_config: GlowConfig, cfg: TrainConfig, resume: bool, progress: b
                 for group in optimizer.param_groups:
                     group["lr"] = lr
 
-                out_flow = train_model(x, y if conditional else None)
-                bpd = pp.bits_per_dim_from_log_prob(out_flow.log_prob, n_dims, model_config.n_bits)
-                loss = bpd.mean()
-                if conditional and model_config.weight_y > 0:
-                    bits_y = torch.nn.functional.cross_entropy(out_flow.y_logits, y) / math.log(2)
-                    loss = loss + model_config.weight_y * bits_y
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf, foreach=True)
-
-                # one host sync per step: a non-finite step must never reach the weights
-                finite = bool(torch.isfinite(loss) & (torch.isfinite(grad_norm) | (cfg.precision == "fp16")))
+                loss, bpd = objective(train_model(x, y if conditional else None), y, model_config)
+                grad_norm, finite = backward(loss, optimizer, scaler, params, cfg.grad_clip, cfg.precision)
+                apply_step(finite, model, optimizer, scaler, params, lr * cfg.weight_decay, ema)
                 state["step"] += 1
                 if finite:
                     bad_in_a_row, restored_since_good = 0, False
-                    if cfg.weight_decay:
-                        with torch.no_grad():
-                            torch._foreach_mul_(params, 1.0 - lr * cfg.weight_decay)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    if ema:
-                        ema.update(model)
                     state["images"] += cfg.batch_size
                     window_bpd += bpd.detach().mean()
                     window_n += 1
                 else:
                     bad_in_a_row += 1
                     state["skipped_steps"] += 1
-                    scaler.update()
                     log({"step": state["step"], "epoch": epoch, "images": state["images"],
                          "event": "non-finite loss or gradient: step skipped"})
                     if bad_in_a_row >= cfg.max_bad_steps:
