@@ -28,6 +28,7 @@ from PIL import Image
 
 from torchglow import ConfigError, Glow, GlowConfig, preset, to_uint8
 from torchglow import checkpoint as ckpt_module
+from torchglow import train as train_module
 from torchglow.checkpoint import load_checkpoint
 from torchglow.cli import CLIError, build_configs, main, read_config_file
 from torchglow.data import DatasetError, load_dataset
@@ -471,6 +472,34 @@ def test_nan_and_inf_at_random_steps(tmp_path, monkeypatch):
         assert math.isfinite(r["test_bpd"])
 
 
+def test_sigterm_during_evaluation_then_resume(tmp_path, monkeypatch):
+    """SIGTERM while the first epoch's test set is being evaluated: the evaluation finishes, the
+    run checkpoints and stops; --resume then ends where an uninterrupted run ends."""
+    real_evaluate = train_module.evaluate_bpd
+    calls = {"n": 0}
+
+    def signalled(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate_bpd", signalled)
+    cfg = tiny_train_config(tmp_path / "run")
+    stopped = train(tiny_model_config(), cfg, progress=False)
+    monkeypatch.undo()
+    assert stopped.summary["interrupted_by"] == "SIGTERM" and not stopped.summary["finished"]
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["state"]["step"] == stopped.summary["steps"] == 1497 // 32
+    resumed = train(tiny_model_config(), cfg, resume=True, progress=False)
+    reference = train(tiny_model_config(), tiny_train_config(tmp_path / "ref"), progress=False)
+    assert resumed.summary["finished"] and resumed.summary["steps"] == reference.summary["steps"]
+    assert resumed.summary["test_bpd"] == pytest.approx(reference.summary["test_bpd"], abs=1e-6)
+    ref_state = reference.model.state_dict()
+    for name, v in resumed.model.state_dict().items():
+        torch.testing.assert_close(v, ref_state[name], atol=1e-6, rtol=0, msg=name)
+
+
 def test_sigterm_during_a_checkpoint_write(tmp_path, monkeypatch):
     """SIGTERM arrives half-way through writing last.pt: the write completes, the run stops at the
     next step boundary with a loadable last.pt, and the signal handlers are put back."""
@@ -556,7 +585,6 @@ def test_unreadable_file_mid_run_checkpoints_first(tmp_path, monkeypatch):
     """A file that fails to decode mid-run (large folders are not all decoded at start-up): the run
     checkpoints at that step boundary and raises one line naming the file, even when a DataLoader
     worker wrapped the error in its traceback."""
-    from torchglow import train as train_module
 
     batches = train_module._Data.batches
 
