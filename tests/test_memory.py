@@ -95,7 +95,7 @@ def test_gradients_without_input_grad(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_realistic_float32_model_after_data_init(mode):
-    """The `digits` preset (K=8, width 64) initialised from data, in float32."""
+    """The `digits` preset (K=12, width 64) initialised from data, in float32."""
     model = Glow(preset("digits", dropout=0.0))
     x = (torch.randint(0, 32, (64, 1, 8, 8)) + torch.rand(64, 1, 8, 8)) / 32 - 0.5
     model.initialize(x)

@@ -139,7 +139,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                       coupling="additive", permutation="invconv", lu=True, learn_top=True, n_bits=5),
     "mnist": dict(image_shape=(1, 32, 32), n_levels=3, n_steps=32, hidden_channels=512,
                   coupling="affine", permutation="invconv", lu=True, learn_top=True, n_bits=8),
-    "digits": dict(image_shape=(1, 8, 8), n_levels=2, n_steps=8, hidden_channels=64,
+    "digits": dict(image_shape=(1, 8, 8), n_levels=2, n_steps=12, hidden_channels=64,
                    coupling="affine", permutation="invconv", lu=True, learn_top=True, n_bits=5, dropout=0.2),
 }
 
