@@ -11,16 +11,11 @@ from PIL import Image
 from torchglow import cli, preset
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, _one_thread) -> str:
+def run(tmp_path_factory, one_thread) -> str:
     from torchglow.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("run")

@@ -13,13 +13,7 @@ from torchglow.preprocess import dequantize, preprocess
 from flow_checks import perturb
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: thread start-up and contention cost more than the work
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def digits_like(n, seed=0):

@@ -46,13 +46,7 @@ FOLDER_MODEL = ["--image-shape", "3", "8", "8", "--n-levels", "2", "--n-steps", 
                 "--sample-temperatures", "0", "1", "--device", "cpu", "--num-workers", "0"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared machine: one intra-op thread is faster and steadier."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cli(capsys, *args):

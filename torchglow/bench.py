@@ -266,7 +266,7 @@ def run_benchmark(preset: str, batch_size: int, device: str, precision: str = "f
 
     overrides = dict(overrides or {})
     config = make_preset(preset, **overrides)  # validate before spending any time
-    check_memory_mode(memory)
+    check_memory_mode(memory, config.dropout)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if batch_size < 1 or warmup < 0 or repeats < 1:

@@ -152,13 +152,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if summary["finished"] or summary["interrupted_by"] else 1
 
 
-def _data_for(path: str, dataset: str | None, data_dir: str | None, split: str):
-    from .checkpoint import load_model
-
-    model = load_model(path)
-    return model, _dataset_for(path, model, dataset, data_dir, split)
-
-
 def _dataset_for(path: str, model, dataset: str | None, data_dir: str | None, split: str):
     """The ``split`` of the data set the run at ``path`` was trained on (or ``dataset``), at the
     model's image size and channels, split with the run's seed (digits and image folders)."""
@@ -195,9 +188,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from .evaluate import evaluate_bpd
 
-    model, data = _data_for(args.run, args.dataset, args.data_dir, args.split)
-    model = model.to(_device(args.device))
-    images, labels = _all_images(data)
+    model = _load_model(args)
+    data = _dataset_for(args.run, model, args.dataset, args.data_dir, args.split)
+    images, labels = _images_at(data, torch.arange(len(data)))
     bpd = evaluate_bpd(model, images, labels if model.config.num_classes else None,
                        args.batch_size, args.draws, args.seed)
     result = {"checkpoint": args.run, "dataset": data.name, "images": int(images.shape[0]),
@@ -208,21 +201,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _all_images(data):
-    import torch
-
-    if hasattr(data, "images"):
-        return data.images, data.labels
-    xs, ys = zip(*(data[i] for i in range(len(data))))
-    return torch.stack(xs), torch.stack([torch.as_tensor(y) for y in ys])
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
     from .latent import sample_grid
 
-    model = load_model(args.run).to(_device(args.device))
-    out = Path(args.out or (Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent) / "samples")
+    model = _load_model(args)
+    out = _tool_dir(args.run, args.out, "samples")
     summary = sample_grid(model, out, temperatures=args.temperatures, n_per_row=args.n, seed=args.seed,
                           max_level=_display_max_level(args, model))
     print(json.dumps(summary, indent=2))

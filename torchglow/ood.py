@@ -265,9 +265,9 @@ def ood_report(model: Glow, in_images: torch.Tensor, out_sets: dict[str, torch.T
     estimates Ĥ, the other half's batches are the in-distribution side of the typicality metrics
     (``bpd`` and ``complexity`` always use all of ``in_images``).
 
-    Writes ``ood.json``, ``bpd_hist.png`` (bits/dim histograms, one panel per OOD set against the in-distribution) and
-    ``complexity_hist.png``; prints the table when ``verbose``; returns the summary, whose
-    ``"table"`` is the printed table.
+    Writes ``ood.json``, ``bpd_hist.png`` (bits/dim histograms, one panel per OOD set against
+    the in-distribution set) and ``complexity_hist.png``; prints the table when ``verbose``;
+    returns the summary, whose ``"table"`` is the printed table.
     """
     if not out_sets:
         raise ValueError("give at least one OOD set")

@@ -284,12 +284,8 @@ class _StopRequest:
     def __init__(self):
         self.signal: int | None = None
         self._previous: dict[int, Any] = {}
-        self._depth = 0  # re-entering the same object is a no-op
 
     def __enter__(self):
-        self._depth += 1
-        if self._depth > 1:
-            return self
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -302,9 +298,6 @@ class _StopRequest:
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # a second one is fatal
 
     def __exit__(self, *exc):
-        self._depth -= 1
-        if self._depth:
-            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
@@ -402,7 +395,7 @@ def train(model_config: GlowConfig, cfg: TrainConfig, resume: bool = False, prog
 def _train(model_config: GlowConfig, cfg: TrainConfig, resume: bool, progress: bool, stop: _StopRequest) -> TrainResult:
     from .data import DatasetError, augment, load_dataset
     from .images import data_max_level, save_grid, to_display
-    from .latent import temperature_rows
+    from .latent import bin_centres, temperature_rows
 
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {cfg.device}: no CUDA GPU is available here (use --device cpu or auto)")
@@ -528,8 +521,8 @@ def _train(model_config: GlowConfig, cfg: TrainConfig, resume: bool, progress: b
     params = list(model.parameters())
     metrics_file = open(out / "metrics.jsonl", "a") if is_main else None
     # a few fixed training images (bin centres: no random draw) for the per-epoch health numbers
-    health_x, health_y = (_health_batch(train_data, model_config.n_bits, HEALTH_IMAGES) if is_main
-                          else (None, None))
+    health_x, health_y = train_data.all(limit=HEALTH_IMAGES)
+    health_x, health_y = bin_centres(model, health_x[:HEALTH_IMAGES]), health_y[:HEALTH_IMAGES].to(device)
     tb = _tensorboard(out) if is_main else None
 
     def log(record: dict[str, Any]) -> None:
@@ -593,91 +586,90 @@ def _train(model_config: GlowConfig, cfg: TrainConfig, resume: bool, progress: b
     max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     start_time, interrupted = time.time(), None
     bad_in_a_row, restored_since_good = 0, False
-    with stop:
-        while state["epoch"] < cfg.epochs and state["step"] < max_steps and not stop:
-            epoch = state["epoch"]
-            order = _epoch_order(len(train_data), cfg.seed, epoch)
-            done_in_epoch = state["step"] - epoch * steps_per_epoch
-            index_batches = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size][rank::world]
-                             for i in range(done_in_epoch, steps_per_epoch)]
-            bar = _progress(len(index_batches), f"epoch {epoch + 1}/{cfg.epochs}", progress and is_main)
-            window_bpd, window_n, window_t = torch.zeros((), device=device), 0, time.time()
-            for x_uint8, y in _reraise_data_errors(train_data.batches(index_batches), DatasetError, data_error):
-                step = state["step"]
-                gen = torch.Generator(device=device).manual_seed(_step_noise_seed(cfg.seed, step))
-                if model_config.dropout:
-                    # dropout draws from the global RNG: seeded per (step, rank), a resumed run
-                    # draws the masks of an uninterrupted one
-                    torch.manual_seed(_step_noise_seed(cfg.seed, step) + 1 + rank)
-                if cfg.augment_shift or cfg.augment_flip:
-                    x_uint8 = augment(x_uint8, cfg.augment_shift, cfg.augment_flip, gen)
-                # the same global-batch noise on every rank, each taking its own rows
-                noise = torch.rand((cfg.batch_size, *model_config.image_shape), generator=gen, device=device)
-                x = pp.preprocess(x_uint8, model_config.n_bits) + noise[rank::world] / pp.n_bins(model_config.n_bits)
-                lr = cfg.lr * min(1.0, (state["images"] + cfg.batch_size) / cfg.warmup_images) if cfg.warmup_images else cfg.lr
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+    while state["epoch"] < cfg.epochs and state["step"] < max_steps and not stop:
+        epoch = state["epoch"]
+        order = _epoch_order(len(train_data), cfg.seed, epoch)
+        done_in_epoch = state["step"] - epoch * steps_per_epoch
+        index_batches = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size][rank::world]
+                         for i in range(done_in_epoch, steps_per_epoch)]
+        bar = _progress(len(index_batches), f"epoch {epoch + 1}/{cfg.epochs}", progress and is_main)
+        window_bpd, window_n, window_t = torch.zeros((), device=device), 0, time.time()
+        for x_uint8, y in _reraise_data_errors(train_data.batches(index_batches), DatasetError, data_error):
+            step = state["step"]
+            gen = torch.Generator(device=device).manual_seed(_step_noise_seed(cfg.seed, step))
+            if model_config.dropout:
+                # dropout draws from the global RNG: seeded per (step, rank), a resumed run
+                # draws the masks of an uninterrupted one
+                torch.manual_seed(_step_noise_seed(cfg.seed, step) + 1 + rank)
+            if cfg.augment_shift or cfg.augment_flip:
+                x_uint8 = augment(x_uint8, cfg.augment_shift, cfg.augment_flip, gen)
+            # the same global-batch noise on every rank, each taking its own rows
+            noise = torch.rand((cfg.batch_size, *model_config.image_shape), generator=gen, device=device)
+            x = pp.preprocess(x_uint8, model_config.n_bits) + noise[rank::world] / pp.n_bins(model_config.n_bits)
+            lr = cfg.lr * min(1.0, (state["images"] + cfg.batch_size) / cfg.warmup_images) if cfg.warmup_images else cfg.lr
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
-                loss, bpd = objective(train_model(x, y if conditional else None), y, model_config)
-                grad_norm, finite = backward(loss, optimizer, scaler, params, cfg.grad_clip, cfg.precision)
-                apply_step(finite, model, optimizer, scaler, params, lr * cfg.weight_decay, ema)
-                state["step"] += 1
-                if finite:
-                    bad_in_a_row, restored_since_good = 0, False
-                    state["images"] += cfg.batch_size
-                    window_bpd += bpd.detach().mean()
-                    window_n += 1
-                else:
-                    bad_in_a_row += 1
-                    state["skipped_steps"] += 1
+            loss, bpd = objective(train_model(x, y if conditional else None), y, model_config)
+            grad_norm, finite = backward(loss, optimizer, scaler, params, cfg.grad_clip, cfg.precision)
+            apply_step(finite, model, optimizer, scaler, params, lr * cfg.weight_decay, ema)
+            state["step"] += 1
+            if finite:
+                bad_in_a_row, restored_since_good = 0, False
+                state["images"] += cfg.batch_size
+                window_bpd += bpd.detach().mean()
+                window_n += 1
+            else:
+                bad_in_a_row += 1
+                state["skipped_steps"] += 1
+                log({"step": state["step"], "epoch": epoch, "images": state["images"],
+                     "event": "non-finite loss or gradient: step skipped"})
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    if restored_since_good:
+                        raise TrainingError(f"training diverged at step {state['step']}: still non-finite after "
+                                            f"restoring {out / 'last.pt'}; lower --lr or set --grad-clip")
+                    restore_last_good()
+                    bad_in_a_row, restored_since_good = 0, True
                     log({"step": state["step"], "epoch": epoch, "images": state["images"],
-                         "event": "non-finite loss or gradient: step skipped"})
-                    if bad_in_a_row >= cfg.max_bad_steps:
-                        if restored_since_good:
-                            raise TrainingError(f"training diverged at step {state['step']}: still non-finite after "
-                                                f"restoring {out / 'last.pt'}; lower --lr or set --grad-clip")
-                        restore_last_good()
-                        bad_in_a_row, restored_since_good = 0, True
-                        log({"step": state["step"], "epoch": epoch, "images": state["images"],
-                             "event": f"restored {out / 'last.pt'} after {cfg.max_bad_steps} non-finite steps"})
-                bar.update(1)
+                         "event": f"restored {out / 'last.pt'} after {cfg.max_bad_steps} non-finite steps"})
+            bar.update(1)
 
-                if state["step"] % cfg.log_every == 0 and window_n:
-                    train_bpd = float(dist_utils.all_reduce_mean(window_bpd / window_n))
-                    rate = window_n * cfg.batch_size / (time.time() - window_t)
-                    log({"step": state["step"], "epoch": epoch, "images": state["images"], "train_bpd": train_bpd,
-                         "lr": lr, "grad_norm": float(grad_norm), "images_per_sec": rate})
-                    bar.set_postfix(bpd=f"{train_bpd:.3f}", img_s=f"{rate:.0f}")
-                    window_bpd, window_n, window_t = torch.zeros((), device=device), 0, time.time()
-                if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
-                    checkpoint("last.pt")
-                if stop or state["step"] >= max_steps:
-                    break
-            bar.close()
-            if stop:
+            if state["step"] % cfg.log_every == 0 and window_n:
+                train_bpd = float(dist_utils.all_reduce_mean(window_bpd / window_n))
+                rate = window_n * cfg.batch_size / (time.time() - window_t)
+                log({"step": state["step"], "epoch": epoch, "images": state["images"], "train_bpd": train_bpd,
+                     "lr": lr, "grad_norm": float(grad_norm), "images_per_sec": rate})
+                bar.set_postfix(bpd=f"{train_bpd:.3f}", img_s=f"{rate:.0f}")
+                window_bpd, window_n, window_t = torch.zeros((), device=device), 0, time.time()
+            if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
+                checkpoint("last.pt")
+            if stop or state["step"] >= max_steps:
                 break
-            if state["step"] - epoch * steps_per_epoch < steps_per_epoch:  # max_steps reached mid-epoch
-                break
-            state["epoch"] += 1
-            health_record = epoch_health()
-            if state["epoch"] % cfg.eval_every == 0 or state["epoch"] == cfg.epochs:
-                test_bpd = evaluate_and_sample(state["epoch"])
-                log({"step": state["step"], "epoch": state["epoch"], "images": state["images"], "test_bpd": test_bpd,
-                     **health_record})
-                if is_main:
-                    print(f"epoch {state['epoch']}: test {test_bpd:.4f} bits/dim (baseline {baseline:.4f})",
-                          file=sys.stderr)
-                if test_bpd < state["best_bpd"]:
-                    state["best_bpd"] = test_bpd
-                    checkpoint("best.pt")
-                if is_main:
-                    plot_curves(state["history"], out / "bpd.png", baseline)
-            elif health_record:
-                log({"step": state["step"], "epoch": state["epoch"], "images": state["images"], **health_record})
-            checkpoint("last.pt")
+        bar.close()
         if stop:
-            interrupted = signal.Signals(stop.signal).name
+            break
+        if state["step"] - epoch * steps_per_epoch < steps_per_epoch:  # max_steps reached mid-epoch
+            break
+        state["epoch"] += 1
+        health_record = epoch_health()
+        if state["epoch"] % cfg.eval_every == 0 or state["epoch"] == cfg.epochs:
+            test_bpd = evaluate_and_sample(state["epoch"])
+            log({"step": state["step"], "epoch": state["epoch"], "images": state["images"], "test_bpd": test_bpd,
+                 **health_record})
+            if is_main:
+                print(f"epoch {state['epoch']}: test {test_bpd:.4f} bits/dim (baseline {baseline:.4f})",
+                      file=sys.stderr)
+            if test_bpd < state["best_bpd"]:
+                state["best_bpd"] = test_bpd
+                checkpoint("best.pt")
+            if is_main:
+                plot_curves(state["history"], out / "bpd.png", baseline)
+        elif health_record:
+            log({"step": state["step"], "epoch": state["epoch"], "images": state["images"], **health_record})
         checkpoint("last.pt")
+    if stop:
+        interrupted = signal.Signals(stop.signal).name
+    checkpoint("last.pt")
 
     # ---- the end
     finished = state["epoch"] >= cfg.epochs or state["step"] >= max_steps
@@ -709,13 +701,6 @@ def _train(model_config: GlowConfig, cfg: TrainConfig, resume: bool, progress: b
 
 # Training images in the per-epoch health batch (torchglow.health): one small no-grad forward.
 HEALTH_IMAGES = 16
-
-
-def _health_batch(data: _Data, n_bits: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` training images at their bin centres (no noise: no random number is drawn)."""
-    x, y = data.all(limit=n)
-    x, y = x[:n].to(data.device), y[:n].to(data.device)
-    return pp.preprocess(x, n_bits) + 0.5 / pp.n_bins(n_bits), y
 
 
 def _reraise_data_errors(batches, error_type: type, convert):
