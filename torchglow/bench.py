@@ -44,6 +44,8 @@ from typing import Any, Sequence
 
 import torch
 
+from .devices import resolve_device
+
 PHASES = ("train", "sample", "eval")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEFAULT_OUT_DIR = Path("benchmarks") / "results"
@@ -274,9 +276,7 @@ def run_benchmark(preset: str, batch_size: int, device: str, precision: str = "f
     unknown = [p for p in phases if p not in PHASES]
     if unknown or not phases:
         raise ValueError(f"phases must be a non-empty subset of {PHASES}, got {list(phases)}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if threads is not None:
         torch.set_num_threads(threads)
     isolate = dev.type == "cpu" if isolate is None else isolate
@@ -389,7 +389,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for key in ("n_steps", "n_levels", "hidden_channels"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    device = str(resolve_device(args.device))
     name = args.name or _default_name(args, overrides, device)
     result = run_benchmark(args.preset, args.batch_size, device, args.precision, overrides, args.memory,
                            args.compile, args.warmup, args.repeats, tuple(args.phases), args.threads,

@@ -177,12 +177,6 @@ def _run_train_config(path: str) -> dict[str, Any]:
         return {}
 
 
-def _device(name: str):
-    import torch
-
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
@@ -238,8 +232,10 @@ def _tool_dir(run: str, out: str | None, tool: str) -> Path:
 
 def _load_model(args: argparse.Namespace):
     from .checkpoint import load_model
+    from .devices import resolve_device
 
-    return load_model(args.run).to(_device(args.device))
+    device = resolve_device(args.device)  # before loading: a bad --device fails fast
+    return load_model(args.run).to(device)
 
 
 def _pick(n_total: int, n: int, seed: int, what: str = "images") -> "torch.Tensor":

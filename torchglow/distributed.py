@@ -7,6 +7,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from .devices import resolve_device
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -32,9 +34,7 @@ def setup(device: str) -> torch.device:
     device: ``auto`` is this rank's GPU when there is one, else the CPU (gloo)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)

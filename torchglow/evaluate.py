@@ -17,7 +17,7 @@ def evaluate_bpd(model: Glow, images: torch.Tensor, labels: torch.Tensor | None 
     """Mean bits/dim of uint8 ``images`` (N, C, H, W), averaged over ``n_draws`` seeded
     dequantisation draws. Under torch.distributed each rank scores its share and the result is
     the mean over the whole set."""
-    device = next(model.parameters()).device
+    device = model.device
     rank, world = rank_and_world()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)

@@ -34,6 +34,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from . import preprocess as pp
+from .health import check_samples
 from .images import data_max_level, display_uint8, save_grid
 from .model import Glow
 
@@ -43,8 +44,7 @@ DEFAULT_TEMPERATURES = (0.0, 0.5, 0.7, 0.8, 0.9, 1.0)
 
 # ---------------------------------------------------------------------------- helpers
 def _device_dtype(model: Glow) -> tuple[torch.device, torch.dtype]:
-    p = next(model.parameters())
-    return p.device, p.dtype
+    return model.device, model.dtype
 
 
 def bin_centres(model: Glow, x_uint8: torch.Tensor) -> torch.Tensor:
@@ -172,8 +172,8 @@ def sample_grid(model: Glow, out_dir: str | Path, temperatures: Sequence[float] 
     * Class-conditional model: one grid per temperature, ``samples_T{T}.png``, one row per class
       (``classes``, default all), the same ε in every row so that columns differ only by class.
 
-    Writes ``samples.json``; returns the summary (files, seed, per-temperature statistics:
-    fraction of values outside [-0.5, 0.5) that were clipped, non-finite values).
+    Writes ``samples.json``; returns the summary (files, seed, per-temperature statistics of
+    :func:`torchglow.health.check_samples`, which warns when some values are inf/NaN).
     """
     if n_per_row < 1:
         raise ValueError(f"n_per_row must be >= 1, got {n_per_row}")
@@ -197,18 +197,13 @@ def sample_grid(model: Glow, out_dir: str | Path, temperatures: Sequence[float] 
         x = model.decode([(e * t).to(device=device, dtype=dtype) for e in eps], y, standardized=True)
         return x.float().cpu()
 
-    def stats(x: torch.Tensor) -> dict[str, float]:
-        finite = torch.isfinite(x)
-        clipped = finite & ((x < -0.5) | (x >= 0.5))
-        return {"clipped_fraction": float(clipped.float().mean()), "nonfinite": int((~finite).sum())}
-
     files: list[str] = []
     per_t: dict[str, dict[str, float]] = {}
     if not conditional:
         rows, labels = [], []
         for t in temperatures:
             x = draw(t, None)
-            per_t[_fmt(t)] = stats(x)
+            per_t[_fmt(t)] = check_samples(x, context=f"samples at T={_fmt(t)}")
             rows.append(display_uint8(pp.to_uint8(x, n_bits), n_bits, max_level))
             labels.append(f"T={_fmt(t)}")
         files.append(str(save_grid(rows, out_dir / "samples.png", row_labels=labels)))
@@ -220,7 +215,7 @@ def sample_grid(model: Glow, out_dir: str | Path, temperatures: Sequence[float] 
                 xs.append(x)
                 rows.append(display_uint8(pp.to_uint8(x, n_bits), n_bits, max_level))
                 labels.append(f"class {c}")
-            per_t[_fmt(t)] = stats(torch.cat(xs))
+            per_t[_fmt(t)] = check_samples(torch.cat(xs), context=f"samples at T={_fmt(t)}")
             files.append(str(save_grid(rows, out_dir / f"samples_T{_fmt(t)}.png", row_labels=labels)))
     summary = {
         "tool": "sample", "seed": seed, "temperatures": temperatures, "n_per_row": n_per_row,

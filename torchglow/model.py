@@ -9,6 +9,7 @@ zero-initialised embedding of the class label when the model is class-conditiona
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import NamedTuple
@@ -20,6 +21,8 @@ from torch import nn
 from . import memory
 from . import preprocess as pp
 from .config import GlowConfig, preset
+from .devices import random_tensor
+from .health import check_samples
 from .layers import ActNorm, FlowStep, ZeroConv2d, initializing, logdet_dtype, squeeze2d, unsqueeze2d
 
 CONFIG_NAME = "config.json"
@@ -125,6 +128,17 @@ class Glow(nn.Module):
         return cls(preset(name, **overrides))
 
     @property
+    def device(self) -> torch.device:
+        """The device of the parameters (one device for the whole model): where inputs must live."""
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the parameters (``model.double()`` makes it float64): the dtype of samples and
+        of the model-space inputs that :meth:`bits_per_dim` builds."""
+        return next(self.parameters()).dtype
+
+    @property
     def initialized(self) -> bool:
         """True once the data-dependent ActNorm initialisation has run (or was loaded)."""
         return all(bool(m.initialized) for m in self.modules() if isinstance(m, ActNorm))
@@ -164,6 +178,9 @@ class Glow(nn.Module):
         return z, logdet
 
     def _encode(self, x: torch.Tensor, y: torch.Tensor | None, standardized: bool):
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.config.image_shape:
+            raise ValueError(f"expected images of shape (B, {', '.join(map(str, self.config.image_shape))}) "
+                             f"(config.image_shape), got {tuple(x.shape)}")
         z = x
         latents: list[torch.Tensor] = []
         logdet = x.new_zeros(x.shape[0], dtype=logdet_dtype(x))
@@ -185,15 +202,37 @@ class Glow(nn.Module):
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None, standardized: bool = False):
         """Map inputs to latents: ``(latents, logdet)`` with one latent per split and the top one
         last (shapes :attr:`latent_shapes`). ``standardized=True`` returns ``ε = (z - mean) / std``
-        under each level's prior instead of ``z``. :meth:`decode` inverts either exactly."""
-        latents, logdet, _, _ = self._encode(x, y, standardized)
+        under each level's prior instead of ``z``. :meth:`decode` inverts either exactly.
+
+        ``encode``, :meth:`decode` and :meth:`sample` are the flow's bijection and run without the
+        coupling dropout even in training mode (a dropped mask would make the inverse inexact and a
+        sample random twice over); only :meth:`forward` (the training objective) applies it."""
+        with self._without_dropout():
+            latents, logdet, _, _ = self._encode(x, y, standardized)
         return latents, logdet
+
+    @contextlib.contextmanager
+    def _without_dropout(self):
+        """Coupling dropout off within the context, training mode kept for everything else."""
+        active = [m for m in self.modules() if isinstance(m, nn.Dropout) and m.training and m.p > 0]
+        for m in active:
+            m.train(False)
+        try:
+            yield
+        finally:
+            for m in active:
+                m.train(True)
 
     def decode(self, latents: list[torch.Tensor], y: torch.Tensor | None = None,
                standardized: bool = False) -> torch.Tensor:
         """Inverse of :meth:`encode`: every given latent is used as is, none is resampled."""
-        if len(latents) != len(self.latent_shapes):
-            raise ValueError(f"expected {len(self.latent_shapes)} latents, got {len(latents)}")
+        shapes = [tuple(z.shape[1:]) for z in latents]
+        if shapes != self.latent_shapes:
+            raise ValueError(f"expected latents of shapes {self.latent_shapes} (model.latent_shapes), got {shapes}")
+        with self._without_dropout():
+            return self._decode(latents, y, standardized)
+
+    def _decode(self, latents: list[torch.Tensor], y: torch.Tensor | None, standardized: bool) -> torch.Tensor:
         z = latents[-1]
         if standardized:
             mean, logs = self.top(z.shape[0], y, z.device, logdet_dtype(z))
@@ -223,20 +262,31 @@ class Glow(nn.Module):
     def bits_per_dim(self, x_uint8: torch.Tensor, y: torch.Tensor | None = None,
                      generator: torch.Generator | None = None) -> torch.Tensor:
         """Per-sample bits/dim of uint8 images (B, C, H, W): reduced to ``n_bits``, dequantised with
-        uniform noise and scored with the discretisation term, as the official objective."""
+        uniform noise and scored with the discretisation term, as the official objective. The
+        images may be on any device; they are scored on the model's device in its dtype, the noise
+        drawn from ``generator`` (on any device, see :meth:`sample`)."""
         n_bits = self.config.n_bits
-        x = pp.dequantize(pp.preprocess(x_uint8, n_bits), n_bits, generator)
+        x = pp.preprocess(x_uint8.to(self.device), n_bits, self.dtype)
+        x = pp.dequantize(x, n_bits, generator)
         return pp.bits_per_dim_from_log_prob(self.log_prob(x, y), self.config.n_dims, n_bits)
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, y: torch.Tensor | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` samples in model space: at every level ``z = mean + exp(logs)·ε·T``.
-        :func:`torchglow.preprocess.to_uint8` turns them into images."""
-        device = next(self.parameters()).device
-        eps = [torch.randn((n, *s), generator=generator, device=device) * temperature
+        """``n`` samples in model space, on the model's device and in its dtype: at every level
+        ``z = mean + exp(logs)·ε·T``. :func:`torchglow.preprocess.to_uint8` turns them into images.
+
+        ``generator`` (optional) is a ``torch.Generator`` on any device: ε is drawn on the
+        generator's device and moved to the model's, so a seeded CPU generator gives the same ε
+        whether the model is on the CPU or a GPU. Samples with inf/NaN (a high temperature, or
+        collapsed coupling scales) are returned as they are, with a
+        :class:`~torchglow.health.NumericalHealthWarning` that counts them."""
+        device, dtype = self.device, self.dtype
+        eps = [random_tensor(torch.randn, (n, *s), generator, device, dtype) * temperature
                for s in self.latent_shapes]
-        return self.decode(eps, y, standardized=True)
+        x = self.decode(eps, None if y is None else y.to(device), standardized=True)
+        check_samples(x, context=f"Glow.sample at T={float(temperature):g}")
+        return x
 
     # ---------------------------------------------------------------- save / load
     def save_pretrained(self, directory: str | Path) -> None:

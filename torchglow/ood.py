@@ -58,8 +58,7 @@ def scores_bpd(model: Glow, images_uint8: torch.Tensor, batch_size: int = 256, s
                          f"{tuple(model.config.image_shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    p = next(model.parameters())
-    device, dtype = p.device, p.dtype
+    device, dtype = model.device, model.dtype
     cfg = model.config
     n_bits, k = cfg.n_bits, cfg.num_classes
     if labels is not None and not k:

@@ -13,24 +13,28 @@ import math
 
 import torch
 
+from .devices import random_tensor
+
 
 def n_bins(n_bits: int) -> int:
     return 2**n_bits
 
 
-def preprocess(x_uint8: torch.Tensor, n_bits: int) -> torch.Tensor:
-    """uint8 images (B, C, H, W) in 0..255 -> float32 model space, bin centres not yet noised."""
+def preprocess(x_uint8: torch.Tensor, n_bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 images (B, C, H, W) in 0..255 -> model space in ``dtype``, bin centres not yet noised
+    (every value is ``k / 2**n_bits - 0.5``, exact in any float dtype)."""
     if x_uint8.dtype != torch.uint8:
         raise TypeError(f"preprocess expects uint8 images, got {x_uint8.dtype}")
-    x = x_uint8.float()
+    x = x_uint8.to(dtype)
     if n_bits < 8:
         x = torch.floor(x / 2 ** (8 - n_bits))
     return x / n_bins(n_bits) - 0.5
 
 
 def dequantize(x: torch.Tensor, n_bits: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Add uniform noise U(0, 1/n_bins) to preprocessed images."""
-    noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    """Add uniform noise U(0, 1/n_bins) to preprocessed images, drawn from ``generator`` on its own
+    device (see :func:`torchglow.devices.random_tensor`)."""
+    noise = random_tensor(torch.rand, x.shape, generator, x.device, x.dtype)
     return x + noise / n_bins(n_bits)
 
 

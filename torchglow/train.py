@@ -230,7 +230,7 @@ class EMA:
 
     def __init__(self, model: Glow, decay: float):
         self.decay = decay
-        self.model = Glow(model.config).to(next(model.parameters()).device)
+        self.model = Glow(model.config).to(model.device)
         self.model.load_state_dict(model.state_dict())
         self.model.eval().requires_grad_(False)
 
@@ -397,8 +397,6 @@ def _train(model_config: GlowConfig, cfg: TrainConfig, resume: bool, progress: b
     from .images import data_max_level, save_grid, to_display
     from .latent import bin_centres, temperature_rows
 
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {cfg.device}: no CUDA GPU is available here (use --device cpu or auto)")
     check_memory_mode(cfg.memory, model_config.dropout)
     device = dist_utils.setup(cfg.device)
     rank, world = dist_utils.rank_and_world()
