@@ -1,13 +1,17 @@
+import copy
 import math
+import re
+import warnings
 
 import pytest
 import torch
 
 from torchglow import PRESETS, Glow, preset
+from torchglow import health
 from torchglow.layers import squeeze2d
 from torchglow.preprocess import to_uint8
 
-from conftest import tiny_config
+from conftest import amplifying_model, tiny_config
 from flow_checks import jacobian_logabsdet, perturb
 
 VARIANTS = {
@@ -26,7 +30,116 @@ def make(variant="affine_lu", dtype=torch.float64, **overrides):
 
 
 def labels(model, n):
-    return torch.arange(n) % model.config.num_classes if model.config.num_classes else None
+    return torch.arange(n, device=model.device) % model.config.num_classes if model.config.num_classes else None
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def reference_bits_per_dim(model, x_uint8, y, noise):
+    """bits/dim without the model's own scoring path: the 5-bit bins by integer division,
+    log p(x) = log N(ε; 0, I) + log|det dε/dx| with the brute-force Jacobian, all on a float64
+    CPU copy of the model."""
+    ref = copy.deepcopy(model).double().cpu()
+    x = (x_uint8.cpu() // 8).double() / 32 - 0.5 + noise.double().cpu() / 32
+    d = x[0].numel()
+    out = []
+    for i in range(x.shape[0]):
+        yi = None if y is None else y[i : i + 1].cpu()
+
+        def eps_of(v):
+            return torch.cat([e.reshape(1, -1) for e in ref.encode(v, yi, standardized=True)[0]], 1)
+
+        eps = eps_of(x[i : i + 1])
+        log_p = (-0.5 * (eps**2).sum() - 0.5 * d * math.log(2 * math.pi)
+                 + jacobian_logabsdet(eps_of, x[i : i + 1])[0])
+        out.append(-(log_p - d * math.log(32)) / (d * math.log(2)))
+    return torch.stack(out).detach()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["f64", "f32"])
+def test_model_as_a_distribution(variant, dtype, rtol, device):
+    """The model in any dtype on any device, with a CPU generator: samples come in the model's
+    dtype and device, decode(encode(x)) is exact in eval mode, and bits/dim of uint8 images equal
+    a computation from the change of variables and the brute-force Jacobian."""
+    model = make(variant, dtype, dropout=0.3).to(device).eval()
+    y = labels(model, 3)
+    with torch.no_grad():
+        x = model.sample(3, 0.8, y, generator=torch.Generator().manual_seed(0))
+        assert (x.dtype, x.device.type, x.shape) == (dtype, device, (3, 1, 4, 4))
+        latents, _ = model.encode(x, y)
+        assert (model.decode(latents, y) - x).abs().max() / x.abs().max() < rtol
+
+        x_uint8 = torch.randint(0, 256, (3, 1, 4, 4), dtype=torch.uint8)
+        bpd = model.bits_per_dim(x_uint8, y, generator=torch.Generator().manual_seed(1))
+    assert (bpd.dtype, bpd.device.type) == (dtype, device)
+    noise = torch.rand(x_uint8.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    expected = reference_bits_per_dim(model, x_uint8, y, noise)
+    torch.testing.assert_close(bpd.cpu().double(), expected, rtol=rtol, atol=0)
+
+
+def test_sample_draws_from_a_generator_on_any_device():
+    """ε comes from the generator on its own device, so a seeded CPU generator gives the same
+    samples to a model on the CPU and on the GPU (here: a float64 preset model, the issue's case)."""
+    model = Glow.from_preset("digits", n_steps=2, hidden_channels=8).double()
+    perturb(model, 0.05)
+    x_uint8 = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    on_cpu = model.sample(4, generator=torch.Generator().manual_seed(0))
+    bpd_cpu = model.bits_per_dim(x_uint8, generator=torch.Generator().manual_seed(0))
+    assert on_cpu.dtype == bpd_cpu.dtype == torch.float64
+    if torch.cuda.is_available():
+        model.cuda()
+        for gen_device in ("cpu", "cuda"):
+            g = torch.Generator(device=gen_device).manual_seed(0)
+            assert model.sample(4, generator=g).device.type == "cuda"
+        on_gpu = model.sample(4, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(on_gpu.cpu(), on_cpu)
+        torch.testing.assert_close(model.bits_per_dim(x_uint8, generator=torch.Generator().manual_seed(0)).cpu(),
+                                   bpd_cpu)
+
+
+def test_bijection_runs_without_dropout_in_training_mode():
+    """Coupling dropout belongs to the training objective (forward/log_prob in training mode);
+    encode, decode and sample are the bijection and stay exact and deterministic."""
+    model = make(dropout=0.5)
+    assert model.training
+    x = torch.rand(4, 1, 4, 4, dtype=torch.float64) - 0.5
+    assert not torch.allclose(model.log_prob(x), model.log_prob(x))  # a mask per forward
+    with torch.no_grad():
+        latents, logdet = model.encode(x)
+        assert (model.decode(latents) - x).abs().max() < 1e-10
+        eval_latents, eval_logdet = copy.deepcopy(model).eval().encode(x)
+    assert all(torch.equal(a, b) for a, b in zip(latents, eval_latents)) and torch.equal(logdet, eval_logdet)
+    a, b = (model.sample(3, generator=torch.Generator().manual_seed(0)) for _ in range(2))
+    assert torch.equal(a, b)
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_sample_warns_with_the_count_of_non_finite_values(monkeypatch):
+    monkeypatch.setattr(health, "_warned", set())
+    model = amplifying_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.isfinite(model.sample(64, temperature=1.0, generator=torch.Generator().manual_seed(0))).all()
+    with pytest.warns(health.NumericalHealthWarning) as record:
+        x = model.sample(64, temperature=50, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn((64, 4, 2, 2), generator=torch.Generator().manual_seed(0))
+    n_inf = int((eps.abs() * 50 > 3.4028e38 / math.exp(85)).sum())  # ~41% of N(0, 1) draws
+    assert 0 < n_inf == int((~torch.isfinite(x)).sum())
+    assert len(record) == 1 and f"{n_inf} of {x.numel()} values are inf/NaN" in str(record[0].message)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 4), (2, 1, 8, 8), (1, 4, 4)])
+def test_wrong_image_shape_is_a_clear_error(shape):
+    model = make("affine_lu", torch.float32)
+    message = re.escape(f"expected images of shape (B, 1, 4, 4) (config.image_shape), got {shape}")
+    for call in (model.log_prob, model.encode, model.initialize):
+        with pytest.raises(ValueError, match=message):
+            call(torch.zeros(shape))
+    with pytest.raises(ValueError, match=re.escape("shapes [(2, 2, 2), (8, 1, 1)] (model.latent_shapes), got [(2, 2, 2), (2, 1, 1)]")):
+        model.decode([torch.zeros(2, 2, 2, 2), torch.zeros(2, 2, 1, 1)])
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
