@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from torchglow import ConfigError, GlowConfig, preset
@@ -44,11 +46,35 @@ def test_unknown_field_in_file(tmp_path):
         GlowConfig.load(tmp_path / "c.json")
 
 
-def test_official_presets():
-    cifar = preset("cifar10")
-    assert (cifar.image_shape, cifar.n_levels, cifar.n_steps, cifar.hidden_channels) == ((3, 32, 32), 3, 32, 512)
-    assert (cifar.coupling, cifar.permutation, cifar.lu, cifar.learn_top, cifar.n_bits) == ("affine", "invconv", True, True, 8)
-    assert preset("imagenet32").n_steps == 48
-    assert (preset("imagenet64").n_levels, preset("imagenet64").n_steps) == (4, 48)
-    c256 = preset("celeba256")
-    assert (c256.image_shape, c256.n_levels, c256.coupling, c256.n_bits) == ((3, 256, 256), 6, "additive", 5)
+# The official runs' flags, from the openai/glow README (the width is train.py's default, 512).
+# --flow_permutation 0/1/2: reverse/shuffle/1x1 convolution; --flow_coupling 0/1: additive/affine.
+OFFICIAL_COMMANDS = {
+    "cifar10": "--image_size 32 --n_level 3 --depth 32 --flow_permutation 2 --flow_coupling 1 --learntop --n_bits_x 8",
+    "imagenet32": "--image_size 32 --n_level 3 --depth 48 --flow_permutation 2 --flow_coupling 1 --learntop --n_bits_x 8",
+    "imagenet64": "--image_size 64 --n_level 4 --depth 48 --flow_permutation 2 --flow_coupling 1 --learntop --n_bits_x 8",
+    "celeba256": "--image_size 256 --n_level 6 --depth 32 --flow_permutation 2 --flow_coupling 0 --learntop --n_bits_x 5",
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_COMMANDS))
+def test_presets_are_the_official_runs(name):
+    flags = OFFICIAL_COMMANDS[name].split()
+
+    def flag(f):
+        return int(flags[flags.index(f) + 1])
+
+    cfg = preset(name)
+    size = flag("--image_size")
+    assert cfg.image_shape == (3, size, size)
+    assert (cfg.n_levels, cfg.n_steps, cfg.hidden_channels, cfg.n_bits) == (
+        flag("--n_level"), flag("--depth"), 512, flag("--n_bits_x"))
+    assert cfg.permutation == ("reverse", "shuffle", "invconv")[flag("--flow_permutation")]
+    assert cfg.coupling == ("additive", "affine")[flag("--flow_coupling")]
+    assert cfg.learn_top == ("--learntop" in flags)
+    assert (cfg.num_classes, cfg.dropout) == (None, 0.0)
+
+
+def test_preset_overrides_replace_only_the_named_fields():
+    cfg = preset("digits", n_steps=3, num_classes=10)
+    assert (cfg.n_steps, cfg.num_classes) == (3, 10)
+    assert dataclasses.replace(cfg, n_steps=preset("digits").n_steps, num_classes=None) == preset("digits")

@@ -1,12 +1,17 @@
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from torchglow.layers import (
     ActNorm,
+    ConvActNorm,
     Coupling,
     FlowStep,
     InvConv1x1,
     Permute,
+    ZeroConv2d,
     initializing,
     squeeze2d,
     unsqueeze2d,
@@ -118,18 +123,51 @@ def test_invconv_inverse_cache_follows_weight_updates():
         torch.testing.assert_close(layer(layer.inverse(y))[0], y, atol=1e-5, rtol=0)
 
 
-def test_permute_save_load_restores_permutation():
-    a, b = Permute(7, "shuffle"), Permute(7, "shuffle")
-    b.load_state_dict(a.state_dict())
-    x = torch.randn(2, 7, 2, 2)
-    assert torch.equal(a(x)[0], b(x)[0])
+@pytest.mark.parametrize("name", ["invconv", "invconv_lu", "shuffle"])
+def test_save_load_restores_the_layer(name):
+    """A fresh layer (another random rotation or permutation) becomes the saved one: forward,
+    log-det and inverse, everything from the state_dict."""
+    saved, fresh = make(name, dtype=torch.float32), LAYERS[name](4)
+    x = torch.randn(2, 4, 3, 3)
+    assert not torch.allclose(fresh(x)[0], saved(x)[0])
+    fresh.load_state_dict(saved.state_dict())
+    with torch.no_grad():
+        for a, b in zip(fresh(x), saved(x)):
+            assert torch.equal(a, b)
+        assert torch.equal(fresh.inverse(x), saved.inverse(x))
 
 
-def test_coupling_starts_as_identity():
-    layer = Coupling(4, 8, affine=False)
+@pytest.mark.parametrize("affine", [False, True], ids=["additive", "affine"])
+def test_coupling_starts_as_identity_up_to_the_initial_scale(affine):
+    """The zero-initialised last layer gives h = 0: additive is the identity; affine scales x_b
+    by sigmoid(0 + 2) = 0.8808, a log-det of (C/2)·H·W·log(0.8808) per sample."""
+    layer = Coupling(4, 8, affine=affine)
     x = torch.randn(2, 4, 3, 3)
     y, logdet = layer(x)
-    assert torch.equal(y, x) and torch.equal(logdet, torch.zeros(2))
+    scale = 1 / (1 + math.exp(-2.0)) if affine else 1.0
+    torch.testing.assert_close(y, torch.cat([x[:, :2], x[:, 2:] * scale], 1))
+    torch.testing.assert_close(logdet, torch.full((2,), 2 * 9 * math.log(scale)))
+
+
+def test_zero_conv_folds_its_scale_into_the_weights():
+    """(conv(x, W) + b)·exp(3·logs) computed as conv(x, W·s) + b·s, and zero at initialisation."""
+    layer = ZeroConv2d(3, 5).double()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    assert torch.equal(layer(x), torch.zeros(2, 5, 4, 4, dtype=torch.float64))
+    perturb(layer)
+    unfused = layer.conv(x) * torch.exp(3 * layer.logs)
+    torch.testing.assert_close(layer(x), unfused, rtol=1e-12, atol=1e-12)
+
+
+def test_conv_actnorm_folds_the_actnorm_into_the_convolution():
+    layer = ConvActNorm(3, 6, 3).double()
+    x = torch.randn(8, 3, 5, 5, dtype=torch.float64)
+    with initializing(layer):  # the data-dependent init sees the raw convolution output
+        h = layer(x)
+    torch.testing.assert_close(h.mean(dim=(0, 2, 3)), torch.zeros(6, dtype=torch.float64), atol=1e-9, rtol=0)
+    perturb(layer)
+    unfused = layer.actnorm(F.conv2d(x, layer.conv.weight, padding=1))[0]
+    torch.testing.assert_close(layer(x), unfused, rtol=1e-12, atol=1e-12)
 
 
 def test_coupling_bf16_network_keeps_float32_logdet():

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from torchglow.preprocess import bits_per_dim_from_log_prob, dequantize, preprocess, to_uint8
@@ -9,6 +10,17 @@ def test_preprocess_reduces_bits_and_centres():
     x = torch.tensor([0, 7, 8, 255], dtype=torch.uint8)
     torch.testing.assert_close(preprocess(x, 5), torch.tensor([0, 0, 1, 31]) / 32 - 0.5)
     torch.testing.assert_close(preprocess(x, 8), x.float() / 256 - 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_preprocess_in_any_float_dtype_is_exact(dtype):
+    """Every value is an integer in -128..127 over a power of two: at most 8 significant bits,
+    exact even in bf16."""
+    x = torch.arange(256, dtype=torch.uint8)
+    for n_bits in (5, 8):
+        out = preprocess(x, n_bits, dtype)
+        assert out.dtype == dtype
+        assert torch.equal(out.double(), (x.long() // 2 ** (8 - n_bits)).double() / 2**n_bits - 0.5)
 
 
 def test_dequantize_stays_in_the_bin_and_to_uint8_inverts():

@@ -33,8 +33,9 @@ class GlowConfig:
         n_bits: bits per colour channel the images are reduced to (1..8).
         num_classes: number of classes for a class-conditional model; None for unconditional.
         weight_y: weight of the classification loss (bits of y) in the objective.
-        dropout: dropout rate on the coupling networks' hidden features, in training mode only
-            (not in the official code, whose presets keep 0): a regulariser for small data sets.
+        dropout: dropout rate on the coupling networks' hidden features in the training objective
+            (forward in training mode; encode, decode and sample never drop); not in the official
+            code, whose presets keep 0: a regulariser for small data sets.
     """
 
     image_shape: tuple[int, int, int] = (3, 32, 32)
