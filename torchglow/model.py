@@ -87,14 +87,13 @@ class TopPrior(nn.Module):
         return p[:, :c], p[:, c:]
 
 
-class Glow(nn.Module, ModelHubMixin, library_name=hub.LIBRARY_NAME, tags=[*hub.TAGS],
-           pipeline_tag=hub.PIPELINE_TAG, paper_url=hub.PAPER_URL):
+class Glow(nn.Module, ModelHubMixin):
     """Glow (Kingma & Dhariwal 2018) with the numerics of the official code.
 
     Inputs live in *model space*: images scaled to [-0.5, 0.5) and dequantised
     (:mod:`torchglow.preprocess`); :meth:`bits_per_dim` takes uint8 images and does that itself.
     ``save_pretrained``/``from_pretrained``/``push_to_hub`` come from huggingface_hub's
-    ``ModelHubMixin`` (:mod:`torchglow.hub`).
+    ``ModelHubMixin``, with torchglow's folder format and model card (:mod:`torchglow.hub`).
     """
 
     def __init__(self, config: GlowConfig):
