@@ -226,6 +226,8 @@ def test_cli_convert_writes_a_pretrained_folder_that_loads(tmp_path, capsys):
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
     card = (out / "README.md").read_text()
     assert "torchglow convert --from y0ast" in card and str(out) in card
+    assert cli.main(["sample", str(out), "--n", "2", "--temperatures", "0.7", "--out", str(tmp_path / "s")]) == 0
+    assert list((tmp_path / "s").glob("*.png"))
 
 
 def test_cli_convert_image_size_of_a_cifar10_model(tmp_path, capsys):

@@ -106,15 +106,28 @@ def read_hparams(path: str | Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- the config
-def _tensor(state: dict[str, torch.Tensor], key: str, source: str) -> torch.Tensor:
+def _tensor(state: dict[str, torch.Tensor], key: str, ndim: int, source: str) -> torch.Tensor:
     if key not in state:
         raise ConversionError(f"{source}: missing key {key!r}")
+    if state[key].dim() != ndim:
+        raise ConversionError(f"{source}: key {key!r} has shape {tuple(state[key].shape)}, expected {ndim} dimensions")
     return state[key]
 
 
-def _dim(t: torch.Tensor, key: str, ndim: int, source: str) -> None:
-    if t.dim() != ndim:
-        raise ConversionError(f"{source}: key {key!r} has shape {tuple(t.shape)}, expected {ndim} dimensions")
+def _check_hparams(hparams: dict[str, Any], found: dict[str, Any], image_shape: tuple[int, int, int],
+                   source: str) -> None:
+    """Every architecture value of ``hparams`` equals what the tensors say (``found``)."""
+    for key, value in found.items():
+        if hparams[key] != value or type(hparams[key]) is not type(value):
+            raise ConversionError(f"{source}: {key} is {hparams[key]!r} but the checkpoint's tensors say {value!r}")
+    if "dataset" in hparams:
+        shape = DATASET_SHAPES.get(hparams["dataset"])
+        if shape is None:
+            raise ConversionError(f"{source}: dataset {hparams['dataset']!r} is not one of y0ast's "
+                                  f"({', '.join(DATASET_SHAPES)})")
+        if shape != image_shape:
+            raise ConversionError(f"{source}: dataset {hparams['dataset']!r} has images {shape} but the "
+                                  f"checkpoint's key 'prior_h' says {image_shape}")
 
 
 def infer_config(state: dict[str, torch.Tensor], hparams: dict[str, Any] | None = None,
@@ -125,27 +138,22 @@ def infer_config(state: dict[str, torch.Tensor], hparams: dict[str, Any] | None 
         raise ConversionError(
             f"{hparams_source}: flow_permutation 'shuffle' cannot be converted: y0ast draws each step's channel "
             "shuffle from the random generator when the model is built and does not save it in the state dict")
-    steps = sorted(int(m.group(1)) for k in state if (m := _STEP.fullmatch(k)))
-    splits = sorted(int(m.group(1)) for k in state if (m := _SPLIT.fullmatch(k)))
-    if not steps:
+    n_steps_total = sum(1 for k in state if _STEP.fullmatch(k))
+    n_levels = sum(1 for k in state if _SPLIT.fullmatch(k)) + 1
+    if not n_steps_total:
         raise ConversionError(f"{source} is not a y0ast Glow state dict: missing key 'flow.layers.1.actnorm.bias'")
-    n_levels = len(splits) + 1
-    if len(steps) % n_levels:
-        raise ConversionError(f"{source}: {len(steps)} flow steps do not divide into {n_levels} levels "
-                              f"(one more than its {len(splits)} splits)")
-    n_steps = len(steps) // n_levels
+    if n_steps_total % n_levels:
+        raise ConversionError(f"{source}: {n_steps_total} flow steps do not divide into {n_levels} levels "
+                              f"(one more than its {n_levels - 1} splits)")
+    n_steps = n_steps_total // n_levels
 
     first = "flow.layers.1"
-    bias = _tensor(state, f"{first}.actnorm.bias", source)
-    _dim(bias, f"{first}.actnorm.bias", 4, source)
-    c0 = bias.shape[1]
+    c0 = _tensor(state, f"{first}.actnorm.bias", 4, source).shape[1]  # 4x the image's channels
     if c0 % 4:
         raise ConversionError(f"{source}: key '{first}.actnorm.bias' has {c0} channels, not 4x the image's channels")
-    hidden = _tensor(state, f"{first}.block.0.conv.weight", source)
-    _dim(hidden, f"{first}.block.0.conv.weight", 4, source)
-    out = _tensor(state, f"{first}.block.4.conv.weight", source)
-    _dim(out, f"{first}.block.4.conv.weight", 4, source)
-    coupling = "affine" if out.shape[0] == c0 else "additive"
+    hidden_channels = _tensor(state, f"{first}.block.0.conv.weight", 4, source).shape[0]
+    out_channels = _tensor(state, f"{first}.block.4.conv.weight", 4, source).shape[0]
+    coupling = "affine" if out_channels == c0 else "additive"
     if f"{first}.invconv.lower" in state or f"{first}.invconv.weight" in state:
         permutation, lu = "invconv", f"{first}.invconv.lower" in state
     elif hparams is None:
@@ -154,38 +162,24 @@ def infer_config(state: dict[str, torch.Tensor], hparams: dict[str, Any] | None 
             "dict cannot tell apart: pass its hparams.json (--hparams)")
     else:
         permutation, lu = "reverse", False
-    prior_h = _tensor(state, "prior_h", source)
-    _dim(prior_h, "prior_h", 4, source)
+    prior_h = _tensor(state, "prior_h", 4, source)
     if prior_h.any():
         raise ConversionError(f"{source}: key 'prior_h' is not all zeros (y0ast never changes it)")
     image_shape = (c0 // 4, prior_h.shape[2] * 2**n_levels, prior_h.shape[3] * 2**n_levels)
     num_classes = None
     if "project_ycond.linear.weight" in state:
-        ycond = state["project_ycond.linear.weight"]
-        _dim(ycond, "project_ycond.linear.weight", 2, source)
-        num_classes = ycond.shape[1]
+        num_classes = _tensor(state, "project_ycond.linear.weight", 2, source).shape[1]
     learn_top = any(k.startswith("learn_top_fn.") for k in state)
 
     if hparams is not None:
-        found = dict(K=n_steps, L=n_levels, hidden_channels=hidden.shape[0], flow_permutation=permutation,
+        found = dict(K=n_steps, L=n_levels, hidden_channels=hidden_channels, flow_permutation=permutation,
                      flow_coupling=coupling, learn_top=learn_top, y_condition=num_classes is not None)
         if permutation == "invconv":  # y0ast ignores LU_decomposed for the fixed permutations
             found["LU_decomposed"] = lu
-        for key, value in found.items():
-            if hparams[key] != value or type(hparams[key]) is not type(value):
-                raise ConversionError(f"{hparams_source}: {key} is {hparams[key]!r} but the checkpoint's tensors "
-                                      f"say {value!r}")
-        if "dataset" in hparams:
-            shape = DATASET_SHAPES.get(hparams["dataset"])
-            if shape is None:
-                raise ConversionError(f"{hparams_source}: dataset {hparams['dataset']!r} is not one of y0ast's "
-                                      f"({', '.join(DATASET_SHAPES)})")
-            if shape != image_shape:
-                raise ConversionError(f"{hparams_source}: dataset {hparams['dataset']!r} has images {shape} but the "
-                                      f"checkpoint's key 'prior_h' says {image_shape}")
+        _check_hparams(hparams, found, image_shape, hparams_source)
     try:
         return GlowConfig(image_shape=image_shape, n_levels=n_levels, n_steps=n_steps,
-                          hidden_channels=hidden.shape[0], coupling=coupling, permutation=permutation, lu=lu,
+                          hidden_channels=hidden_channels, coupling=coupling, permutation=permutation, lu=lu,
                           learn_top=learn_top, n_bits=8, num_classes=num_classes,
                           weight_y=(hparams or {}).get("y_weight", GlowConfig.weight_y))
     except ConfigError as e:
