@@ -632,6 +632,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description=bench.__doc__.split("\n\n")[0] + " Writes benchmarks/results/<name>.json.")
     bench.add_arguments(p)
     p.set_defaults(func=bench.cmd_bench)
+
+    from . import convert
+    p = sub.add_parser("convert", help="import a checkpoint of another Glow implementation (y0ast/Glow-PyTorch)",
+                       description=convert.__doc__.split("\n\n")[0])
+    convert.add_arguments(p)
+    p.set_defaults(func=convert.cmd_convert)
     return parser
 
 

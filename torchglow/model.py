@@ -16,9 +16,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import ModelHubMixin
 from torch import nn
 
-from . import memory
+from . import hub, memory
 from . import preprocess as pp
 from .config import GlowConfig, preset
 from .devices import random_tensor
@@ -89,11 +90,13 @@ class TopPrior(nn.Module):
         return p[:, :c], p[:, c:]
 
 
-class Glow(nn.Module):
+class Glow(nn.Module, ModelHubMixin):
     """Glow (Kingma & Dhariwal 2018) with the numerics of the official code.
 
     Inputs live in *model space*: images scaled to [-0.5, 0.5) and dequantised
     (:mod:`torchglow.preprocess`); :meth:`bits_per_dim` takes uint8 images and does that itself.
+    ``save_pretrained``/``from_pretrained``/``push_to_hub`` come from huggingface_hub's
+    ``ModelHubMixin``, with torchglow's folder format and model card (:mod:`torchglow.hub`).
     """
 
     def __init__(self, config: GlowConfig):
@@ -288,22 +291,43 @@ class Glow(nn.Module):
         check_samples(x, context=f"Glow.sample at T={float(temperature):g}")
         return x
 
-    # ---------------------------------------------------------------- save / load
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory``."""
+    # ---------------------------------------------------------------- save / load (Hugging Face Hub)
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """Write ``config.json`` and ``model.safetensors``; the mixin's ``save_pretrained`` calls it,
+        then adds ``README.md`` (see :meth:`generate_model_card`)."""
         from safetensors.torch import save_file
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.config.save(directory / CONFIG_NAME)
+        self.config.save(save_directory / CONFIG_NAME)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "torchglow"})
+        save_file(state, str(save_directory / WEIGHTS_NAME), metadata={"format": "torchglow"})
+
+    def generate_model_card(self, dataset: str | None = None, test_bpd: float | None = None,
+                            command: str | None = None):
+        """The ``README.md`` of a saved folder: ``save_pretrained(d, model_card_kwargs=dict(dataset=...,
+        test_bpd=..., command=...))``; an existing card is kept (rewrite it with
+        :func:`torchglow.hub.write_model_card`)."""
+        return hub.model_card(self.config, dataset, test_bpd, command)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "Glow":
+    def from_pretrained(cls, name_or_path: str | Path, map_location: str | torch.device = "cpu",
+                        **hub_kwargs) -> "Glow":
+        """A model from a pretrained folder (read locally, never the network) or a Hub repository
+        ``"user/name"``; ``hub_kwargs`` (revision, token, cache_dir, local_files_only,
+        force_download) go to the download."""
+        return super().from_pretrained(name_or_path, map_location=map_location, **hub_kwargs)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, config: dict | GlowConfig | None = None,
+                         map_location: str | torch.device = "cpu", **hub_kwargs) -> "Glow":
+        """Called by the mixin's ``from_pretrained`` with the parsed ``config.json`` (None when it
+        found none: reading it again then raises the error that names the file)."""
         from safetensors.torch import load_file
 
-        directory = Path(directory)
-        model = cls(GlowConfig.load(directory / CONFIG_NAME))
-        model.load_state_dict(load_file(str(directory / WEIGHTS_NAME), device=str(map_location)))
+        if config is None:
+            config = GlowConfig.load(hub.resolve_file(model_id, CONFIG_NAME, **hub_kwargs))
+        elif not isinstance(config, GlowConfig):
+            config = GlowConfig.from_dict(config)
+        model = cls(config)
+        weights = hub.resolve_file(model_id, WEIGHTS_NAME, **hub_kwargs)
+        model.load_state_dict(load_file(str(weights), device=str(map_location)))
         return model.to(map_location)
