@@ -4,6 +4,8 @@ import torch
 from torchglow import Glow, GlowConfig
 from torchglow.cli import main
 
+from flow_checks import perturb
+
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -20,11 +22,32 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+VARIANTS = {
+    "affine_lu": {},
+    "affine_plain": dict(lu=False),
+    "additive_shuffle": dict(coupling="additive", permutation="shuffle"),
+    "affine_reverse_fixedtop": dict(permutation="reverse", learn_top=False),
+    "conditional": dict(num_classes=3),
+}
+
+
 def tiny_config(**overrides) -> GlowConfig:
     """A model small enough for full Jacobians: 1x4x4 images, 2 levels of 2 steps."""
     fields = dict(image_shape=(1, 4, 4), n_levels=2, n_steps=2, hidden_channels=8, n_bits=5)
     fields.update(overrides)
     return GlowConfig(**fields)
+
+
+def tiny_glow(variant: str = "affine_lu", dtype: torch.dtype = torch.float64, **overrides) -> Glow:
+    """A :func:`tiny_config` model of one of the :data:`VARIANTS`, every parameter perturbed."""
+    model = Glow(tiny_config(**{**VARIANTS[variant], **overrides})).to(dtype)
+    perturb(model)
+    return model
+
+
+def class_labels(model: Glow, n: int) -> torch.Tensor | None:
+    """Labels 0, 1, 2, ... (cycling) for a class-conditional model, on its device; else None."""
+    return torch.arange(n, device=model.device) % model.config.num_classes if model.config.num_classes else None
 
 
 def amplifying_model() -> Glow:
@@ -37,16 +60,22 @@ def amplifying_model() -> Glow:
     return model
 
 
-@pytest.fixture
-def run_cli(capsys):
-    """``torchglow.cli.main`` in-process: ``run_cli(*args) -> (exit code, stdout, stderr)``."""
+def cli(capsys, *args):
+    """Run ``torchglow.cli.main`` in-process: (exit code, stdout, stderr)."""
+    try:
+        rc = main([str(a) for a in args])
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
 
-    def run(*args):
-        try:
-            rc = main([str(a) for a in args])
-        except SystemExit as e:  # argparse's own errors
-            rc = e.code
-        out, err = capsys.readouterr()
-        return rc, out, err
 
-    return run
+def assert_one_error_line(rc, err, *names):
+    """Non-zero exit, no traceback, exactly one 'error:' line, naming every one of ``names``."""
+    assert rc not in (0, None)
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    for name in names:
+        assert str(name) in lines[0], (name, lines[0])
+    return lines[0]

@@ -4,7 +4,7 @@ import torch
 from torchglow import ConfigError, Glow
 from torchglow.devices import random_tensor, resolve_device
 
-from conftest import tiny_config
+from conftest import assert_one_error_line, cli, tiny_config
 
 NO_GPU = not torch.cuda.is_available()
 
@@ -71,9 +71,9 @@ def commands(run):
 
 @pytest.mark.parametrize("command", ["sample", "evaluate", "reconstruct", "bench"])
 @pytest.mark.parametrize("name,words", [("cuda", "no CUDA GPU"), ("gpu", "unknown device")])
-def test_bad_device_is_one_line_and_exit_2(run_cli, pretrained, tmp_path, command, name, words):
+def test_bad_device_is_one_line_and_exit_2(capsys, pretrained, command, name, words):
     if name == "cuda" and not NO_GPU:
         pytest.skip("this machine has a GPU")
-    rc, out, err = run_cli(*commands(pretrained)[command], "--device", name)
-    assert rc == 2 and out == ""
-    assert err.startswith(f"torchglow {command}: error: --device {name}: {words}") and err.count("\n") == 1
+    rc, out, err = cli(capsys, *commands(pretrained)[command], "--device", name)
+    line = assert_one_error_line(rc, err, f"torchglow {command}: error: --device {name}: {words}")
+    assert rc == 2 and out == "" and err == line + "\n"

@@ -11,7 +11,7 @@ from torchglow import Glow, preset
 from torchglow import latent
 from torchglow.preprocess import dequantize, preprocess, to_uint8
 
-from conftest import amplifying_model
+from conftest import amplifying_model, cli
 from flow_checks import perturb
 
 
@@ -313,7 +313,7 @@ def test_attribute_labels_from_a_dataset():
         latent.attribute_labels(NoAttrs())
 
 
-def test_cli_sample_warns_about_non_finite_pixels(run_cli, tmp_path, monkeypatch):
+def test_cli_sample_warns_about_non_finite_pixels(capsys, tmp_path, monkeypatch):
     """`sample --temperatures 5 50`: a NumericalHealthWarning counting the inf/NaN values of the
     row that overflowed (the same count as samples.json), none for the finite row."""
     from torchglow import health
@@ -321,7 +321,7 @@ def test_cli_sample_warns_about_non_finite_pixels(run_cli, tmp_path, monkeypatch
     monkeypatch.setattr(health, "_warned", set())
     amplifying_model().save_pretrained(tmp_path / "model")
     with pytest.warns(health.NumericalHealthWarning) as record:
-        rc, _, _ = run_cli("sample", tmp_path / "model", "--temperatures", "5", "50", "--out", tmp_path / "s")
+        rc, _, _ = cli(capsys, "sample", tmp_path / "model", "--temperatures", "5", "50", "--out", tmp_path / "s")
     assert rc == 0
     per_t = json.loads((tmp_path / "s" / "samples.json").read_text())["per_temperature"]
     assert per_t["5"]["nonfinite"] == 0 and per_t["50"]["nonfinite"] > 0

@@ -10,27 +10,8 @@ from torchglow import PRESETS, Glow
 from torchglow import health
 from torchglow.layers import squeeze2d
 
-from conftest import amplifying_model, tiny_config
+from conftest import VARIANTS, amplifying_model, class_labels, tiny_config, tiny_glow
 from flow_checks import jacobian_logabsdet, perturb
-
-VARIANTS = {
-    "affine_lu": {},
-    "affine_plain": dict(lu=False),
-    "additive_shuffle": dict(coupling="additive", permutation="shuffle"),
-    "affine_reverse_fixedtop": dict(permutation="reverse", learn_top=False),
-    "conditional": dict(num_classes=3),
-}
-
-
-def make(variant="affine_lu", dtype=torch.float64, **overrides):
-    model = Glow(tiny_config(**{**VARIANTS[variant], **overrides})).to(dtype)
-    perturb(model)
-    return model
-
-
-def labels(model, n):
-    return torch.arange(n, device=model.device) % model.config.num_classes if model.config.num_classes else None
-
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -64,8 +45,8 @@ def test_model_as_a_distribution(variant, dtype, rtol, device):
     dtype and device, decode(encode(x)) is exact in eval mode (latents z or standardised ε), and
     bits/dim of uint8 images equal a computation from the change of variables and the
     brute-force Jacobian."""
-    model = make(variant, dtype, dropout=0.3).to(device).eval()
-    y = labels(model, 3)
+    model = tiny_glow(variant, dtype, dropout=0.3).to(device).eval()
+    y = class_labels(model, 3)
     with torch.no_grad():
         x = model.sample(3, 0.8, y, generator=torch.Generator().manual_seed(0))
         assert (x.dtype, x.device.type, x.shape) == (dtype, device, (3, 1, 4, 4))
@@ -106,7 +87,7 @@ def test_bijection_runs_without_dropout_in_training_mode():
     """Coupling dropout belongs to the training objective (forward/log_prob in training mode,
     deterministic in eval mode); encode, decode and sample are the bijection and stay exact and
     deterministic in both modes."""
-    model = make(dropout=0.5)
+    model = tiny_glow(dropout=0.5)
     assert model.training
     x = torch.rand(4, 1, 4, 4, dtype=torch.float64) - 0.5
     assert not torch.allclose(model.log_prob(x), model.log_prob(x))  # a mask per forward
@@ -138,7 +119,7 @@ def test_sample_warns_with_the_count_of_non_finite_values(monkeypatch):
 
 @pytest.mark.parametrize("shape", [(2, 3, 4, 4), (2, 1, 8, 8), (1, 4, 4)])
 def test_wrong_image_shape_is_a_clear_error(shape):
-    model = make("affine_lu", torch.float32)
+    model = tiny_glow("affine_lu", torch.float32)
     message = re.escape(f"expected images of shape (B, 1, 4, 4) (config.image_shape), got {shape}")
     for call in (model.log_prob, model.encode, model.initialize):
         with pytest.raises(ValueError, match=message):
@@ -149,9 +130,9 @@ def test_wrong_image_shape_is_a_clear_error(shape):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_logdet_matches_jacobian(variant):
-    model = make(variant)
+    model = tiny_glow(variant)
     x = torch.rand(2, 1, 4, 4, dtype=torch.float64) - 0.5
-    y = labels(model, 2)
+    y = class_labels(model, 2)
 
     def flat_latents(v):
         latents, _ = model.encode(v, None if y is None else y[:1])
@@ -165,9 +146,9 @@ def test_logdet_matches_jacobian(variant):
 def test_log_prob_is_change_of_variables_to_standard_normal(variant):
     """log p(x) = log N(ε; 0, I) + log|det dε/dx| with ε the standardised latents of all levels:
     checks the split priors, the top prior and the flow's log-det together."""
-    model = make(variant)
+    model = tiny_glow(variant)
     x = torch.rand(2, 1, 4, 4, dtype=torch.float64) - 0.5
-    y = labels(model, 2)
+    y = class_labels(model, 2)
 
     for i in range(2):
         yi = None if y is None else y[i : i + 1]
@@ -200,26 +181,26 @@ def test_initialize_normalises_and_is_kept_on_reload(tmp_path):
 
 @pytest.mark.parametrize("variant", ["affine_lu", "affine_plain", "additive_shuffle", "conditional"])
 def test_save_load_round_trip(tmp_path, variant):
-    model = make(variant, torch.float32)
+    model = tiny_glow(variant, torch.float32)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "config.json").exists() and (tmp_path / "model.safetensors").exists()
     loaded = Glow.from_pretrained(tmp_path)
     assert loaded.config == model.config
     x = torch.rand(3, 1, 4, 4) - 0.5
-    y = labels(model, 3)
+    y = class_labels(model, 3)
     assert torch.equal(loaded.log_prob(x, y), model.log_prob(x, y))
     g1, g2 = (torch.Generator().manual_seed(1) for _ in range(2))
     assert torch.equal(loaded.sample(3, 0.8, y, generator=g1), model.sample(3, 0.8, y, generator=g2))
 
 
 def test_sample_at_temperature_zero_is_deterministic():
-    model = make("affine_lu", torch.float32)
+    model = tiny_glow("affine_lu", torch.float32)
     a, b = model.sample(2, temperature=0.0), model.sample(2, temperature=0.0)
     assert torch.equal(a, b) and torch.equal(a[0], a[1])
 
 
 def test_sample_uses_temperature_on_every_level():
-    model = make("affine_lu", torch.float32)
+    model = tiny_glow("affine_lu", torch.float32)
     x = model.sample(8, temperature=0.5, generator=torch.Generator().manual_seed(0))
     eps, _ = model.encode(x, standardized=True)
     expected = [torch.randn((8, *s), generator=g) * 0.5 for g in [torch.Generator().manual_seed(0)] for s in model.latent_shapes]
@@ -228,7 +209,7 @@ def test_sample_uses_temperature_on_every_level():
 
 
 def test_conditional_model_needs_labels_and_classifies():
-    model = make("conditional", torch.float32)
+    model = tiny_glow("conditional", torch.float32)
     x = torch.rand(2, 1, 4, 4) - 0.5
     with pytest.raises(ValueError, match="class-conditional"):
         model.log_prob(x)

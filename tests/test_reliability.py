@@ -30,7 +30,7 @@ from torchglow import ConfigError, Glow, GlowConfig, preset, to_uint8
 from torchglow import checkpoint as ckpt_module
 from torchglow import train as train_module
 from torchglow.checkpoint import load_checkpoint
-from torchglow.cli import CLIError, build_configs, main, read_config_file
+from torchglow.cli import CLIError, build_configs, read_config_file
 from torchglow.data import DatasetError, load_dataset
 from torchglow.health import (NumericalHealthWarning, check_samples, coupling_scales, health_record,
                               health_warnings, invconv_condition_numbers, min_coupling_scale, sample_checked)
@@ -38,6 +38,7 @@ from torchglow.latent import sample_grid
 from torchglow.layers import Coupling, InvConv1x1
 from torchglow.train import TrainConfig, train
 
+from conftest import assert_one_error_line, cli
 from flow_checks import perturb
 
 TINY = ["--n-steps", "2", "--hidden-channels", "16", "--device", "cpu", "--num-workers", "0"]
@@ -47,27 +48,6 @@ FOLDER_MODEL = ["--image-shape", "3", "8", "8", "--n-levels", "2", "--n-steps", 
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def cli(capsys, *args):
-    """Run ``torchglow.cli.main`` in-process: (exit code, stdout, stderr)."""
-    try:
-        rc = main([str(a) for a in args])
-    except SystemExit as e:  # argparse's own errors
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_one_error_line(rc, err, *names):
-    """Non-zero exit, no traceback, exactly one 'error:' line, naming every one of ``names``."""
-    assert rc not in (0, None)
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1, err
-    for name in names:
-        assert str(name) in lines[0], (name, lines[0])
-    return lines[0]
 
 
 def tiny_train_config(out, **overrides):

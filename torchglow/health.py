@@ -17,8 +17,9 @@ Sampling: :meth:`torchglow.Glow.sample` and :meth:`~torchglow.Glow.decode` retur
 arithmetic gives, inf and NaN included (high temperatures and collapsed scales overflow).
 :func:`torchglow.preprocess.to_uint8` maps NaN and -inf to 0 and +inf to the top level, so images
 never fail to save but such pixels are meaningless; :func:`sample_stats` counts them,
-:func:`check_samples` warns (:class:`NumericalHealthWarning`, once per context) and
-:func:`sample_checked` is ``Glow.sample`` followed by that check.
+:func:`check_samples` warns (:class:`NumericalHealthWarning`, once per context). ``Glow.sample``,
+the sample grids and the trainer's samples all go through that check; :func:`sample_checked` also
+returns the statistics.
 """
 
 from __future__ import annotations

@@ -266,11 +266,12 @@ class Glow(nn.Module, ModelHubMixin):
                      generator: torch.Generator | None = None) -> torch.Tensor:
         """Per-sample bits/dim of uint8 images (B, C, H, W): reduced to ``n_bits``, dequantised with
         uniform noise and scored with the discretisation term, as the official objective. The
-        images may be on any device; they are scored on the model's device in its dtype, the noise
-        drawn from ``generator`` (on any device, see :meth:`sample`)."""
+        images (and labels) may be on any device; they are scored on the model's device in its
+        dtype, the noise drawn from ``generator`` (on any device, see :meth:`sample`)."""
         n_bits = self.config.n_bits
         x = pp.preprocess(x_uint8.to(self.device), n_bits, self.dtype)
         x = pp.dequantize(x, n_bits, generator)
+        y = None if y is None else y.to(self.device)
         return pp.bits_per_dim_from_log_prob(self.log_prob(x, y), self.config.n_dims, n_bits)
 
     @torch.no_grad()
