@@ -6,34 +6,17 @@ import pytest
 import torch
 from PIL import Image
 
-from torchglow import Glow, preset
 from torchglow import ood
-from torchglow.preprocess import dequantize, preprocess
 
-from flow_checks import perturb
+from tool_checks import digits_like, make_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def digits_like(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, 17, (n, 1, 8, 8), generator=g) * 8).to(torch.uint8)
-
-
-def make_model(**overrides) -> Glow:
-    torch.manual_seed(2)
-    model = Glow(preset("digits", n_steps=2, hidden_channels=16, **overrides))
-    x = digits_like(64, seed=1)
-    y = torch.arange(64) % model.config.num_classes if model.config.num_classes else None
-    model.initialize(dequantize(preprocess(x, 5), 5), y)
-    perturb(model, 0.05)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def model():
-    return make_model()
+    return make_model(seed=2)
 
 
 # ------------------------------------------------------------------ metrics
@@ -94,7 +77,7 @@ def test_scores_bpd_matches_the_model_and_is_seeded(model):
 
 
 def test_scores_bpd_marginal_of_a_conditional_model():
-    model = make_model(num_classes=3)
+    model = make_model(seed=2, num_classes=3)
     x = digits_like(6, seed=4)
     marginal = ood.scores_bpd(model, x, seed=0)
     per_class = torch.stack([ood.scores_bpd(model, x, seed=0, labels=torch.full((6,), c)) for c in range(3)])

@@ -1,6 +1,12 @@
-"""Image grids and display scaling for the latent-space and OOD tools.
+"""uint8 images for the tools: into model space at their bin centres, display scaling, grids.
 
-Two separate concerns:
+Three separate concerns:
+
+* **Bin centres.** :func:`bin_centres` puts uint8 images in model space at the centre of each
+  ``n_bits`` bin, ``preprocess(x) + 0.5 / n_bins``: a deterministic stand-in for dequantisation
+  noise, so that encoding an image twice gives the same latent and ``to_uint8`` of its
+  reconstruction gives the ``n_bits`` image back exactly (the centre is ``0.5 / n_bins`` from either
+  bin edge, far more than the flow's round-off).
 
 * **Display scaling.** Images reduced to ``n_bits`` live in the bins ``0 .. 2**n_bits - 1``, stored
   in 8 bits as ``bin * 2**(8 - n_bits)`` (what :func:`torchglow.preprocess.to_uint8` returns), so
@@ -28,6 +34,13 @@ import torch
 from . import preprocess as pp
 
 MIN_DISPLAY_PX = 32  # small images are upscaled by an integer factor to at least this size
+
+
+def bin_centres(x_uint8: torch.Tensor, n_bits: int) -> torch.Tensor:
+    """uint8 images -> float32 model space (CPU) at the centre of each ``n_bits`` bin:
+    ``floor(x / 2**(8 - n_bits)) / n_bins - 0.5 + 0.5 / n_bins``. Every value is a dyadic fraction,
+    exact in float32 and any wider dtype it is cast to."""
+    return pp.preprocess(x_uint8.cpu(), n_bits) + 0.5 / pp.n_bins(n_bits)
 
 
 def data_max_level(x_uint8: torch.Tensor, n_bits: int) -> int:
