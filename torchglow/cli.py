@@ -47,8 +47,10 @@ class Parser(argparse.ArgumentParser):
             hint = f"; did you mean {close[0]!r}?" if close else ""
             return f"{message[:choice.start()]}invalid choice {bad!r}{hint} (choose from {', '.join(choices)})"
         unknown = re.match(r"unrecognized arguments: (\S+)", message)
-        if unknown:
-            options = [s for a in self._actions for s in a.option_strings]
+        if unknown:  # reported by the top-level parser: look at the subcommands' options too
+            parsers = [self] + [p for a in self._actions if isinstance(a, argparse._SubParsersAction)
+                                for p in a.choices.values()]
+            options = [s for p in parsers for a in p._actions for s in a.option_strings]
             close = difflib.get_close_matches(unknown.group(1).split("=")[0], options, n=1)
             if close:
                 return f"{message}; did you mean {close[0]}?"
