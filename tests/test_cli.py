@@ -372,15 +372,6 @@ def test_threads_option(capsys, tmp_path, run):
     torch.set_num_threads(1)
 
 
-def test_threads_auto_leaves_busy_cores_alone():
-    from torchglow.threads import auto_threads
-
-    assert auto_threads(cores=2, load=0.2) == 2
-    assert auto_threads(cores=2, load=1.0) == 1
-    assert auto_threads(cores=2, load=6.0) == 1
-    assert auto_threads(cores=16, load=4.4) == 12
-
-
 def test_skipped_images_are_one_warning_line(run, tmp_path):
     """In a real process, where warnings are printed: one line, without a Python source line."""
     folder = tmp_path / "imgs"

@@ -1,11 +1,8 @@
 import copy
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from torchglow import latent
 from torchglow.images import bin_centres
@@ -219,3 +216,61 @@ def test_attribute_labels_from_a_dataset():
 
     with pytest.raises(ValueError, match="no per-image attributes"):
         latent.attribute_labels(NoAttrs())
+
+
+class _Data:
+    """A labelled in-memory data set as the tools see it."""
+
+    name = "toy"
+    num_classes = 4
+    labels = torch.tensor([0, 3, 1, 3, 2, 3])
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def test_labels_for_classes_csv_and_attributes(tmp_path):
+    labels, names, source = latent.labels_for(_Data(), [1, 2, 3], classes=[3, 1, 3])
+    assert names == ["class_3", "class_1"] and source == "classes of toy"
+    assert labels.tolist() == [[True, False], [False, True], [True, False]]
+    with pytest.raises(ValueError, match="not a class of toy"):
+        latent.labels_for(_Data(), [0], classes=[4])
+    csv = tmp_path / "l.csv"
+    csv.write_text("id,a,b\n" + "".join(f"{i},{i % 2},{int(i > 2)}\n" for i in range(6)))
+    labels, names, source = latent.labels_for(_Data(), [5, 0], csv_path=csv, attributes=["b"])
+    assert names == ["b"] and source == str(csv) and labels.tolist() == [[True], [False]]
+    with pytest.raises(ValueError, match="unknown attribute.*available: a, b"):
+        latent.labels_for(_Data(), [0], csv_path=csv, attributes=["c"])
+    with pytest.raises(ValueError, match="no per-image attributes"):
+        latent.labels_for(_Data(), [0])
+
+    class Faces(_Data):
+        attributes = torch.tensor([[1, -1], [-1, 1], [1, 1]])
+        attribute_names = ["Smiling", "Male"]
+
+    labels, names, _ = latent.labels_for(Faces(), [2, 0], attributes=["Male"])
+    assert names == ["Male"] and labels.tolist() == [[True], [False]]
+    with pytest.raises(ValueError, match="pass --attribute NAME.*Smiling, Male"):
+        latent.labels_for(Faces(), [0])
+
+
+def test_image_ids():
+    class Files:
+        paths = ["/data/celeba/000001.jpg", "/data/celeba/000002.jpg"]
+
+    assert latent.image_ids(Files()) == ["000001.jpg", "000002.jpg"]
+    assert latent.image_ids([10, 20, 30]) == ["0", "1", "2"]
+
+
+def test_manipulate_all_and_directions_file_errors(model, tmp_path):
+    x = digits_like(2, seed=18)
+    dirs = {"up": [torch.full(s, 0.5) for s in model.latent_shapes], "down": [torch.full(s, -0.5) for s in model.latent_shapes]}
+    summary = latent.manipulate_all(model, x, dirs, tmp_path, alphas=(0.0, 1.0), info={"from": "test"})
+    assert list(summary["attributes"]) == ["up", "down"] and summary["from"] == "test"
+    assert summary["files"] == [str(tmp_path / "manipulate_up.png"), str(tmp_path / "manipulate_down.png")]
+    assert json.loads((tmp_path / "manipulate.json").read_text()) == summary
+    with pytest.raises(ValueError, match="does not exist"):
+        latent.load_directions(tmp_path / "none.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="cannot read directions file"):
+        latent.load_directions(tmp_path / "junk.safetensors")
