@@ -8,20 +8,10 @@ from torchglow import latent
 from torchglow.images import bin_centres
 from torchglow.preprocess import to_uint8
 
-from tool_checks import digits_like, grid_shape, make_model, open_png
+from tool_checks import cond_model, digits_like, grid_shape, model, open_png  # noqa: F401 (fixtures)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def model():
-    return make_model()
-
-
-@pytest.fixture(scope="module")
-def cond_model():
-    return make_model(num_classes=3)
 
 
 # ------------------------------------------------------------------ reconstruction

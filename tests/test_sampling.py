@@ -11,20 +11,10 @@ import torch
 from torchglow import sampling
 from torchglow.health import NumericalHealthWarning
 
-from tool_checks import make_model, open_png
+from tool_checks import cond_model, model, open_png  # noqa: F401 (fixtures)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def model():
-    return make_model()
-
-
-@pytest.fixture(scope="module")
-def cond_model():
-    return make_model(num_classes=3)
 
 
 def test_sample_grid_files_and_shape(model, tmp_path):
