@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from torchglow.images import bin_centres, data_max_level, display_uint8, grid_array, save_grid, to_display
+from torchglow.images import bin_centres, data_max_level, display_max_level, display_uint8, grid_array, save_grid, to_display
 from torchglow.preprocess import preprocess, to_uint8
 
 from tool_checks import digits_like, open_png
@@ -29,6 +29,14 @@ def test_display_stretches_bins_to_full_range():
     assert display_uint8(top, 5).flatten().tolist() == [255, 0]
     # bins above max_level clamp
     assert display_uint8(top, 5, max_level=16).flatten().tolist() == [255, 0]
+
+
+def test_display_max_level_of_a_data_set():
+    class InMemory:
+        images = torch.tensor([0, 40, 96], dtype=torch.uint8).reshape(3, 1, 1, 1)
+
+    assert display_max_level(InMemory(), 5) == 12  # 96 >> 3
+    assert display_max_level(object(), 5) == 31  # files, not read
 
 
 def test_display_is_identity_for_8_bits():

@@ -471,6 +471,7 @@ def _common_options(p: argparse.ArgumentParser, tool: str, split: str | None, sp
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .config import COUPLINGS, PERMUTATIONS
+    from .sampling import DEFAULT_TEMPERATURES
     from .train import MEMORY_MODES, OPTIMIZERS, PRECISIONS, TRAIN_PRESETS, TrainConfig
 
     parser = Parser(prog="torchglow", formatter_class=HelpFormatter,
@@ -505,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "model), into RUN/samples/NAME.png and NAME.json; the default NAME says the temperatures, the "
                 "number per row and the seed, so other options never overwrite earlier grids.")
     _common_options(p, "samples", None)
-    p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.5, 0.7, 0.8, 0.9, 1.0],
+    p.add_argument("--temperatures", type=float, nargs="+", default=list(DEFAULT_TEMPERATURES),
                    help="one row (or grid, class-conditional) per temperature")
     p.add_argument("--n", type=_count(1), default=8, help="samples per row")
     p.add_argument("--name", help="file name stem (default: samples_T<temperatures>_n<n>_seed<seed>)")

@@ -52,6 +52,14 @@ def data_max_level(x_uint8: torch.Tensor, n_bits: int) -> int:
     return int(x_uint8.max().item()) >> (8 - n_bits)
 
 
+def display_max_level(dataset, n_bits: int) -> int:
+    """The bin that sample grids of a model trained on ``dataset`` show as white: the largest bin
+    its images use when they are held in memory (``dataset.images``; 16 for the digits), else the
+    top bin ``2**n_bits - 1`` (decoding every file of a folder to find out would be slow)."""
+    images = getattr(dataset, "images", None)
+    return 2**n_bits - 1 if images is None else data_max_level(images, n_bits)
+
+
 def display_uint8(x_uint8: torch.Tensor, n_bits: int, max_level: int | None = None) -> torch.Tensor:
     """uint8 images -> uint8 images for display: the ``n_bits`` bin of each value
     (``x >> (8 - n_bits)``) is scaled linearly so that bin ``max_level`` is 255 (bins above it

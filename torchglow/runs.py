@@ -19,7 +19,7 @@ import torch
 
 from .checkpoint import load_model
 from .data import DatasetError, ImageDataset, load_dataset, pick_indices
-from .images import data_max_level
+from .images import display_max_level
 from .model import Glow
 from .sampling import check_labels
 
@@ -97,18 +97,18 @@ class Run:
         return Picked(images, y, index, data)
 
     def display_max_level(self) -> int:
-        """The bin shown as white in sample grids: the top bin of the run's training images when the
-        data set is held in memory (16 for the digits, whose 17 levels fill 5-bit bins 0..16), as
-        the trainer's grids; else, and outside a run, the top bin ``2**n_bits - 1``."""
+        """The bin shown as white in sample grids, whatever the source points at in the run:
+        :func:`~torchglow.images.display_max_level` of the run's training set (16 for the digits,
+        whose 17 levels fill 5-bit bins 0..16), as the trainer's grids; outside a run, the top bin
+        ``2**n_bits - 1``."""
         n_bits = self.model.config.n_bits
         top = 2**n_bits - 1
         if n_bits == 8 or not self.train.get("dataset"):
             return top
         try:
-            data = self.dataset("train")
+            return display_max_level(self.dataset("train"), n_bits)
         except (DatasetError, OSError):  # the data are gone or unreadable: the samples are still worth showing
             return top
-        return data_max_level(data.images, n_bits) if hasattr(data, "images") else top
 
     def tool_dir(self, tool: str) -> Path:
         """``<run folder>/<tool>``; outside a run, next to the checkpoint or in the pretrained folder."""
