@@ -131,6 +131,7 @@ def test_flipped_and_inverted():
     full = torch.tensor([[[[0, 255, 8]]]], dtype=torch.uint8)
     assert ood.inverted(full, 5).flatten().tolist() == [248, 0, 240]  # bins 31 - b
     assert ood.inverted(full, 8).flatten().tolist() == [255, 0, 247]
+    assert ood.inverted(full, 5, max_level=20).flatten().tolist() == [160, 0, 152]  # bins 20 - b, clamped at 0
 
 
 def test_uniform_noise():
@@ -181,3 +182,22 @@ def test_ood_report_with_reference_set(model, tmp_path):
     assert summary["typicality_reference"] == "in_reference"
     assert summary["typicality_reference_bpd"] == pytest.approx(float(ood.scores_bpd(model, ref).mean()))
     assert summary["metrics"]["flipped"]["typicality_m4"]["batches_in"] == 5
+
+
+def test_ood_sets(tmp_path):
+    from torchglow.data import load_dataset, pick_indices
+
+    x = digits_like(10, seed=20)
+    for i in range(3):
+        Image.new("RGB", (16, 12), color=(80 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    sets = ood.ood_sets(x, 5, ("noise", "flipped"), datasets=("digits",), folders=(str(tmp_path),), max_images=4,
+                        seed=1)
+    assert list(sets) == ["noise", "flipped", "digits/test", f"folder:{tmp_path}"]
+    assert torch.equal(sets["flipped"], ood.flipped(x))
+    assert sets["noise"].shape == x.shape and sets["noise"].max() <= x.max()  # the bins the data use
+    digits = load_dataset("digits", "test")
+    assert torch.equal(sets["digits/test"], digits.images[pick_indices(300, 4, seed=1)])
+    folder = sets[f"folder:{tmp_path}"]
+    assert folder.shape == (3, 1, 8, 8)  # all 3 images (< max_images), grey, resized to the model's size
+    with pytest.raises(ValueError, match="unknown OOD transform"):
+        ood.ood_sets(x, 5, ("rotated",))

@@ -250,16 +250,13 @@ def _bool_labels(labels) -> torch.Tensor:
     return labels > 0
 
 
-def binary_labels_from_classes(labels, positive_class: int | Sequence[int],
-                               name: str | None = None) -> tuple[torch.Tensor, list[str]]:
+def binary_labels_from_classes(labels, positive_class: int | Sequence[int]) -> tuple[torch.Tensor, list[str]]:
     """One attribute from class labels: True where the label is ``positive_class`` (or one of
-    them), e.g. "digit 3" against every other digit. Returns (bool (N, 1), [name])."""
+    them), e.g. "digit 3" against every other digit. Returns (bool (N, 1), ["class_3"])."""
     labels = torch.as_tensor(labels).reshape(-1)
     pos = [positive_class] if isinstance(positive_class, int) else list(positive_class)
     mask = torch.isin(labels, torch.as_tensor(pos, dtype=labels.dtype))
-    if name is None:
-        name = "class_" + "_".join(str(p) for p in pos)
-    return mask[:, None], [name]
+    return mask[:, None], ["class_" + "_".join(str(p) for p in pos)]
 
 
 _TRUE = {"1", "true", "yes", "y", "t"}

@@ -221,16 +221,16 @@ def ood_sets(x_in: torch.Tensor, n_bits: int, transforms: Sequence[str] = TRANSF
     * ``folders``: every image of each folder (both of its splits), named ``folder:PATH``.
 
     Data sets and folders give at most ``max_images`` images each (seeded choice; 0: all).
-    Raises ValueError for an unknown transform or a set whose images do not take that shape, and
-    :class:`~torchglow.data.DatasetError` for data that cannot be loaded."""
+    Raises ValueError for an unknown transform and :class:`~torchglow.data.DatasetError` for data
+    that cannot be loaded or converted."""
     from .data import DatasetError, load_dataset, pick_indices
 
     unknown = sorted(set(transforms) - set(TRANSFORMS))
     if unknown:
         raise ValueError(f"unknown OOD transform(s) {', '.join(unknown)}; choose from {', '.join(TRANSFORMS)}")
-    make = {"flipped": lambda: flipped(x_in), "inverted": lambda: inverted(x_in, n_bits),
-            "noise": lambda: uniform_noise(x_in.shape[0], x_in.shape[1:], n_bits, seed=seed,
-                                           max_level=data_max_level(x_in, n_bits))}
+    top = data_max_level(x_in, n_bits)
+    make = {"flipped": lambda: flipped(x_in), "inverted": lambda: inverted(x_in, n_bits, top),
+            "noise": lambda: uniform_noise(x_in.shape[0], x_in.shape[1:], n_bits, seed=seed, max_level=top)}
     sets = {t: make[t]() for t in dict.fromkeys(transforms)}
     c, h, _ = x_in.shape[1:]
     for name in dict.fromkeys(datasets):
@@ -244,10 +244,6 @@ def ood_sets(x_in: torch.Tensor, n_bits: int, transforms: Sequence[str] = TRANSF
             pass
         x = torch.cat([ds.take(torch.arange(len(ds)))[0] for ds in parts])
         sets[f"folder:{folder}"] = x[pick_indices(len(x), max_images, seed)]
-    for name, x in sets.items():
-        if tuple(x.shape[1:]) != tuple(x_in.shape[1:]):
-            raise ValueError(f"OOD set {name} has images of shape {tuple(x.shape[1:])}, "
-                             f"the model takes {tuple(x_in.shape[1:])}")
     return sets
 
 
