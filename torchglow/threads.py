@@ -6,7 +6,7 @@ spinning thread burns the time slice its partner needs, and every parallel regio
 thread that is not scheduled: on 2 shared cores a short digits run went from 3.9 s with one thread
 to 121 s with two (benchmarks/README.md, "A busy CPU"). ``auto`` therefore gives torch only the
 cores that other processes leave idle, judged from the 1-minute load average, and never fewer than
-one.
+one; an ``OMP_NUM_THREADS`` set in the environment (torchrun sets 1 per process) is left as it is.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 
-HELP = ("CPU threads for torch: a number, or auto (the cores that the 1-minute load average leaves "
-        "idle, at least 1; on a busy machine that is 1)")
+HELP = ("CPU threads for torch: a number, or auto (OMP_NUM_THREADS when set, else the cores that the "
+        "1-minute load average leaves idle, at least 1: on a busy machine that is 1)")
 
 
 def available_cores() -> int:
@@ -48,9 +48,12 @@ def add_threads_option(parser: argparse.ArgumentParser) -> None:
 
 
 def set_threads(threads: int | None) -> int:
-    """``torch.set_num_threads(threads)``, or :func:`auto_threads` for None; returns the number."""
+    """``torch.set_num_threads(threads)``; for None (auto), torch's own choice when the environment
+    sets ``OMP_NUM_THREADS`` (as torchrun does, 1 per process), else :func:`auto_threads`.
+    Returns the number of threads torch now uses."""
     import torch
 
-    n = auto_threads() if threads is None else threads
-    torch.set_num_threads(n)
-    return n
+    if threads is None and os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    torch.set_num_threads(auto_threads() if threads is None else threads)
+    return torch.get_num_threads()
