@@ -223,9 +223,10 @@ def check_data_source(dataset: str, data_dir: str | None, dataset_given: bool, m
         raise CLIError(f"--dataset: {e}") from None
     if data_dir and not dataset_given and not is_folder(dataset):
         folder = Path(data_dir).expanduser()
-        if folder.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir()):
-            raise CLIError(f"--data-dir {data_dir} holds images, but --data-dir only says where the files of "
-                           f"--dataset {dataset} are: to train on the images of a folder, pass --dataset {data_dir}")
+        holds_images = folder.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir())
+        if holds_images or dataset == "digits":  # the digits come with scikit-learn: no files are read
+            raise CLIError(f"--data-dir only says where the files of --dataset {dataset} are (it is not a data "
+                           f"set): to train on the images of a folder, pass --dataset {data_dir}")
     if dataset in IN_MEMORY_SHAPES:
         _, h, w = IN_MEMORY_SHAPES[dataset]
         _, mh, mw = model_config.image_shape
