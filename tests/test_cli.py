@@ -372,6 +372,7 @@ def test_threads_option(capsys, tmp_path, run):
     torch.set_num_threads(1)
 
 
+@pytest.mark.slow
 def test_skipped_images_are_one_warning_line(run, tmp_path):
     """In a real process, where warnings are printed: one line, without a Python source line."""
     folder = tmp_path / "imgs"
