@@ -460,11 +460,13 @@ def _common_options(p: argparse.ArgumentParser, tool: str, split: str | None, sp
     if tool != "samples":
         p.add_argument("--batch-size", type=_count(1), default=256, help="images per forward pass")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    if tool != "ood":
+    if tool == "samples":
         p.add_argument("--max-level", type=_count(0), default=None,
-                       help="bin shown as white (default: the top bin the images use; for samples, the top bin "
-                            "of the run's training images when held in memory, e.g. 16 for the digits, "
-                            "else 2**n_bits-1)")
+                       help="bin shown as white (default: the top bin of the run's training images when they are "
+                            "held in memory, as in the trainer's grids, e.g. 16 for the digits; else 2**n_bits-1)")
+    elif tool not in ("evaluate", "ood"):
+        p.add_argument("--max-level", type=_count(0), default=None,
+                       help="bin shown as white (default: the top bin the images use)")
     if tool != "evaluate":
         p.add_argument("--out", help=f"output folder (default: RUN/{tool})")
 
