@@ -15,7 +15,9 @@ from torchglow.data import (
     ImageFileDataset,
     TensorImageDataset,
     augment,
+    check_dataset_name,
     load_dataset,
+    pick_indices,
 )
 
 RNG = np.random.RandomState(0)
@@ -285,11 +287,13 @@ def test_image_folder_errors(tmp_path):
         load_dataset(str(tmp_path), image_size=8)
     with pytest.raises(DatasetError, match="image_size is required"):
         load_dataset(str(tmp_path))
-    for i in range(3):  # too few files for a test split (5%, rounded down)
+    for i in range(19):  # too few files for a test split (5%, rounded down)
         write_image(tmp_path / "small" / f"{i}.png")
-    assert len(load_dataset(str(tmp_path / "small"), "train", image_size=8)) == 3
-    with pytest.raises(DatasetError, match="test split"):
+    assert len(load_dataset(str(tmp_path / "small"), "train", image_size=8)) == 19
+    with pytest.raises(DatasetError, match="test split.*it has 19, at least 20 are needed"):
         load_dataset(str(tmp_path / "small"), "test", image_size=8)
+    write_image(tmp_path / "small" / "19.png")
+    assert len(load_dataset(str(tmp_path / "small"), "test", image_size=8)) == 1
     with pytest.raises(DatasetError, match="does not exist"):
         load_dataset(f"folder:{tmp_path / 'missing'}", image_size=8)
 
@@ -301,9 +305,11 @@ def test_image_folder_errors(tmp_path):
 def test_missing_files_give_one_line_dataset_error(tmp_path, name):
     with pytest.raises(DatasetError) as error:
         load_dataset(name, data_dir=tmp_path / "nowhere")
-    message = str(error.value)
+    message, cli_message = str(error.value), error.value.cli_message
     assert str(tmp_path / "nowhere") in message and "\n" not in message
-    assert ("download=True" in message) == (not name.startswith("imagenet"))
+    downloadable = not name.startswith("imagenet")
+    assert ("pass download=True" in message) == downloadable and ("add --download" in cli_message) == downloadable
+    assert "download=True" not in cli_message
 
 
 def test_default_data_dir_follows_torchglow_data(tmp_path, monkeypatch):
@@ -336,11 +342,53 @@ def test_failed_download_is_a_one_line_dataset_error(tmp_path, monkeypatch):
     assert "\n" not in str(error.value)
 
 
+def test_failed_download_leaves_no_folder(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def half_done(root, **kwargs):  # as torchvision: the folder and a partial archive, then an error
+        (tmp_path / "data" / "cifar10").mkdir(parents=True)
+        (tmp_path / "data" / "cifar10" / "cifar-10-python.tar.gz").write_bytes(b"partial")
+        raise RuntimeError("connection reset")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", half_done)
+    with pytest.raises(DatasetError, match="connection reset"):
+        load_dataset("cifar10", data_dir=tmp_path / "data" / "cifar10", download=True)
+    assert list(tmp_path.iterdir()) == []  # data/ was created by the download: it is gone
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine.txt").write_text("kept")
+    with pytest.raises(DatasetError):
+        load_dataset("cifar10", data_dir=tmp_path / "data" / "cifar10", download=True)
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["mine.txt"]  # only what the download made goes
+
+
 def test_unknown_name():
-    with pytest.raises(DatasetError, match="unknown data set"):
+    with pytest.raises(DatasetError, match="unknown data set 'no-such-set': choose one of digits, mnist"):
         load_dataset("no-such-set")
+    with pytest.raises(DatasetError, match="did you mean 'fashion-mnist'"):
+        check_dataset_name("fashion_mnist")
+    assert check_dataset_name("cifar10") == "cifar10"
     with pytest.raises(ValueError, match="split"):
         load_dataset("digits", "valid")
+
+
+def test_pick_indices_and_take(tmp_path):
+    assert pick_indices(5, 0, seed=3).tolist() == [0, 1, 2, 3, 4]  # 0: all, in order
+    assert pick_indices(5, 9, seed=3).tolist() == [0, 1, 2, 3, 4]
+    picked = pick_indices(100, 10, seed=3)
+    assert len(set(picked.tolist())) == 10 and torch.equal(picked, pick_indices(100, 10, seed=3))
+    assert not torch.equal(picked, pick_indices(100, 10, seed=4))
+    with pytest.raises(ValueError, match=">= 0"):
+        pick_indices(5, -1, seed=0)
+    digits = load_dataset("digits", "test")
+    images, labels = digits.take(torch.tensor([4, 0]))
+    assert torch.equal(images, digits.images[[4, 0]]) and torch.equal(labels, digits.labels[[4, 0]])
+    for i in range(3):
+        write_image(tmp_path / f"{i}.png", value=50 * i)
+    folder = load_dataset(str(tmp_path), image_size=4)
+    images, labels = folder.take([2, 0])
+    assert images.shape == (2, 3, 4, 4) and images[0, 0, 0, 0] == 100 and images[1, 0, 0, 0] == 0
+    assert labels.tolist() == [-1, -1]
+    assert folder.take([])[0].shape == (0, 3, 4, 4)
 
 
 # --------------------------------------------------------------------------- augmentation

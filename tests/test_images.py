@@ -1,22 +1,21 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from torchglow.images import data_max_level, display_uint8, grid_array, save_grid, to_display
+from torchglow.images import bin_centres, data_max_level, display_max_level, display_uint8, grid_array, save_grid, to_display
 from torchglow.preprocess import preprocess, to_uint8
 
-
-def open_png(path) -> Image.Image:
-    with Image.open(path) as img:
-        img.load()
-        return img
+from tool_checks import digits_like, open_png
 
 
-def digits_like(n, c=1, h=8, w=8, seed=0):
-    """uint8 images like scikit-learn's digits: 17 levels stored as level * 8 (0..128)."""
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, 17, (n, c, h, w), generator=g) * 8).to(torch.uint8)
+def test_bin_centres_by_hand():
+    # n_bits=5: bins of 8 values; the centre of bin b is (b + 0.5) / 32 - 0.5
+    x = torch.tensor([0, 7, 8, 128, 255], dtype=torch.uint8).reshape(1, 1, 1, 5)
+    expected = torch.tensor([0.5, 0.5, 1.5, 16.5, 31.5]) / 32 - 0.5
+    assert torch.equal(bin_centres(x, 5).flatten(), expected)
+    assert torch.equal(bin_centres(x, 8).flatten(), (x.flatten().float() + 0.5) / 256 - 0.5)
+    # the centre is half a bin from both edges: to_uint8 gives the n_bits image back
+    assert torch.equal(to_uint8(bin_centres(x, 5), 5).flatten(), torch.tensor([0, 0, 8, 128, 248], dtype=torch.uint8))
 
 
 def test_display_stretches_bins_to_full_range():
@@ -30,6 +29,14 @@ def test_display_stretches_bins_to_full_range():
     assert display_uint8(top, 5).flatten().tolist() == [255, 0]
     # bins above max_level clamp
     assert display_uint8(top, 5, max_level=16).flatten().tolist() == [255, 0]
+
+
+def test_display_max_level_of_a_data_set():
+    class InMemory:
+        images = torch.tensor([0, 40, 96], dtype=torch.uint8).reshape(3, 1, 1, 1)
+
+    assert display_max_level(InMemory(), 5) == 12  # 96 >> 3
+    assert display_max_level(object(), 5) == 31  # files, not read
 
 
 def test_display_is_identity_for_8_bits():

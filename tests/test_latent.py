@@ -1,122 +1,19 @@
 import copy
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from torchglow import Glow, preset
 from torchglow import latent
-from torchglow.preprocess import dequantize, preprocess, to_uint8
+from torchglow.images import bin_centres
+from torchglow.preprocess import to_uint8
 
 from conftest import amplifying_model, cli
 from flow_checks import perturb
+from tool_checks import cond_model, digits_like, grid_shape, model, open_png  # noqa: F401 (fixtures)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def digits_like(n, seed=0):
-    """uint8 8x8 images like scikit-learn's digits: 17 levels stored as level * 8 (0..128)."""
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, 17, (n, 1, 8, 8), generator=g) * 8).to(torch.uint8)
-
-
-def make_model(**overrides) -> Glow:
-    torch.manual_seed(1)
-    model = Glow(preset("digits", n_steps=2, hidden_channels=16, **overrides))
-    x = digits_like(64, seed=1)
-    y = torch.arange(64) % model.config.num_classes if model.config.num_classes else None
-    model.initialize(dequantize(preprocess(x, 5), 5), y)
-    perturb(model, 0.05)  # move the zero-initialised couplings and priors away from the identity
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def model():
-    return make_model()
-
-
-@pytest.fixture(scope="module")
-def cond_model():
-    return make_model(num_classes=3)
-
-
-def open_png(path) -> Image.Image:
-    with Image.open(path) as img:
-        img.load()
-        return img
-
-
-def grid_shape(img, h=8, scale=4, pad=2):
-    """(rows, columns) of a grid of h x h images upscaled by `scale` with `pad` px padding."""
-    cell = h * scale + pad
-    return (img.height - pad) // cell, (img.width - pad) // cell
-
-
-# ------------------------------------------------------------------ sampling
-def test_sample_grid_files_and_shape(model, tmp_path):
-    temps = (0.0, 0.7, 1.0)
-    summary = latent.sample_grid(model, tmp_path, temperatures=temps, n_per_row=5, seed=3)
-    assert json.loads((tmp_path / "samples.json").read_text()) == summary
-    assert summary["files"] == [str(tmp_path / "samples.png")]
-    img = open_png(tmp_path / "samples.png")
-    assert img.mode == "L"
-    # rows labelled on the left: count rows from the height only
-    assert (img.height - 2) // 34 == len(temps)
-    assert set(summary["per_temperature"]) == {"0", "0.7", "1"}
-    assert all(v["nonfinite"] == 0 for v in summary["per_temperature"].values())
-
-
-def test_sample_grid_is_deterministic(model, tmp_path):
-    a = latent.sample_grid(model, tmp_path / "a", temperatures=(0.5, 1.0), n_per_row=4, seed=7)
-    b = latent.sample_grid(model, tmp_path / "b", temperatures=(0.5, 1.0), n_per_row=4, seed=7)
-    c = latent.sample_grid(model, tmp_path / "c", temperatures=(0.5, 1.0), n_per_row=4, seed=8)
-    png = lambda s: Path(s["files"][0]).read_bytes()  # noqa: E731
-    assert png(a) == png(b)
-    assert png(a) != png(c)
-
-
-def test_sample_grid_temperature_zero_is_the_prior_mean(model, tmp_path):
-    # T=0: every column decodes the prior means, so all samples in the row are one image
-    latent.sample_grid(model, tmp_path, temperatures=(0.0,), n_per_row=3, seed=0)
-    arr = torch.from_numpy(np.array(open_png(tmp_path / "samples.png")))
-    w = arr.shape[1]
-    cells = [arr[2:34, w - (3 - j) * 34 : w - (3 - j) * 34 + 32] for j in range(3)]
-    assert torch.equal(cells[0], cells[1]) and torch.equal(cells[1], cells[2])
-
-
-def test_sample_grid_class_conditional(cond_model, tmp_path):
-    summary = latent.sample_grid(cond_model, tmp_path, temperatures=(0.5, 1.0), n_per_row=4, seed=0)
-    assert summary["classes"] == [0, 1, 2]
-    assert summary["files"] == [str(tmp_path / "samples_T0.5.png"), str(tmp_path / "samples_T1.png")]
-    for f in summary["files"]:
-        assert (open_png(f).height - 2) // 34 == 3  # one row per class
-    sub = latent.sample_grid(cond_model, tmp_path / "sub", temperatures=(1.0,), n_per_row=2, classes=[2])
-    assert (open_png(sub["files"][0]).height - 2) // 34 == 1
-
-
-def test_temperature_rows_match_model_sample(model, cond_model):
-    rows = latent.temperature_rows(model, (0.0, 0.7), n_per_row=4, seed=3)
-    assert [tuple(r.shape) for r in rows] == [(4, 1, 8, 8)] * 2
-    with torch.no_grad():
-        expected = model.sample(4, 0.7, generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(rows[1], expected)
-    assert all(torch.equal(rows[0][0], r) for r in rows[0])  # T=0: the prior mean in every column
-    again = latent.temperature_rows(model, (0.0, 0.7), n_per_row=4, seed=3)
-    assert all(torch.equal(a, b) for a, b in zip(rows, again))
-    # class-conditional: column j is class j % num_classes unless y is given
-    crows = latent.temperature_rows(cond_model, (1.0,), n_per_row=4, seed=0)
-    with torch.no_grad():
-        expected = cond_model.sample(4, 1.0, y=torch.tensor([0, 1, 2, 0]), generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(crows[0], expected)
-
-
-def test_sample_grid_rejects_classes_for_unconditional(model, tmp_path):
-    with pytest.raises(ValueError, match="class-conditional"):
-        latent.sample_grid(model, tmp_path, classes=[0])
 
 
 # ------------------------------------------------------------------ reconstruction
@@ -145,7 +42,7 @@ def test_reconstruct_full_range_8bit_images(model, tmp_path):
 
 def test_reconstruct_round_trip_matches_to_uint8(model):
     x = digits_like(4, seed=4)
-    xc = latent.bin_centres(model, x)
+    xc = bin_centres(x, 5)
     with torch.no_grad():
         rec = model.decode(model.encode(xc)[0])
     assert torch.equal(to_uint8(rec, 5), x)
@@ -321,10 +218,68 @@ def test_cli_sample_warns_about_non_finite_pixels(capsys, tmp_path, monkeypatch)
     monkeypatch.setattr(health, "_warned", set())
     amplifying_model().save_pretrained(tmp_path / "model")
     with pytest.warns(health.NumericalHealthWarning) as record:
-        rc, _, _ = cli(capsys, "sample", tmp_path / "model", "--temperatures", "5", "50", "--out", tmp_path / "s")
+        rc, _, _ = cli(capsys, "sample", tmp_path / "model", "--temperatures", "5", "50", "--out", tmp_path / "s",
+                        "--name", "grid")
     assert rc == 0
-    per_t = json.loads((tmp_path / "s" / "samples.json").read_text())["per_temperature"]
+    per_t = json.loads((tmp_path / "s" / "grid.json").read_text())["per_temperature"]
     assert per_t["5"]["nonfinite"] == 0 and per_t["50"]["nonfinite"] > 0
     assert [str(w.message).split(":")[0] for w in record] == ["samples at T=50"]
     assert f"{per_t['50']['nonfinite']} of 128 values are inf/NaN" in str(record[0].message)
 
+
+class _Data:
+    """A labelled in-memory data set as the tools see it."""
+
+    name = "toy"
+    num_classes = 4
+    labels = torch.tensor([0, 3, 1, 3, 2, 3])
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def test_labels_for_classes_csv_and_attributes(tmp_path):
+    labels, names, source = latent.labels_for(_Data(), [1, 2, 3], classes=[3, 1, 3])
+    assert names == ["class_3", "class_1"] and source == "classes of toy"
+    assert labels.tolist() == [[True, False], [False, True], [True, False]]
+    with pytest.raises(ValueError, match="not a class of toy"):
+        latent.labels_for(_Data(), [0], classes=[4])
+    csv = tmp_path / "l.csv"
+    csv.write_text("id,a,b\n" + "".join(f"{i},{i % 2},{int(i > 2)}\n" for i in range(6)))
+    labels, names, source = latent.labels_for(_Data(), [5, 0], csv_path=csv, attributes=["b"])
+    assert names == ["b"] and source == str(csv) and labels.tolist() == [[True], [False]]
+    with pytest.raises(ValueError, match="unknown attribute.*available: a, b"):
+        latent.labels_for(_Data(), [0], csv_path=csv, attributes=["c"])
+    with pytest.raises(ValueError, match="no per-image attributes"):
+        latent.labels_for(_Data(), [0])
+
+    class Faces(_Data):
+        attributes = torch.tensor([[1, -1], [-1, 1], [1, 1]])
+        attribute_names = ["Smiling", "Male"]
+
+    labels, names, _ = latent.labels_for(Faces(), [2, 0], attributes=["Male"])
+    assert names == ["Male"] and labels.tolist() == [[True], [False]]
+    with pytest.raises(ValueError, match="pass --attribute NAME.*Smiling, Male"):
+        latent.labels_for(Faces(), [0])
+
+
+def test_image_ids():
+    class Files:
+        paths = ["/data/celeba/000001.jpg", "/data/celeba/000002.jpg"]
+
+    assert latent.image_ids(Files()) == ["000001.jpg", "000002.jpg"]
+    assert latent.image_ids([10, 20, 30]) == ["0", "1", "2"]
+
+
+def test_manipulate_all_and_directions_file_errors(model, tmp_path):
+    x = digits_like(2, seed=18)
+    dirs = {"up": [torch.full(s, 0.5) for s in model.latent_shapes], "down": [torch.full(s, -0.5) for s in model.latent_shapes]}
+    summary = latent.manipulate_all(model, x, dirs, tmp_path, alphas=(0.0, 1.0), info={"from": "test"})
+    assert list(summary["attributes"]) == ["up", "down"] and summary["from"] == "test"
+    assert summary["files"] == [str(tmp_path / "manipulate_up.png"), str(tmp_path / "manipulate_down.png")]
+    assert json.loads((tmp_path / "manipulate.json").read_text()) == summary
+    with pytest.raises(ValueError, match="does not exist"):
+        latent.load_directions(tmp_path / "none.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="cannot read directions file"):
+        latent.load_directions(tmp_path / "junk.safetensors")

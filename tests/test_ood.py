@@ -6,34 +6,17 @@ import pytest
 import torch
 from PIL import Image
 
-from torchglow import Glow, preset
 from torchglow import ood
-from torchglow.preprocess import dequantize, preprocess
 
-from flow_checks import perturb
+from tool_checks import digits_like, make_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def digits_like(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, 17, (n, 1, 8, 8), generator=g) * 8).to(torch.uint8)
-
-
-def make_model(**overrides) -> Glow:
-    torch.manual_seed(2)
-    model = Glow(preset("digits", n_steps=2, hidden_channels=16, **overrides))
-    x = digits_like(64, seed=1)
-    y = torch.arange(64) % model.config.num_classes if model.config.num_classes else None
-    model.initialize(dequantize(preprocess(x, 5), 5), y)
-    perturb(model, 0.05)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def model():
-    return make_model()
+    return make_model(seed=2)
 
 
 # ------------------------------------------------------------------ metrics
@@ -94,13 +77,17 @@ def test_scores_bpd_matches_the_model_and_is_seeded(model):
 
 
 def test_scores_bpd_marginal_of_a_conditional_model():
-    model = make_model(num_classes=3)
+    model = make_model(seed=2, num_classes=3)
     x = digits_like(6, seed=4)
     marginal = ood.scores_bpd(model, x, seed=0)
     per_class = torch.stack([ood.scores_bpd(model, x, seed=0, labels=torch.full((6,), c)) for c in range(3)])
-    # log p(x) = logsumexp_c log p(x|c) - log 3 lies between the mean and the max over classes
-    assert (marginal >= per_class.min(0).values - 1e-9).all()
-    assert (marginal <= per_class.mean(0) + 1e-9).all()
+    # bits/dim b = -(log p - D log 32) / (D ln 2), so log p(x|c) = D log 32 - D ln2 b_c, and
+    # log p(x) = log(mean_c p(x|c)) with a uniform class prior
+    d = 64
+    log_p_c = d * math.log(32) - d * math.log(2) * per_class
+    log_p = torch.logsumexp(log_p_c, 0) - math.log(3)
+    torch.testing.assert_close(marginal, -(log_p - d * math.log(32)) / (d * math.log(2)), rtol=0, atol=1e-9)
+    assert (marginal < per_class.mean(0)).all()  # Jensen: the mixture is likelier than the mean of its parts
 
 
 def test_png_complexity_and_score(model):
@@ -144,6 +131,7 @@ def test_flipped_and_inverted():
     full = torch.tensor([[[[0, 255, 8]]]], dtype=torch.uint8)
     assert ood.inverted(full, 5).flatten().tolist() == [248, 0, 240]  # bins 31 - b
     assert ood.inverted(full, 8).flatten().tolist() == [255, 0, 247]
+    assert ood.inverted(full, 5, max_level=20).flatten().tolist() == [160, 0, 152]  # bins 20 - b, clamped at 0
 
 
 def test_uniform_noise():
@@ -168,11 +156,15 @@ def test_ood_report(model, tmp_path, capsys):
         with Image.open(tmp_path / f) as img:
             assert img.size[0] > 100
     assert set(summary["metrics"]) == set(sets)
+    bpd_in = ood.scores_bpd(model, x, 16, seed=0)
     for name, res in summary["metrics"].items():
         assert set(res) == {"bpd", "complexity", "typicality_m2", "typicality_m5"}
         assert name in summary["table"]
-        for m in res.values():
-            assert all(0.0 <= m[k] <= 1.0 for k in ("auroc", "aupr", "fpr_at_95_tpr"))
+        # each entry is the metrics of that set's scores, computed here from the score functions
+        bpd_out = ood.scores_bpd(model, sets[name], 16, seed=0)
+        assert res["bpd"] == ood.metrics(bpd_in, bpd_out)
+        assert res["complexity"] == ood.metrics(ood.complexity_scores(bpd_in, x, 5),
+                                                ood.complexity_scores(bpd_out, sets[name], 5))
     # an exact copy of the in-distribution set with the same seed has identical scores
     assert summary["metrics"]["same"]["bpd"]["auroc"] == pytest.approx(0.5)
     assert summary["metrics"]["same"]["complexity"]["auroc"] == pytest.approx(0.5)
@@ -190,3 +182,22 @@ def test_ood_report_with_reference_set(model, tmp_path):
     assert summary["typicality_reference"] == "in_reference"
     assert summary["typicality_reference_bpd"] == pytest.approx(float(ood.scores_bpd(model, ref).mean()))
     assert summary["metrics"]["flipped"]["typicality_m4"]["batches_in"] == 5
+
+
+def test_ood_sets(tmp_path):
+    from torchglow.data import load_dataset, pick_indices
+
+    x = digits_like(10, seed=20)
+    for i in range(3):
+        Image.new("RGB", (16, 12), color=(80 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    sets = ood.ood_sets(x, 5, ("noise", "flipped"), datasets=("digits",), folders=(str(tmp_path),), max_images=4,
+                        seed=1)
+    assert list(sets) == ["noise", "flipped", "digits/test", f"folder:{tmp_path}"]
+    assert torch.equal(sets["flipped"], ood.flipped(x))
+    assert sets["noise"].shape == x.shape and sets["noise"].max() <= x.max()  # the bins the data use
+    digits = load_dataset("digits", "test")
+    assert torch.equal(sets["digits/test"], digits.images[pick_indices(300, 4, seed=1)])
+    folder = sets[f"folder:{tmp_path}"]
+    assert folder.shape == (3, 1, 8, 8)  # all 3 images (< max_images), grey, resized to the model's size
+    with pytest.raises(ValueError, match="unknown OOD transform"):
+        ood.ood_sets(x, 5, ("rotated",))

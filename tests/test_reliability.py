@@ -34,7 +34,7 @@ from torchglow.cli import CLIError, build_configs, read_config_file
 from torchglow.data import DatasetError, load_dataset
 from torchglow.health import (NumericalHealthWarning, check_samples, coupling_scales, health_record,
                               health_warnings, invconv_condition_numbers, min_coupling_scale, sample_checked)
-from torchglow.latent import sample_grid
+from torchglow.sampling import sample_grid
 from torchglow.layers import Coupling, InvConv1x1
 from torchglow.train import TrainConfig, train
 

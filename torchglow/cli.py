@@ -1,21 +1,28 @@
 """The ``torchglow`` command: argparse subcommands that parse, then call the Python API.
 
 Options of ``train`` are derived from the typed fields of :class:`GlowConfig` and
-:class:`TrainConfig`. Precedence: field defaults < preset < config file (``--config``) < flags.
+:class:`TrainConfig`, their help from each class docstring's ``Attributes:`` section
+(:func:`field_help`). Precedence: field defaults < preset < config file (``--config``) < flags.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import functools
+import inspect
 import json
+import re
 import sys
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
 from .config import PRESETS, ConfigError, GlowConfig
+from .threads import add_threads_option, set_threads
 
 EXIT_USAGE = 2
 
@@ -24,38 +31,105 @@ class CLIError(Exception):
     """A user error found by the CLI itself."""
 
 
+# --------------------------------------------------------------------------- parser and messages
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (with the closest choice or option, when there
+    is one, and a pointer to --help) instead of the usage followed by the error."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {self._suggest(message)} (see {self.prog} --help)\n")
+
+    def _suggest(self, message: str) -> str:
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if choice:
+            bad, choices = choice.group(1), re.findall(r"'([^']*)'", choice.group(2))
+            close = difflib.get_close_matches(bad, choices, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            return f"{message[:choice.start()]}invalid choice {bad!r}{hint} (choose from {', '.join(choices)})"
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        if unknown:  # reported by the top-level parser: look at the subcommands' options too
+            parsers = [self] + [p for a in self._actions if isinstance(a, argparse._SubParsersAction)
+                                for p in a.choices.values()]
+            options = [s for p in parsers for a in p._actions for s in a.option_strings]
+            close = difflib.get_close_matches(unknown.group(1).split("=")[0], options, n=1)
+            if close:
+                return f"{message}; did you mean {close[0]}?"
+        return message
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default after its help, unless the default is None or False (nothing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or isinstance(action, argparse._VersionAction):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _plain(text: str) -> str:
+    """Help text without reStructuredText markup: ``x``, `x` and :role:`x` become x."""
+    return re.sub(r"(?::\w+:)?`{1,2}([^`]+)`{1,2}", r"\1", text)
+
+
 # --------------------------------------------------------------------------- dataclass -> flags
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _help_of(cls) -> dict[str, str]:
-    """Per-field help from the class docstring's ``Attributes:`` section."""
-    out, current = {}, None
-    for line in (cls.__doc__ or "").splitlines():
-        stripped = line.strip()
-        head, sep, rest = stripped.partition(":")
-        if sep and head.isidentifier() and line.startswith(" " * 8) and not line.startswith(" " * 12):
+def field_help(cls) -> dict[str, str]:
+    """Per-field help from the ``Attributes:`` section of a class docstring (Google style): an entry
+    ``name: text`` per field, continued on lines indented deeper than the names. Only indentation
+    relative to the section counts (the docstring is dedented first), and the section ends at the
+    first line indented no deeper than its ``Attributes:`` header. Markup is removed."""
+    lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == "Attributes:"), None)
+    if start is None:
+        return {}
+
+    def indent(line: str) -> int:
+        return len(line) - len(line.lstrip())
+
+    out: dict[str, str] = {}
+    current, item_indent = None, None
+    for line in lines[start + 1:]:
+        if not line.strip():
+            continue
+        if indent(line) <= indent(lines[start]):
+            break
+        item_indent = indent(line) if item_indent is None else item_indent
+        head, sep, rest = line.strip().partition(":")
+        if indent(line) == item_indent and sep and head.isidentifier():
             current = head
             out[current] = rest.strip()
-        elif current and stripped:
-            out[current] += " " + stripped
-        elif not stripped:
-            current = None
-    return out
+        elif current is not None:
+            out[current] += " " + line.strip()
+    return {name: _plain(text) for name, text in out.items()}
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, cls, choices: dict[str, tuple] | None = None) -> None:
-    """One option per field; defaults are SUPPRESSed so only flags given on the command line count."""
+def _shown(value: Any, flag: str) -> str:
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    if isinstance(value, (tuple, list)):
+        return " ".join(str(v) for v in value)
+    return "none" if value is None else str(value)
+
+
+def add_dataclass_options(parser: argparse.ArgumentParser, cls, choices: dict[str, tuple] | None = None,
+                          defaults: dict[str, Any] | None = None, helps: dict[str, str] | None = None) -> None:
+    """One option per field of the dataclass ``cls``, its help from :func:`field_help` (or
+    ``helps[name]``) followed by the default (``defaults[name]``, else the field's own). The parsed
+    defaults are SUPPRESSed, so only flags given on the command line appear in the namespace."""
     hints = typing.get_type_hints(cls)
-    helps = _help_of(cls)
+    helps = {**field_help(cls), **(helps or {})}
     group = parser.add_argument_group(f"{cls.__name__} options")
     for field in dataclasses.fields(cls):
         tp = hints[field.name]
         args = typing.get_args(tp)
         optional = type(None) in args and (typing.get_origin(tp) in (typing.Union, types.UnionType))
         base = next(a for a in args if a is not type(None)) if optional else tp
-        kw: dict[str, Any] = dict(default=argparse.SUPPRESS, help=helps.get(field.name, ""))
+        shown = (defaults or {}).get(field.name, field.default)
+        text = f"{helps.get(field.name, '')} (default: {_shown(shown, _flag(field.name))})".replace("%", "%%")
+        kw: dict[str, Any] = dict(default=argparse.SUPPRESS, help=text)
         if base is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(base) is tuple:
@@ -69,10 +143,8 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls, choices: dict[st
         if choices and field.name in choices:
             kw["choices"] = choices[field.name]
             kw.pop("metavar", None)
-        if optional:
-            kw["help"] += " (none to unset)" if base is not str else ""
-            if base is not str:
-                kw["type"] = _none_or(base)
+        if optional and base is not str:
+            kw["type"] = _none_or(base)
         group.add_argument(_flag(field.name), dest=field.name, **kw)
 
 
@@ -111,7 +183,8 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 
 def build_configs(values: dict[str, Any], preset_name: str | None):
-    """Split option values between the model and training configs, over the preset's defaults."""
+    """Split option values between the model and training configs, over the preset's defaults;
+    CLIError for a data source that cannot work with them (:func:`check_data_source`)."""
     from .train import TRAIN_PRESETS, TrainConfig
 
     model_fields = {f.name for f in dataclasses.fields(GlowConfig)}
@@ -127,16 +200,50 @@ def build_configs(values: dict[str, Any], preset_name: str | None):
     if isinstance(model_values.get("image_shape"), list):
         model_values["image_shape"] = tuple(model_values["image_shape"])
     try:
-        return GlowConfig(**model_values), TrainConfig(**train_values)
+        model_config, train_config = GlowConfig(**model_values), TrainConfig(**train_values)
     except TypeError as e:
         raise CLIError(str(e)) from None
+    check_data_source(train_config.dataset, train_config.data_dir, "dataset" in values, model_config, name)
+    return model_config, train_config
 
 
-# --------------------------------------------------------------------------- subcommands
+def check_data_source(dataset: str, data_dir: str | None, dataset_given: bool, model_config: GlowConfig,
+                      preset_name: str) -> None:
+    """CLIError (one line, naming the options) for a data set that training cannot use as asked:
+    an unknown name; ``--data-dir`` holding images without ``--dataset`` (the folder would be
+    ignored); a data set whose images are larger than the model's (they are only zero-padded)."""
+    from .data import IMAGE_EXTENSIONS, IN_MEMORY_SHAPES, DatasetError, check_dataset_name, is_folder
+    from .train import TRAIN_PRESETS
+
+    if not isinstance(dataset, str):
+        return  # TrainConfig names the field
+    try:
+        check_dataset_name(dataset)
+    except DatasetError as e:
+        raise CLIError(f"--dataset: {e}") from None
+    if data_dir and not dataset_given and not is_folder(dataset):
+        folder = Path(data_dir).expanduser()
+        holds_images = folder.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir())
+        if holds_images or dataset == "digits":  # the digits come with scikit-learn: no files are read
+            raise CLIError(f"--data-dir only says where the files of --dataset {dataset} are (it is not a data "
+                           f"set): to train on the images of a folder, pass --dataset {data_dir}")
+    if dataset in IN_MEMORY_SHAPES:
+        _, h, w = IN_MEMORY_SHAPES[dataset]
+        _, mh, mw = model_config.image_shape
+        if h > mh or w > mw:
+            fits = [p for p in sorted(PRESETS, key=lambda p: PRESETS[p]["image_shape"][1])
+                    if PRESETS[p]["image_shape"][1] >= h and PRESETS[p]["image_shape"][0] == IN_MEMORY_SHAPES[dataset][0]]
+            fits.sort(key=lambda p: TRAIN_PRESETS.get(p, {}).get("dataset") != dataset)
+            hint = f"; use --preset {fits[0]} ({'x'.join(map(str, PRESETS[fits[0]]['image_shape'][1:]))})" if fits else ""
+            raise CLIError(f"--dataset {dataset} has {h}x{w} images, larger than the {mh}x{mw} of the model "
+                           f"(the {preset_name} preset's, or --image-shape){hint}")
+
+
+# --------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import load_run_configs, train
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config", "resume", "preset")}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config", "resume", "preset", "threads")}
     if args.resume:
         model_config, train_config = load_run_configs(args.resume)
         if args.preset or args.config or any(k in {f.name for f in dataclasses.fields(GlowConfig)} for k in given):
@@ -152,438 +259,283 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if summary["finished"] or summary["interrupted_by"] else 1
 
 
-def _dataset_for(path: str, model, dataset: str | None, data_dir: str | None, split: str):
-    """The ``split`` of the data set the run at ``path`` was trained on (or ``dataset``), at the
-    model's image size and channels, split with the run's seed (digits and image folders)."""
-    from .data import load_dataset
+# --------------------------------------------------------------------------- evaluate, sample and the tools
+def _user_errors(cmd):
+    """The library's ValueErrors are the user's (option values that do not fit): one line, exit 2."""
 
-    run_config = _run_train_config(path)
-    name = dataset or run_config.get("dataset")
-    if not name:
-        raise CLIError(f"{path} does not say which data set it was trained on: pass --dataset")
-    c, h, _ = model.config.image_shape
-    own = name == run_config.get("dataset")
-    seed = run_config.get("seed", 0) if own else 0
-    return load_dataset(name, split, data_dir=data_dir or (run_config.get("data_dir") if own else None),
-                        image_size=h, channels=c, seed=seed if isinstance(seed, int) else 0)
+    @functools.wraps(cmd)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return cmd(args)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+
+    return run
 
 
-def _run_train_config(path: str) -> dict[str, Any]:
-    p = Path(path)
-    cfg = (p if p.is_dir() else p.parent) / "config.json"
-    try:
-        return json.loads(cfg.read_text()).get("train", {})
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return {}
+def _open(args: argparse.Namespace):
+    from .devices import resolve_device
+    from .runs import open_run
+
+    return open_run(args.run, resolve_device(args.device))
 
 
+def _out(args: argparse.Namespace, run, tool: str) -> Path:
+    return Path(args.out) if args.out else run.tool_dir(tool)
+
+
+def _source(args: argparse.Namespace, picked) -> dict[str, Any]:
+    """Where a tool's images came from, for its summary."""
+    return {"checkpoint": args.run, "dataset": picked.data.name, "seed": args.seed}
+
+
+def _print(summary: dict[str, Any]) -> int:
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+@_user_errors
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from .evaluate import evaluate_bpd
+    from .files import write_json_atomic
 
-    model = _load_model(args)
-    data = _dataset_for(args.run, model, args.dataset, args.data_dir, args.split)
-    images, labels = _images_at(data, torch.arange(len(data)))
-    bpd = evaluate_bpd(model, images, labels if model.config.num_classes else None,
-                       args.batch_size, args.draws, args.seed)
-    result = {"checkpoint": args.run, "dataset": data.name, "images": int(images.shape[0]),
+    run = _open(args)
+    picked = run.pick(args.split, 0, args.seed, args.dataset, args.data_dir)
+    bpd = evaluate_bpd(run.model, picked.images, picked.y, args.batch_size, args.draws, args.seed)
+    result = {"checkpoint": args.run, "dataset": picked.data.name, "images": int(picked.images.shape[0]),
               "draws": args.draws, "seed": args.seed, "bits_per_dim": bpd, "torch": torch.__version__}
-    print(json.dumps(result, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+        write_json_atomic(args.out, result)
+    return _print(result)
 
 
+@_user_errors
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .latent import sample_grid
+    from .sampling import sample_grid
 
-    model = _load_model(args)
-    out = _tool_dir(args.run, args.out, "samples")
-    summary = sample_grid(model, out, temperatures=args.temperatures, n_per_row=args.n, seed=args.seed,
-                          max_level=_display_max_level(args, model))
-    print(json.dumps(summary, indent=2))
-    return 0
+    run = _open(args)
+    max_level = run.display_max_level() if args.max_level is None else args.max_level
+    return _print(sample_grid(run.model, _out(args, run, "samples"), temperatures=args.temperatures, n_per_row=args.n,
+                              seed=args.seed, max_level=max_level, name=args.name))
 
 
-def _display_max_level(args: argparse.Namespace, model) -> int | None:
-    """--max-level; else the top bin of the run's own test images when they are held in memory
-    (16 for the digits, whose 17 levels fill 5-bit bins 0..16); else None, the top bin."""
-    from .data import DatasetError
-    from .images import data_max_level
-
-    if args.max_level is not None or model.config.n_bits == 8:
-        return args.max_level
-    try:
-        data = _dataset_for(args.run, model, None, None, "test")
-    except (CLIError, DatasetError):
-        return None
-    return data_max_level(data.images, model.config.n_bits) if hasattr(data, "images") else None
-
-
-# --------------------------------------------------------------------------- latent-space and OOD tools
-def _tool_dir(run: str, out: str | None, tool: str) -> Path:
-    """``--out``, or ``<RUN>/<tool>`` (the checkpoint's folder when RUN is a file)."""
-    if out:
-        return Path(out)
-    p = Path(run)
-    return (p if p.is_dir() else p.parent) / tool
-
-
-def _load_model(args: argparse.Namespace):
-    from .checkpoint import load_model
-    from .devices import resolve_device
-
-    device = resolve_device(args.device)  # before loading: a bad --device fails fast
-    return load_model(args.run).to(device)
-
-
-def _pick(n_total: int, n: int, seed: int, what: str = "images") -> "torch.Tensor":
-    """``n`` distinct indices of ``range(n_total)`` from a seeded permutation (all of them, in
-    order, when ``n`` is 0 or at least ``n_total``)."""
-    import torch
-
-    if n < 0:
-        raise CLIError(f"the number of {what} must be >= 0, got {n}")
-    if n == 0 or n >= n_total:
-        return torch.arange(n_total)
-    return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n]
-
-
-def _images_at(data, index) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """uint8 images (N, C, H, W) and int64 labels (N,) of ``data`` at ``index``."""
-    import torch
-
-    index = torch.as_tensor(index, dtype=torch.long)
-    if hasattr(data, "images"):
-        return data.images[index], torch.as_tensor(data.labels)[index]
-    if len(index) == 0:
-        return torch.zeros((0, *data.image_shape), dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
-    xs, ys = zip(*(data[int(i)] for i in index))
-    return torch.stack(xs), torch.stack([torch.as_tensor(y) for y in ys]).long()
-
-
-def _class_labels(model, data, labels):
-    """The labels to condition a class-conditional model on (None for an unconditional one)."""
-    if not model.config.num_classes:
-        return None
-    if (labels < 0).any():
-        raise CLIError(f"the model is class-conditional but data set {data.name} has no class labels")
-    return labels
-
-
-def _need_images(data, n: int, what: str) -> None:
-    if len(data) < n:
-        raise CLIError(f"{what} needs {n} images but data set {data.name} has {len(data)}")
-
-
-def _finish(summary: dict[str, Any], json_path: Path, **extra: Any) -> dict[str, Any]:
-    """Add where the images came from to a tool's summary, rewrite its JSON file, print it."""
-    summary = {**summary, **extra}
-    json_path.write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
-    return summary
-
-
-def _library_call(fn, *a, **kw):
-    """Call a latent/OOD function; its ValueErrors are the user's (bad option values): one line."""
-    try:
-        return fn(*a, **kw)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
-
-
+@_user_errors
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     from .latent import reconstruct
 
-    if args.n < 1:
-        raise CLIError(f"--n must be >= 1, got {args.n}")
-    model = _load_model(args)
-    data = _dataset_for(args.run, model, args.dataset, args.data_dir, args.split)
-    index = _pick(len(data), args.n, args.seed)
-    x, labels = _images_at(data, index)
-    out = _tool_dir(args.run, args.out, "reconstruct")
-    summary = _library_call(reconstruct, model, x, out, y=_class_labels(model, data, labels), nrow=args.nrow,
-                            batch_size=args.batch_size, max_level=args.max_level)
-    _finish(summary, out / "reconstruction.json", checkpoint=args.run, dataset=data.name, seed=args.seed,
-            indices=index.tolist())
-    return 0
+    run = _open(args)
+    picked = run.pick(args.split, args.n, args.seed, args.dataset, args.data_dir)
+    return _print(reconstruct(run.model, picked.images, _out(args, run, "reconstruct"), y=picked.y, nrow=args.nrow,
+                              batch_size=args.batch_size, max_level=args.max_level,
+                              info={**_source(args, picked), "indices": picked.index.tolist()}))
 
 
+@_user_errors
 def cmd_interpolate(args: argparse.Namespace) -> int:
     from .latent import interpolate
 
-    if args.pairs < 1:
-        raise CLIError(f"--pairs must be >= 1, got {args.pairs}")
-    model = _load_model(args)
-    data = _dataset_for(args.run, model, args.dataset, args.data_dir, args.split)
-    _need_images(data, 2 * args.pairs, f"--pairs {args.pairs}")
-    index = _pick(len(data), 2 * args.pairs, args.seed)
-    x, labels = _images_at(data, index)
-    y = _class_labels(model, data, labels)
-    out = _tool_dir(args.run, args.out, "interpolate")
-    p = args.pairs
-    summary = _library_call(interpolate, model, x[:p], x[p:], out, steps=args.steps, method=args.method,
-                            y=None if y is None else y[:p], batch_size=args.batch_size, max_level=args.max_level)
-    _finish(summary, out / "interpolation.json", checkpoint=args.run, dataset=data.name, seed=args.seed,
-            indices_a=index[:p].tolist(), indices_b=index[p:].tolist())
-    return 0
+    run = _open(args)
+    picked = run.pick(args.split, 2 * args.pairs, args.seed, args.dataset, args.data_dir, exactly=True)
+    p, y = args.pairs, picked.y
+    info = {**_source(args, picked), "indices_a": picked.index[:p].tolist(), "indices_b": picked.index[p:].tolist()}
+    return _print(interpolate(run.model, picked.images[:p], picked.images[p:], _out(args, run, "interpolate"),
+                              steps=args.steps, method=args.method, y=None if y is None else y[:p],
+                              batch_size=args.batch_size, max_level=args.max_level, info=info))
 
 
-def _csv_ids(data) -> list[str]:
-    """The image ids a labels CSV is matched on: file names for file-backed data sets (CelebA's
-    ``000001.jpg``), else the 0-based index of the image in the split."""
-    paths = getattr(data, "paths", None)
-    if paths is not None:
-        return [Path(q).name for q in paths]
-    return [str(i) for i in range(len(data))]
-
-
-def _select(names: list[str], wanted: list[str] | None, where: str) -> list[str]:
-    if not wanted:
-        return names
-    unknown = [w for w in wanted if w not in names]
-    if unknown:
-        shown = ", ".join(names[:50]) + (", ..." if len(names) > 50 else "")
-        raise CLIError(f"unknown attribute(s) {', '.join(unknown)} in {where}; available: {shown}")
-    return list(dict.fromkeys(wanted))
-
-
-def _attribute_labels(args: argparse.Namespace, data, index) -> tuple["torch.Tensor", list[str], str]:
-    """Binary labels (len(index), A) of the images at ``index``, their names and their source."""
-    import torch
-
-    from .latent import attribute_labels, binary_labels_from_classes, labels_from_csv
-
-    if args.class_attribute is not None:
-        if args.attribute:
-            raise CLIError("--attribute picks among data set, CSV or saved attributes; "
-                           "--class-attribute already names its attribute(s)")
-        if not data.num_classes or (torch.as_tensor(data.labels) < 0).all():
-            raise CLIError(f"data set {data.name} has no class labels: --class-attribute needs a labelled data set "
-                           f"(use --labels-csv or, for CelebA, --attribute)")
-        bad = [c for c in args.class_attribute if not 0 <= c < data.num_classes]
-        if bad:
-            raise CLIError(f"--class-attribute {bad[0]} is not a class of {data.name} (0..{data.num_classes - 1})")
-        labels = torch.as_tensor(data.labels)[index]
-        cols, names = [], []
-        for c in dict.fromkeys(args.class_attribute):
-            lab, (name,) = binary_labels_from_classes(labels, c)
-            cols.append(lab)
-            names.append(name)
-        return torch.cat(cols, 1), names, f"classes of {data.name}"
-    if args.labels_csv:
-        labels, names = _library_call(labels_from_csv, args.labels_csv, _csv_ids(data))
-        source = f"{args.labels_csv}"
-    else:
-        if getattr(data, "attributes", None) is None:
-            raise CLIError(f"data set {data.name} has no per-image attributes: pass --class-attribute C, "
-                           f"--labels-csv FILE or --directions FILE")
-        labels, names = _library_call(attribute_labels, data)
-        source = f"attributes of {data.name}"
-        if not args.attribute:
-            shown = ", ".join(names[:50])
-            raise CLIError(f"pass --attribute NAME (one or more) to choose among the attributes of {data.name}: {shown}")
-    chosen = _select(names, args.attribute, source)
-    cols = [names.index(n) for n in chosen]
-    return labels[torch.as_tensor(index, dtype=torch.long)][:, cols], chosen, source
-
-
+@_user_errors
 def cmd_manipulate(args: argparse.Namespace) -> int:
-    from .latent import attribute_directions, load_directions, manipulate, save_directions
+    from .latent import attribute_directions, labels_for, load_directions, manipulate_all, save_directions
+    from .latent import select_attributes
 
-    if args.n < 1:
-        raise CLIError(f"--n must be >= 1, got {args.n}")
     if args.directions and (args.class_attribute is not None or args.labels_csv):
         raise CLIError("--directions reuses saved directions: drop --class-attribute and --labels-csv")
-    model = _load_model(args)
-    info: dict[str, Any] = {}
+    run = _open(args)
     if args.directions:
-        if not Path(args.directions).is_file():
-            raise CLIError(f"directions file {args.directions} does not exist")
-        try:
-            directions = load_directions(args.directions)
-        except Exception as e:  # safetensors raises its own errors for foreign files
-            raise CLIError(f"cannot read directions file {args.directions}: {e}") from None
-        names = _select(list(directions), args.attribute, args.directions)
-        directions = {n: directions[n] for n in names}
-        info["directions_from"] = args.directions
+        directions = load_directions(args.directions)
+        directions = {n: directions[n] for n in select_attributes(list(directions), args.attribute, args.directions)}
+        info: dict[str, Any] = {"directions_from": args.directions}
     else:
-        source_data = _dataset_for(args.run, model, args.dataset, args.data_dir, args.directions_split)
-        index = _pick(len(source_data), args.max_images, args.seed)
-        labels, names, source = _attribute_labels(args, source_data, index)
-        x_all, y_all = _images_at(source_data, index)
-        directions = _library_call(attribute_directions, model, x_all, labels, names, batch_size=args.batch_size,
-                                   y=_class_labels(model, source_data, y_all))
-        positives = {n: int(v) for n, v in zip(names, labels.sum(0).tolist())}
-        info.update(directions_from={"source": source, "dataset": source_data.name, "images": len(index),
-                                     "with_attribute": positives})
+        src = run.pick(args.directions_split, args.max_images, args.seed, args.dataset, args.data_dir)
+        labels, names, source = labels_for(src.data, src.index, args.class_attribute, args.labels_csv, args.attribute)
+        directions = attribute_directions(run.model, src.images, labels, names, args.batch_size, y=src.y)
+        info = {"directions_from": {"source": source, "dataset": src.data.name, "images": len(src.index),
+                                    "with_attribute": dict(zip(names, labels.sum(0).tolist()))}}
         if args.save_directions:
-            meta = {"checkpoint": args.run, **info["directions_from"]}
-            save_directions(directions, args.save_directions, metadata=meta)
+            save_directions(directions, args.save_directions, metadata={"checkpoint": args.run, **info["directions_from"]})
             info["saved_directions"] = str(args.save_directions)
-    data = _dataset_for(args.run, model, args.dataset, args.data_dir, args.split)
-    index = _pick(len(data), args.n, args.seed)
-    x, labels = _images_at(data, index)
-    y = _class_labels(model, data, labels)
-    out = _tool_dir(args.run, args.out, "manipulate")
-    per_attribute = {}
-    for name, direction in directions.items():
-        per_attribute[name] = _library_call(manipulate, model, x, direction, out, alphas=args.alphas, y=y, name=name,
-                                            batch_size=args.batch_size, max_level=args.max_level)
-    summary = {"tool": "manipulate", "checkpoint": args.run, "dataset": data.name, "seed": args.seed,
-               "indices": index.tolist(), "alphas": [float(a) for a in args.alphas], **info,
-               "attributes": per_attribute,
-               "files": [f for s in per_attribute.values() for f in s["files"]]}
-    out.mkdir(parents=True, exist_ok=True)
-    _finish(summary, out / "manipulate.json")
-    return 0
+    picked = run.pick(args.split, args.n, args.seed, args.dataset, args.data_dir)
+    return _print(manipulate_all(run.model, picked.images, directions, _out(args, run, "manipulate"), args.alphas,
+                                 picked.y, args.batch_size, args.max_level,
+                                 info={**_source(args, picked), "indices": picked.index.tolist(), **info}))
 
 
-OOD_TRANSFORMS = ("flipped", "inverted", "noise")
-
-
-def _ood_folder(folder: str, model) -> list:
-    """All images of a folder (both splits of :func:`load_dataset`'s 95/5 split)."""
-    from .data import DatasetError, load_dataset
-
-    c, h, _ = model.config.image_shape
-    sets = [load_dataset(f"folder:{folder}", "train", image_size=h, channels=c)]
-    try:
-        sets.append(load_dataset(f"folder:{folder}", "test", image_size=h, channels=c))
-    except DatasetError:  # a small folder has no test split
-        pass
-    return sets
-
-
+@_user_errors
 def cmd_ood(args: argparse.Namespace) -> int:
-    import torch
-
-    from .data import load_dataset
     from .images import data_max_level
-    from .ood import flipped, inverted, ood_report, uniform_noise
+    from .ood import TRANSFORMS, ood_report, ood_sets
 
-    if args.max_images < 0:
-        raise CLIError(f"--max-images must be >= 0, got {args.max_images}")
-    transforms = args.ood if args.ood is not None else ([] if args.ood_dataset or args.ood_folder
-                                                        else list(OOD_TRANSFORMS))
+    default = [] if args.ood_dataset or args.ood_folder else list(TRANSFORMS)
+    transforms = default if args.ood is None else args.ood
     if not transforms and not args.ood_dataset and not args.ood_folder:
         raise CLIError("no OOD set: pass --ood, --ood-dataset or --ood-folder")
-    model = _load_model(args)
-    n_bits = model.config.n_bits
-    data = _dataset_for(args.run, model, args.dataset, args.data_dir, args.in_split)
-    x_in, _ = _images_at(data, _pick(len(data), args.max_images, args.seed))
-    if x_in.shape[0] < 2:
-        raise CLIError(f"data set {data.name} has {x_in.shape[0]} image(s); OOD metrics need at least 2")
-    top = data_max_level(x_in, n_bits)
-    out_sets: dict[str, torch.Tensor] = {}
-    for t in dict.fromkeys(transforms):
-        if t == "flipped":
-            out_sets["flipped"] = flipped(x_in)
-        elif t == "inverted":
-            out_sets["inverted"] = inverted(x_in, n_bits)
-        else:
-            out_sets["noise"] = uniform_noise(x_in.shape[0], x_in.shape[1:], n_bits, seed=args.seed, max_level=top)
-    c, h, _ = model.config.image_shape
-    for name in dict.fromkeys(args.ood_dataset or []):
-        ds = load_dataset(name, args.ood_split, data_dir=args.ood_data_dir, download=args.download,
-                          image_size=h, channels=c)
-        out_sets[ds.name] = _images_at(ds, _pick(len(ds), args.max_images, args.seed))[0]
-    for folder in dict.fromkeys(args.ood_folder or []):
-        parts = [_images_at(ds, torch.arange(len(ds)))[0] for ds in _ood_folder(folder, model)]
-        x = torch.cat(parts)
-        out_sets[f"folder:{folder}"] = x[_pick(len(x), args.max_images, args.seed)]
-    for name, x in out_sets.items():
-        if tuple(x.shape[1:]) != tuple(model.config.image_shape):
-            raise CLIError(f"OOD set {name} has images of shape {tuple(x.shape[1:])}, "
-                           f"the model takes {model.config.image_shape}")
+    run = _open(args)
+    n_bits = run.model.config.n_bits
+    picked = run.pick(args.in_split, args.max_images, args.seed, args.dataset, args.data_dir, labels=False)
+    if picked.images.shape[0] < 2:
+        raise CLIError(f"data set {picked.data.name} has {picked.images.shape[0]} image(s); OOD metrics need at least 2")
+    sets = ood_sets(picked.images, n_bits, transforms, args.ood_dataset or (), args.ood_folder or (), args.ood_split,
+                    args.ood_data_dir, args.download, args.max_images, args.seed)
     reference = None
     if args.reference_split:
-        ref_data = _dataset_for(args.run, model, args.dataset, args.data_dir, args.reference_split)
-        reference = _images_at(ref_data, _pick(len(ref_data), args.max_images, args.seed))[0]
-    out = _tool_dir(args.run, args.out, "ood")
-    out.mkdir(parents=True, exist_ok=True)
-    summary = _library_call(ood_report, model, x_in, out_sets, out, batch_size=args.batch_size, seed=args.seed,
-                            typicality_m=args.typicality_m, in_reference=reference, in_name=data.name,
-                            verbose=not args.json)
-    summary = {**summary, "checkpoint": args.run, "in_distribution": data.name,
-               "ood_sets": {k: int(v.shape[0]) for k, v in out_sets.items()}, "noise_max_level": top}
-    (out / "ood.json").write_text(json.dumps(summary, indent=2) + "\n")
+        reference = run.pick(args.reference_split, args.max_images, args.seed, args.dataset, args.data_dir,
+                             labels=False).images
+    info = {"checkpoint": args.run, "in_distribution": picked.data.name,
+            "ood_sets": {k: int(v.shape[0]) for k, v in sets.items()},
+            "noise_max_level": data_max_level(picked.images, n_bits)}
+    summary = ood_report(run.model, picked.images, sets, _out(args, run, "ood"), batch_size=args.batch_size,
+                         seed=args.seed, typicality_m=args.typicality_m, in_reference=reference,
+                         in_name=picked.data.name, verbose=not args.json, info=info)
     if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        print(f"wrote {', '.join(summary['files'])}")
+        return _print(summary)
+    print(f"wrote {', '.join(summary['files'])}")
     return 0
+
+
+# --------------------------------------------------------------------------- the parser
+def _count(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _dataset_name(text: str) -> str:
+    """An argparse type: a name :func:`torchglow.data.load_dataset` can read."""
+    from .data import DatasetError, check_dataset_name
+
+    try:
+        return check_dataset_name(text)
+    except DatasetError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _dataset_help() -> str:
+    from .data import DATASETS
+
+    return f"data set: {', '.join(DATASETS)}, or a folder of images"
+
+
+RUN_HELP = "run folder, .pt checkpoint or pretrained folder"
+DEVICE_HELP = "auto (a GPU when there is one), cpu, cuda or cuda:N"
+
+
+def _common_options(p: argparse.ArgumentParser, tool: str, split: str | None, split_help: str = "") -> None:
+    """The options evaluate, sample and every latent/OOD tool share."""
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help=RUN_HELP)
+    if tool != "samples":
+        p.add_argument("--dataset", type=_dataset_name,
+                       help=f"{_dataset_help()} (default: the one the run was trained on)")
+        p.add_argument("--data-dir", help="where the data set's files are (default: the run's)")
+    if split:
+        p.add_argument("--split", choices=("train", "test"), default=split,
+                       help=split_help or "split the images come from")
+    p.add_argument("--seed", type=int, default=0, help="seeds the choice of images and any random draw")
+    if tool != "samples":
+        p.add_argument("--batch-size", type=_count(1), default=256, help="images per forward pass")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    if tool == "samples":
+        p.add_argument("--max-level", type=_count(0), default=None,
+                       help="bin shown as white (default: the top bin of the run's training images when they are "
+                            "held in memory, as in the trainer's grids, e.g. 16 for the digits; else 2**n_bits-1)")
+    elif tool not in ("evaluate", "ood"):
+        p.add_argument("--max-level", type=_count(0), default=None,
+                       help="bin shown as white (default: the top bin the images use)")
+    if tool != "evaluate":
+        p.add_argument("--out", help=f"output folder (default: RUN/{tool})")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train import MEMORY_MODES, OPTIMIZERS, PRECISIONS, TrainConfig
+    from . import __version__
     from .config import COUPLINGS, PERMUTATIONS
+    from .sampling import DEFAULT_TEMPERATURES
+    from .train import MEMORY_MODES, OPTIMIZERS, PRECISIONS, TRAIN_PRESETS, TrainConfig
 
-    parser = argparse.ArgumentParser(prog="torchglow", description="Glow normalizing flows: train, evaluate, sample, and the latent-space "
-                                     "and OOD tools.")
+    parser = Parser(prog="torchglow", formatter_class=HelpFormatter,
+                    description="Glow normalizing flows: train, evaluate, sample, and the latent-space and OOD tools.")
+    parser.add_argument("--version", action="version", version=f"torchglow {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a Glow (default: the digits preset on scikit-learn's digits, CPU)",
-                       description="Train a Glow. Precedence: defaults < --preset < --config < flags.")
+    def command(name: str, help_text: str, description: str | None = None) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=description or help_text[0].upper() + help_text[1:] + ".",
+                              formatter_class=HelpFormatter)
+
+    p = command("train", "train a Glow (default: the digits preset on scikit-learn's digits, CPU)",
+                "Train a Glow. Precedence: defaults < --preset < --config < flags. The defaults shown are the "
+                "digits preset's; --preset NAME brings its own.")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="model and training defaults (digits)")
     p.add_argument("--config", help="YAML or JSON file of options (flat, or under model:/train:)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
-    add_dataclass_options(p, GlowConfig, {"coupling": COUPLINGS, "permutation": PERMUTATIONS})
-    add_dataclass_options(p, TrainConfig, {"optimizer": OPTIMIZERS, "precision": PRECISIONS, "memory": MEMORY_MODES})
+    add_dataclass_options(p, GlowConfig, {"coupling": COUPLINGS, "permutation": PERMUTATIONS}, PRESETS["digits"])
+    add_dataclass_options(p, TrainConfig, {"optimizer": OPTIMIZERS, "precision": PRECISIONS, "memory": MEMORY_MODES},
+                          TRAIN_PRESETS["digits"], helps={"dataset": _dataset_help()})
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="test-set bits/dim of a trained model")
-    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run folder, .pt checkpoint or pretrained folder")
-    p.add_argument("--dataset", help="data set (default: the one the run was trained on)")
-    p.add_argument("--data-dir", help="where the data set's files are")
-    p.add_argument("--split", choices=("train", "test"), default="test")
-    p.add_argument("--draws", type=int, default=1, help="dequantisation draws to average (seeded)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p = command("evaluate", "test-set bits/dim of a trained model")
+    _common_options(p, "evaluate", "test")
+    p.add_argument("--draws", type=_count(1), default=1, help="dequantisation draws to average (seeded)")
     p.add_argument("--out", help="also write the result to this JSON file")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("sample", help="image grids at one or more temperatures")
-    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run folder, .pt checkpoint or pretrained folder")
-    p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.5, 0.7, 0.8, 0.9, 1.0],
+    p = command("sample", "image grids at one or more temperatures",
+                "Sample image grids, one row per temperature (one grid per temperature for a class-conditional "
+                "model), into RUN/samples/NAME.png and NAME.json; the default NAME says the temperatures, the "
+                "number per row and the seed, so other options never overwrite earlier grids.")
+    _common_options(p, "samples", None)
+    p.add_argument("--temperatures", type=float, nargs="+", default=list(DEFAULT_TEMPERATURES),
                    help="one row (or grid, class-conditional) per temperature")
-    p.add_argument("--n", type=int, default=8, help="samples per row")
-    p.add_argument("--seed", type=int, default=0, help="seeds the latent draw shared by all temperatures")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--max-level", type=int, default=None,
-                   help="bin shown as white (default: the top bin the run's own in-memory test images use, e.g. 16 for the digits; else 2**n_bits-1)")
-    p.add_argument("--out", help="output folder (default: RUN/samples)")
+    p.add_argument("--n", type=_count(1), default=8, help="samples per row")
+    p.add_argument("--name", help="file name stem (default: samples_T<temperatures>_n<n>_seed<seed>)")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("reconstruct", help="test images next to decode(encode(x)), with the largest error",
-                       description="Encode n seeded test images at their bin centres and decode them back; "
-                                   "writes reconstruction.png/.json and prints the summary (max_abs_error).")
-    _tool_options(p, "reconstruct", "test")
-    p.add_argument("--n", type=int, default=16, help="images to reconstruct (seeded choice)")
-    p.add_argument("--nrow", type=int, default=8, help="images per row of the grid")
+    p = command("reconstruct", "test images next to decode(encode(x)), with the largest error",
+                "Encode n seeded test images at their bin centres and decode them back; writes "
+                "reconstruction.png/.json and prints the summary (max_abs_error).")
+    _common_options(p, "reconstruct", "test")
+    p.add_argument("--n", type=_count(1), default=16, help="images to reconstruct (seeded choice)")
+    p.add_argument("--nrow", type=_count(1), default=8, help="images per row of the grid")
     p.set_defaults(func=cmd_reconstruct)
 
-    p = sub.add_parser("interpolate", help="interpolations between pairs of images through their latents",
-                       description="Interpolate the standardised latents of seeded pairs of images "
-                                   "(linear and/or spherical); one PNG per method, interpolation.json.")
-    _tool_options(p, "interpolate", "test")
-    p.add_argument("--pairs", type=int, default=4, help="pairs of images, one row each")
+    p = command("interpolate", "interpolations between pairs of images through their latents",
+                "Interpolate the standardised latents of seeded pairs of images (linear and/or spherical); one "
+                "PNG per method, interpolation.json.")
+    _common_options(p, "interpolate", "test")
+    p.add_argument("--pairs", type=_count(1), default=4, help="pairs of images, one row each")
     p.add_argument("--steps", type=int, default=8, help="images per row, both ends included")
     p.add_argument("--method", nargs="+", choices=("linear", "slerp"), default=["linear", "slerp"],
                    help="interpolation(s) of every level's latent")
     p.set_defaults(func=cmd_interpolate)
 
-    p = sub.add_parser("manipulate", help="edit images along attribute directions in latent space",
-                       description="Attribute directions as in the official demo: 1.6 * (mean latent of the "
-                                   "images with the attribute - mean latent of those without), from the data "
-                                   "set's attributes (CelebA, --attribute), a class (--class-attribute), a CSV "
-                                   "(--labels-csv) or a saved file (--directions); then n seeded images are "
-                                   "decoded at latent + alpha * direction, one PNG per attribute.")
-    _tool_options(p, "manipulate", "test", split_help="split of the images to edit")
+    p = command("manipulate", "edit images along attribute directions in latent space",
+                "Attribute directions as in the official demo: 1.6 * (mean latent of the images with the "
+                "attribute - mean latent of those without), from the data set's attributes (CelebA, --attribute), "
+                "a class (--class-attribute), a CSV (--labels-csv) or a saved file (--directions); then n seeded "
+                "images are decoded at latent + alpha * direction, one PNG per attribute.")
+    _common_options(p, "manipulate", "test", split_help="split of the images to edit")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--class-attribute", type=int, nargs="+", metavar="CLASS",
+    src.add_argument("--class-attribute", type=_count(0), nargs="+", metavar="CLASS",
                      help="one attribute per class C: images of class C against all others (e.g. 3 for digit 3)")
     src.add_argument("--labels-csv", metavar="FILE",
                      help="CSV of binary attributes: header 'id,NAME,...', one row per image with values 1 or 0/-1; "
@@ -595,41 +547,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-directions", metavar="FILE", help="write the computed directions to this .safetensors file")
     p.add_argument("--directions-split", choices=("train", "test"), default="train",
                    help="split whose images and labels give the directions")
-    p.add_argument("--max-images", type=int, default=0,
+    p.add_argument("--max-images", type=_count(0), default=0,
                    help="use at most this many (seeded) images for the directions (0: all)")
     p.add_argument("--alphas", type=float, nargs="+", default=[-1.0, -0.5, 0.0, 0.5, 1.0],
                    help="latent + alpha * direction, one column per alpha")
-    p.add_argument("--n", type=int, default=4, help="images to edit (seeded choice), one row each")
+    p.add_argument("--n", type=_count(1), default=4, help="images to edit (seeded choice), one row each")
     p.set_defaults(func=cmd_manipulate)
 
-    p = sub.add_parser("ood", help="out-of-distribution detection: AUROC/AUPR/FPR@95 of likelihood-based scores",
-                       description="Score in-distribution test images against OOD sets with bits/dim, the "
-                                   "typicality test and the input-complexity score; prints the table, writes "
-                                   "ood.json and bpd_hist.png/complexity_hist.png. Default OOD sets: flipped, "
-                                   "inverted and uniform noise (when no --ood-dataset/--ood-folder is given).")
-    _tool_options(p, "ood", None)
+    from .ood import TRANSFORMS
+    p = command("ood", "out-of-distribution detection: AUROC/AUPR/FPR@95 of likelihood-based scores",
+                "Score in-distribution test images against OOD sets with bits/dim, the typicality test and the "
+                "input-complexity score; prints the table, writes ood.json and bpd_hist.png/complexity_hist.png. "
+                "Default OOD sets: flipped, inverted and uniform noise (when no --ood-dataset/--ood-folder is given).")
+    _common_options(p, "ood", None)
     p.add_argument("--in-split", choices=("train", "test"), default="test", help="in-distribution split")
-    p.add_argument("--ood", nargs="*", choices=OOD_TRANSFORMS, default=None,
+    p.add_argument("--ood", nargs="*", choices=TRANSFORMS, default=None,
                    help="built-in OOD sets from the in-distribution images: upside down, intensities inverted, "
-                        "uniform noise over the data's range of bins")
-    p.add_argument("--ood-dataset", nargs="+", metavar="NAME",
+                        "uniform noise over the data's range of bins (default: all three)")
+    p.add_argument("--ood-dataset", nargs="+", metavar="NAME", type=_dataset_name,
                    help="other data sets (e.g. svhn for a cifar10 model), converted to the model's channels and "
                         "size (in-memory sets are only zero-padded, e.g. mnist 28->32; celeba is resized)")
     p.add_argument("--ood-split", choices=("train", "test"), default="test", help="split of the --ood-dataset sets")
     p.add_argument("--ood-data-dir", help="where the --ood-dataset files are (default: their usual place)")
     p.add_argument("--download", action="store_true", help="download --ood-dataset sets whose files are missing")
     p.add_argument("--ood-folder", nargs="+", metavar="DIR", help="folders of images, all used as OOD sets")
-    p.add_argument("--typicality-m", type=int, nargs="+", default=[2, 10], metavar="M",
+    p.add_argument("--typicality-m", type=_count(1), nargs="+", default=[2, 10], metavar="M",
                    help="batch sizes of the typicality test")
     p.add_argument("--reference-split", choices=("train",), default=None,
                    help="in-distribution images for the typicality reference (default: half of the in-split)")
-    p.add_argument("--max-images", type=int, default=0, help="at most this many (seeded) images per set (0: all)")
+    p.add_argument("--max-images", type=_count(0), default=0, help="at most this many (seeded) images per set (0: all)")
     p.add_argument("--json", action="store_true", help="print the full JSON summary instead of the table")
     p.set_defaults(func=cmd_ood)
 
+    for p in sub.choices.values():
+        add_threads_option(p)
+
     from . import bench
     p = sub.add_parser("bench", help="training, sampling and evaluation images/s and peak memory",
-                       description=bench.__doc__.split("\n\n")[0] + " Writes benchmarks/results/<name>.json.")
+                       description=bench.__doc__.split("\n\n")[0] + " Writes benchmarks/results/<name>.json.",
+                       formatter_class=HelpFormatter)
     bench.add_arguments(p)
     p.set_defaults(func=bench.cmd_bench)
 
@@ -641,23 +597,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _tool_options(p: argparse.ArgumentParser, tool: str, split: str | None, split_help: str = "") -> None:
-    """The options every latent/OOD tool shares."""
-    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run folder, .pt checkpoint or pretrained folder")
-    p.add_argument("--dataset", help="data set (default: the one the run was trained on)")
-    p.add_argument("--data-dir", help="where the data set's files are (default: the run's)")
-    if split:
-        p.add_argument("--split", choices=("train", "test"), default=split,
-                       help=split_help or "split the images come from")
-    p.add_argument("--seed", type=int, default=0, help="seeds the choice of images (and any noise)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    if tool != "ood":
-        p.add_argument("--max-level", type=int, default=None,
-                       help="bin shown as white (default: the images' own top bin)")
-    p.add_argument("--out", help=f"output folder (default: RUN/{tool})")
-
-
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .data import DatasetError
@@ -665,11 +604,18 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "bench":  # bench sets its own threads (and records them)
+        set_threads(args.threads)
+    prefix = f"torchglow {args.command}"
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: f"{prefix}: warning: {message}\n"  # one line, no source line
     try:
         return args.func(args)
     except (CLIError, ConfigError, CheckpointError, DatasetError, TrainingError) as e:
-        print(f"torchglow {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prefix}: error: {e.cli_message if isinstance(e, DatasetError) else e}", file=sys.stderr)
         return EXIT_USAGE if isinstance(e, (CLIError, ConfigError)) else 1
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

@@ -35,10 +35,13 @@ CelebA and image folders are :class:`ImageFileDataset`, which decodes one file p
 
 from __future__ import annotations
 
+import difflib
 import gzip
+import math
 import os
 import pickle
 import re
+import shutil
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +53,9 @@ import torch
 import torch.nn.functional as F
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "svhn", "celeba", "imagenet32", "imagenet64")
+# (C, H, W) of the sets held in memory, which can only be zero-padded to a larger size
+IN_MEMORY_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32),
+                    "svhn": (3, 32, 32), "imagenet32": (3, 32, 32), "imagenet64": (3, 64, 64)}
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif"})
 
@@ -77,7 +83,12 @@ _SOURCES = {
 
 class DatasetError(Exception):
     """A data set cannot be loaded as asked: its files are missing or unusable, or it cannot have the
-    requested size or channels. The message is one line naming the path and the remedy."""
+    requested size or channels. The message is one line naming the path and the remedy;
+    ``cli_message`` is the same line worded for the command line, where it differs."""
+
+    def __init__(self, message: str, cli_message: str | None = None):
+        super().__init__(message)
+        self.cli_message = cli_message or message
 
 
 # --------------------------------------------------------------------------- data set classes
@@ -119,6 +130,14 @@ class ImageDataset(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {len(self)} images of shape {self.image_shape})"
 
+    def take(self, index) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images (uint8 (N, C, H, W)) and labels (int64 (N,)) at ``index``, in its order."""
+        index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+        if len(index) == 0:
+            return torch.zeros((0, *self.image_shape), dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
+        images, labels = zip(*(self[int(i)] for i in index))
+        return torch.stack(images), torch.stack(labels)
+
 
 class TensorImageDataset(ImageDataset):
     """A data set held in memory: ``images`` uint8 (N, C, H, W), ``labels`` int64 (N,)."""
@@ -136,6 +155,10 @@ class TensorImageDataset(ImageDataset):
         return tuple(self.images.shape[1:])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
+
+    def take(self, index) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
         return self.images[index], self.labels[index]
 
 
@@ -164,6 +187,16 @@ class ImageFileDataset(ImageDataset):
 # --------------------------------------------------------------------------- entry point
 
 
+def pick_indices(n_total: int, n: int, seed: int) -> torch.Tensor:
+    """``n`` distinct indices of ``range(n_total)``, the first ``n`` of a permutation seeded with
+    ``seed``; all of them, in order, when ``n`` is 0 or at least ``n_total``."""
+    if n < 0:
+        raise ValueError(f"the number of images must be >= 0, got {n}")
+    if n == 0 or n >= n_total:
+        return torch.arange(n_total)
+    return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n]
+
+
 def load_dataset(
     name: str,
     split: str = "train",
@@ -190,13 +223,10 @@ def load_dataset(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if channels not in (None, 1, 3):
         raise DatasetError(f"{name}: channels must be 1 (grey) or 3 (RGB), got {channels!r}")
-    if name in DATASETS:
-        roots = _data_roots(name, data_dir)
-    elif name.startswith("folder:") or Path(name).expanduser().is_dir():
+    if is_folder(check_dataset_name(name)):
         folder = Path(name.removeprefix("folder:")).expanduser()
         return _load_image_folder(folder, split, image_size=image_size, channels=channels, seed=seed)
-    else:
-        raise DatasetError(f"unknown data set {name!r}: not one of {', '.join(DATASETS)} and not an existing folder")
+    roots = _data_roots(name, data_dir)
 
     match name:
         case "digits":
@@ -214,6 +244,23 @@ def load_dataset(
                 roots, split, download, image_size=image_size or CELEBA_IMAGE_SIZE, channels=channels or 3
             )
     return _fit(dataset, image_size, channels)
+
+
+def is_folder(name: str) -> bool:
+    """Whether :func:`load_dataset` reads ``name`` as a folder of images: it starts with ``folder:``,
+    or it is an existing directory that is not also a data set name."""
+    return name not in DATASETS and (name.startswith("folder:") or Path(name).expanduser().is_dir())
+
+
+def check_dataset_name(name: str) -> str:
+    """``name`` when :func:`load_dataset` can read it (a name in :data:`DATASETS` or a folder);
+    else :class:`DatasetError` with the closest name."""
+    if name in DATASETS or is_folder(name):
+        return name
+    close = difflib.get_close_matches(name.lower(), DATASETS, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise DatasetError(f"unknown data set {name!r}: {hint}choose one of {', '.join(DATASETS)}, "
+                       f"or give a folder of images")
 
 
 def _data_roots(name: str, data_dir: str | Path | None) -> list[Path]:
@@ -279,10 +326,12 @@ def _locate(
     if found is not None:
         return found
     where = " or ".join(str(folder) for folder in folders)
+    missing = f"{name}: {', '.join(required)} not found in {where}; "
     remedy = f"get them from {_SOURCES[name]}"
-    if not download:
-        remedy = f"pass download=True (--download) to fetch them, or {remedy}"
-    raise DatasetError(f"{name}: {', '.join(required)} not found in {where}; {remedy}")
+    if download:
+        raise DatasetError(missing + remedy)
+    raise DatasetError(f"{missing}pass download=True to fetch them, or {remedy}",
+                       f"{missing}add --download to fetch them, or {remedy}")
 
 
 def _find_all(folders: Sequence[Path], required: Sequence[str]) -> list[Path] | None:
@@ -314,12 +363,19 @@ def _fetch(name: str, fetch: Callable[[], object]) -> None:
 
 
 def _torchvision_fetch(class_name: str, root: Path, **kwargs) -> Callable[[], object]:
-    """A callable that has torchvision's ``class_name`` download (and md5-check) its files into ``root``."""
+    """A callable that has torchvision's ``class_name`` download (and md5-check) its files into
+    ``root``; if that fails, the folders it created are removed, so a failed download leaves none."""
 
     def fetch() -> object:
         from torchvision import datasets
 
-        return getattr(datasets, class_name)(root=str(root), download=True, **kwargs)
+        created = next((p for p in reversed([root, *root.parents]) if not p.exists()), None)
+        try:
+            return getattr(datasets, class_name)(root=str(root), download=True, **kwargs)
+        except BaseException:
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            raise
 
     return fetch
 
@@ -547,10 +603,16 @@ def _load_image_folder(
             f"image folder {folder}: skipped {len(unreadable)} unreadable file(s), the first {unreadable[0]}",
             stacklevel=3,
         )
+    if not paths:
+        needed = math.ceil(1 / FOLDER_TEST_FRACTION)
+        raise DatasetError(
+            f"image folder {folder}: no readable images in its test split, which is {FOLDER_TEST_FRACTION:.0%} of "
+            f"the image files rounded down: it has {n_files}, at least {needed} are needed"
+        )
     if len(unreadable) == len(paths):
         raise DatasetError(
-            f"image folder {folder}: no readable images in its {split} split ({len(paths)} of its {n_files} image "
-            f"files, {len(unreadable)} unreadable; the test split is {FOLDER_TEST_FRACTION:.0%} of them, rounded down)"
+            f"image folder {folder}: no readable images in its {split} split ({len(unreadable)} of its "
+            f"{n_files} image files are unreadable)"
         )
     return ImageFileDataset(
         [path for path, ok in zip(paths, readable) if ok],

@@ -1,6 +1,12 @@
-"""Image grids and display scaling for the latent-space and OOD tools.
+"""uint8 images for the tools: into model space at their bin centres, display scaling, grids.
 
-Two separate concerns:
+Three separate concerns:
+
+* **Bin centres.** :func:`bin_centres` puts uint8 images in model space at the centre of each
+  ``n_bits`` bin, ``preprocess(x) + 0.5 / n_bins``: a deterministic stand-in for dequantisation
+  noise, so that encoding an image twice gives the same latent and ``to_uint8`` of its
+  reconstruction gives the ``n_bits`` image back exactly (the centre is ``0.5 / n_bins`` from either
+  bin edge, far more than the flow's round-off).
 
 * **Display scaling.** Images reduced to ``n_bits`` live in the bins ``0 .. 2**n_bits - 1``, stored
   in 8 bits as ``bin * 2**(8 - n_bits)`` (what :func:`torchglow.preprocess.to_uint8` returns), so
@@ -30,6 +36,13 @@ from . import preprocess as pp
 MIN_DISPLAY_PX = 32  # small images are upscaled by an integer factor to at least this size
 
 
+def bin_centres(x_uint8: torch.Tensor, n_bits: int) -> torch.Tensor:
+    """uint8 images -> float32 model space (CPU) at the centre of each ``n_bits`` bin:
+    ``floor(x / 2**(8 - n_bits)) / n_bins - 0.5 + 0.5 / n_bins``. Every value is a dyadic fraction,
+    exact in float32 and any wider dtype it is cast to."""
+    return pp.preprocess(x_uint8.cpu(), n_bits) + 0.5 / pp.n_bins(n_bits)
+
+
 def data_max_level(x_uint8: torch.Tensor, n_bits: int) -> int:
     """The largest ``n_bits`` bin used by uint8 images (e.g. 16 for the digits with ``n_bits=5``)."""
     if x_uint8.dtype != torch.uint8:
@@ -37,6 +50,14 @@ def data_max_level(x_uint8: torch.Tensor, n_bits: int) -> int:
     if x_uint8.numel() == 0:
         return 2**n_bits - 1
     return int(x_uint8.max().item()) >> (8 - n_bits)
+
+
+def display_max_level(dataset, n_bits: int) -> int:
+    """The bin that sample grids of a model trained on ``dataset`` show as white: the largest bin
+    its images use when they are held in memory (``dataset.images``; 16 for the digits), else the
+    top bin ``2**n_bits - 1`` (decoding every file of a folder to find out would be slow)."""
+    images = getattr(dataset, "images", None)
+    return 2**n_bits - 1 if images is None else data_max_level(images, n_bits)
 
 
 def display_uint8(x_uint8: torch.Tensor, n_bits: int, max_level: int | None = None) -> torch.Tensor:

@@ -1,15 +1,14 @@
-"""Latent-space tools: temperature sample grids, reconstructions, interpolations and attribute
-manipulation (Kingma & Dhariwal 2018, §5; the official ``demo/``).
+"""Latent-space tools: reconstructions, interpolations and attribute manipulation (Kingma &
+Dhariwal 2018, §5; the official ``demo/``). Sample grids are in :mod:`torchglow.sampling`.
 
 Every tool is one function taking a model, uint8 images (B, C, H, W) and options; it writes a PNG
 grid and a JSON summary into ``out_dir`` and returns the summary (JSON-serialisable). Random draws
 come from a CPU ``torch.Generator`` seeded with ``seed`` and are then moved to the model's device,
 so the same seed gives the same latents (and, on one device, byte-identical PNGs).
 
-Images are encoded at their **bin centres**, ``preprocess(x) + 0.5 / n_bins``, not dequantised
+Images are encoded at their **bin centres** (:func:`torchglow.images.bin_centres`), not dequantised
 with random noise (the official encoder adds ``U(0, 1/n_bins)`` noise): the encoding is then
-deterministic and ``to_uint8(decode(encode(x)))`` gives back exactly the ``n_bits`` image, since
-the flow is inverted to ~1e-6 and the centre is ``0.5 / n_bins`` from either bin edge.
+deterministic and ``to_uint8(decode(encode(x)))`` gives back exactly the ``n_bits`` image.
 
 All edits happen on the **standardised** latents ``ε = (z - mean) / std`` of every level
 (``encode(..., standardized=True)``), as in the official demo. For a class-conditional model
@@ -17,9 +16,8 @@ All edits happen on the **standardised** latents ``ε = (z - mean) / std`` of ev
 on it, the ``z``s do not.
 
 Displayed images go through :func:`torchglow.images.display_uint8`: bin ``max_level`` -> 255.
-``max_level=None`` uses the input images' own top bin where there are inputs (so the digits,
-which use bins 0..16 of 32, are shown at full contrast) and the top bin ``2**n_bits - 1`` for
-samples; pass ``max_level`` to choose.
+``max_level=None`` uses the input images' own top bin (so the digits, which use bins 0..16 of 32,
+are shown at full contrast); pass ``max_level`` to choose.
 """
 
 from __future__ import annotations
@@ -34,26 +32,19 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from . import preprocess as pp
-from .health import check_samples
-from .images import data_max_level, display_uint8, save_grid
+from .files import write_json_atomic
+from .images import bin_centres, data_max_level, display_uint8, save_grid
 from .model import Glow
+from .sampling import check_labels
 
 DIRECTION_SCALE = 1.6  # official demo/get_manipulators.py: 1.6 * (mean ε with - mean ε without)
-DEFAULT_TEMPERATURES = (0.0, 0.5, 0.7, 0.8, 0.9, 1.0)
 
 
 # ---------------------------------------------------------------------------- helpers
-def _device_dtype(model: Glow) -> tuple[torch.device, torch.dtype]:
-    return model.device, model.dtype
-
-
-def bin_centres(model: Glow, x_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> model space at the centre of each ``n_bits`` bin, on the model's device
-    and in its dtype."""
-    device, dtype = _device_dtype(model)
-    n_bits = model.config.n_bits
-    x = pp.preprocess(x_uint8.cpu(), n_bits) + 0.5 / pp.n_bins(n_bits)
-    return x.to(device=device, dtype=dtype)
+def _centres(model: Glow, x_uint8: torch.Tensor) -> torch.Tensor:
+    """:func:`bin_centres` on the model's device, in its dtype."""
+    device, dtype = model.device, model.dtype
+    return bin_centres(x_uint8, model.config.n_bits).to(device=device, dtype=dtype)
 
 
 def _reduced(x_uint8: torch.Tensor, n_bits: int) -> torch.Tensor:
@@ -69,23 +60,6 @@ def _check_images(model: Glow, x_uint8: torch.Tensor, what: str = "images") -> N
                          f"got {tuple(x_uint8.shape)}")
 
 
-def _labels(model: Glow, y, n: int, device: torch.device) -> torch.Tensor | None:
-    if not model.config.num_classes:
-        if y is not None:
-            raise ValueError("this model is not class-conditional: do not pass y")
-        return None
-    if y is None:
-        raise ValueError("this model is class-conditional: pass y, one label per image")
-    y = torch.as_tensor(y, dtype=torch.long).reshape(-1)
-    if y.numel() == 1 and n > 1:
-        y = y.expand(n)
-    if y.numel() != n:
-        raise ValueError(f"expected {n} labels, got {y.numel()}")
-    if (y < 0).any() or (y >= model.config.num_classes).any():
-        raise ValueError(f"labels must be in 0..{model.config.num_classes - 1}")
-    return y.to(device)
-
-
 def _batches(n: int, batch_size: int) -> Iterable[slice]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -98,11 +72,11 @@ def encode_eps(model: Glow, x_uint8: torch.Tensor, y=None, batch_size: int = 256
     """Standardised latents ε (one tensor per level, shapes ``model.latent_shapes``) of uint8
     images encoded at their bin centres, on the model's device."""
     _check_images(model, x_uint8)
-    device, _ = _device_dtype(model)
-    y = _labels(model, y, x_uint8.shape[0], device)
+    device = model.device
+    y = check_labels(model, y, x_uint8.shape[0], device)
     parts: list[list[torch.Tensor]] = []
     for sl in _batches(x_uint8.shape[0], batch_size):
-        eps, _ = model.encode(bin_centres(model, x_uint8[sl]), None if y is None else y[sl], standardized=True)
+        eps, _ = model.encode(_centres(model, x_uint8[sl]), None if y is None else y[sl], standardized=True)
         parts.append(eps)
     return [torch.cat([p[i] for p in parts]) for i in range(len(model.latent_shapes))]
 
@@ -110,9 +84,9 @@ def encode_eps(model: Glow, x_uint8: torch.Tensor, y=None, batch_size: int = 256
 @torch.no_grad()
 def decode_eps(model: Glow, eps: Sequence[torch.Tensor], y=None, batch_size: int = 256) -> torch.Tensor:
     """Model-space images from standardised latents (inverse of :func:`encode_eps`)."""
-    device, dtype = _device_dtype(model)
+    device, dtype = model.device, model.dtype
     n = eps[0].shape[0]
-    y = _labels(model, y, n, device)
+    y = check_labels(model, y, n, device)
     out = []
     for sl in _batches(n, batch_size):
         out.append(model.decode([e[sl].to(device=device, dtype=dtype) for e in eps],
@@ -120,133 +94,31 @@ def decode_eps(model: Glow, eps: Sequence[torch.Tensor], y=None, batch_size: int
     return torch.cat(out)
 
 
-def _write_json(path: Path, summary: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2) + "\n")
-
-
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("_") or "direction"
-
-
-def _fmt(t: float) -> str:
-    return f"{float(t):g}"
-
-
-# ---------------------------------------------------------------------------- sampling
-def _seeded_eps(model: Glow, n: int, seed: int) -> list[torch.Tensor]:
-    """ε ~ N(0, I) for every level, (n, *shape), from a CPU generator seeded with ``seed``."""
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn((n, *s), generator=gen) for s in model.latent_shapes]
-
-
-@torch.no_grad()
-def temperature_rows(model: Glow, temperatures: Sequence[float] = DEFAULT_TEMPERATURES, n_per_row: int = 8,
-                     seed: int = 0, y=None) -> list[torch.Tensor]:
-    """One row of ``n_per_row`` samples per temperature, in model space (float32, CPU): at every
-    level ``z = mean + std · T · ε`` with one seeded ε draw shared by all rows (a column is one
-    latent at every temperature). For a class-conditional model, ``y`` gives the class of each
-    column (one label, or ``n_per_row``); by default column j is class ``j % num_classes``.
-    :func:`torchglow.images.to_display` turns the rows into images for :func:`save_grid`."""
-    if n_per_row < 1:
-        raise ValueError(f"n_per_row must be >= 1, got {n_per_row}")
-    device, dtype = _device_dtype(model)
-    if model.config.num_classes and y is None:
-        y = torch.arange(n_per_row) % model.config.num_classes
-    y = _labels(model, y, n_per_row, device)
-    eps = _seeded_eps(model, n_per_row, seed)
-    return [model.decode([(e * float(t)).to(device=device, dtype=dtype) for e in eps], y, standardized=True).float().cpu()
-            for t in temperatures]
-
-
-@torch.no_grad()
-def sample_grid(model: Glow, out_dir: str | Path, temperatures: Sequence[float] = DEFAULT_TEMPERATURES,
-                n_per_row: int = 8, seed: int = 0, classes: Sequence[int] | None = None,
-                max_level: int | None = None) -> dict[str, Any]:
-    """The paper's temperature sweep: at every level ``z = mean + std · T · ε``, ``ε ~ N(0, I)``.
-
-    One ε draw (``n_per_row`` samples, seeded) is shared by every row, so a column shows the same
-    latent at every temperature (T=0 gives the prior means, the same image in every column).
-
-    * Unconditional model: ``samples.png``, one row per temperature.
-    * Class-conditional model: one grid per temperature, ``samples_T{T}.png``, one row per class
-      (``classes``, default all), the same ε in every row so that columns differ only by class.
-
-    Writes ``samples.json``; returns the summary (files, seed, per-temperature statistics of
-    :func:`torchglow.health.check_samples`, which warns when some values are inf/NaN).
-    """
-    if n_per_row < 1:
-        raise ValueError(f"n_per_row must be >= 1, got {n_per_row}")
-    temperatures = [float(t) for t in temperatures]
-    if not temperatures:
-        raise ValueError("give at least one temperature")
-    if any(t < 0 or not math.isfinite(t) for t in temperatures):
-        raise ValueError(f"temperatures must be finite and >= 0, got {temperatures}")
-    conditional = bool(model.config.num_classes)
-    if classes is not None and not conditional:
-        raise ValueError("classes are only for class-conditional models")
-    if conditional:
-        classes = list(range(model.config.num_classes)) if classes is None else [int(c) for c in classes]
-        _labels(model, classes, len(classes), torch.device("cpu"))  # validates the range
-    n_bits = model.config.n_bits
-    device, dtype = _device_dtype(model)
-    out_dir = Path(out_dir)
-    eps = _seeded_eps(model, n_per_row, seed)
-
-    def draw(t: float, y: torch.Tensor | None) -> torch.Tensor:
-        x = model.decode([(e * t).to(device=device, dtype=dtype) for e in eps], y, standardized=True)
-        return x.float().cpu()
-
-    files: list[str] = []
-    per_t: dict[str, dict[str, float]] = {}
-    if not conditional:
-        rows, labels = [], []
-        for t in temperatures:
-            x = draw(t, None)
-            per_t[_fmt(t)] = check_samples(x, context=f"samples at T={_fmt(t)}")
-            rows.append(display_uint8(pp.to_uint8(x, n_bits), n_bits, max_level))
-            labels.append(f"T={_fmt(t)}")
-        files.append(str(save_grid(rows, out_dir / "samples.png", row_labels=labels)))
-    else:
-        for t in temperatures:
-            rows, labels, xs = [], [], []
-            for c in classes:
-                x = draw(t, torch.full((n_per_row,), c, dtype=torch.long, device=device))
-                xs.append(x)
-                rows.append(display_uint8(pp.to_uint8(x, n_bits), n_bits, max_level))
-                labels.append(f"class {c}")
-            per_t[_fmt(t)] = check_samples(torch.cat(xs), context=f"samples at T={_fmt(t)}")
-            files.append(str(save_grid(rows, out_dir / f"samples_T{_fmt(t)}.png", row_labels=labels)))
-    summary = {
-        "tool": "sample", "seed": seed, "temperatures": temperatures, "n_per_row": n_per_row,
-        "classes": classes if conditional else None, "n_bits": n_bits,
-        "max_level": max_level if max_level is not None else 2**n_bits - 1,
-        "per_temperature": per_t, "files": files,
-    }
-    _write_json(out_dir / "samples.json", summary)
-    return summary
 
 
 # ---------------------------------------------------------------------------- reconstruction
 @torch.no_grad()
 def reconstruct(model: Glow, x_uint8: torch.Tensor, out_dir: str | Path, y=None, nrow: int = 8,
-                batch_size: int = 256, max_level: int | None = None) -> dict[str, Any]:
+                batch_size: int = 256, max_level: int | None = None, info: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
     """Originals next to ``decode(encode(x))`` (bin centres in, no noise).
 
     ``reconstruction.png``: for every ``nrow`` images a row of originals (reduced to ``n_bits``)
     above a row of reconstructions. The summary reports the largest and mean absolute error in
     model space (the [0, 1] pixel scale: model space is [-0.5, 0.5)), and whether ``to_uint8`` of
     the reconstructions equals the ``n_bits``-reduced originals exactly (``uint8_exact``, with the
-    count of pixels that differ).
+    count of pixels that differ). ``info`` (e.g. where the images came from) is added to the summary.
     """
     _check_images(model, x_uint8)
     n_bits = model.config.n_bits
-    device, dtype = _device_dtype(model)
-    yy = _labels(model, y, x_uint8.shape[0], device)
+    device, dtype = model.device, model.dtype
+    yy = check_labels(model, y, x_uint8.shape[0], device)
     max_err, sum_err, count = 0.0, 0.0, 0
     recs = []
     for sl in _batches(x_uint8.shape[0], batch_size):
-        x = bin_centres(model, x_uint8[sl])
+        x = _centres(model, x_uint8[sl])
         yb = None if yy is None else yy[sl]
         latents, _ = model.encode(x, yb)
         x_rec = model.decode(latents, yb)
@@ -270,9 +142,9 @@ def reconstruct(model: Glow, x_uint8: torch.Tensor, out_dir: str | Path, y=None,
         "tool": "reconstruct", "images": int(x_uint8.shape[0]), "dtype": str(dtype).replace("torch.", ""),
         "max_abs_error": max_err, "mean_abs_error": sum_err / max(count, 1),
         "uint8_exact": mismatched == 0, "mismatched_pixels": mismatched,
-        "n_bits": n_bits, "files": [str(png)],
+        "n_bits": n_bits, "files": [str(png)], **(info or {}),
     }
-    _write_json(out_dir / "reconstruction.json", summary)
+    write_json_atomic(out_dir / "reconstruction.json", summary)
     return summary
 
 
@@ -313,7 +185,7 @@ INTERPOLATIONS = {"linear": lerp, "slerp": slerp}
 @torch.no_grad()
 def interpolate(model: Glow, x_a: torch.Tensor, x_b: torch.Tensor, out_dir: str | Path, steps: int = 8,
                 method: str | Sequence[str] = ("linear", "slerp"), y=None, batch_size: int = 256,
-                max_level: int | None = None) -> dict[str, Any]:
+                max_level: int | None = None, info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Interpolate between pairs of images (``x_a[i]``, ``x_b[i]``) through their standardised
     latents: every level's ε is interpolated (``slerp`` on each level's flattened ε) at
     ``t = 0, 1/(steps-1), ..., 1`` and decoded. ``y``: one label per pair for a
@@ -322,7 +194,7 @@ def interpolate(model: Glow, x_a: torch.Tensor, x_b: torch.Tensor, out_dir: str 
     Writes ``interpolation_{method}.png`` (one row per pair, ``steps`` columns from ``x_a`` to
     ``x_b``) per method and ``interpolation.json``; the summary reports, per method, the largest
     model-space error of the decoded endpoints against the images and whether they give back the
-    ``n_bits`` images exactly.
+    ``n_bits`` images exactly. ``info`` is added to the summary.
     """
     _check_images(model, x_a, "x_a")
     _check_images(model, x_b, "x_b")
@@ -340,7 +212,7 @@ def interpolate(model: Glow, x_a: torch.Tensor, x_b: torch.Tensor, out_dir: str 
     eps_b = encode_eps(model, x_b, y, batch_size)
     ts = [i / (steps - 1) for i in range(steps)]
     level = max(data_max_level(x_a, n_bits), data_max_level(x_b, n_bits)) if max_level is None else max_level
-    centres = (bin_centres(model, x_a).float().cpu(), bin_centres(model, x_b).float().cpu())
+    centres = (_centres(model, x_a).float().cpu(), _centres(model, x_b).float().cpu())
     reduced = (_reduced(x_a, n_bits), _reduced(x_b, n_bits))
     out_dir = Path(out_dir)
     files, per_method = [], {}
@@ -358,8 +230,8 @@ def interpolate(model: Glow, x_a: torch.Tensor, x_b: torch.Tensor, out_dir: str 
         rows = [display_uint8(uint8[i], n_bits, level) for i in range(n)]
         files.append(str(save_grid(rows, out_dir / f"interpolation_{m}.png")))
     summary = {"tool": "interpolate", "pairs": n, "steps": steps, "t": ts, "methods": methods,
-               "per_method": per_method, "n_bits": n_bits, "files": files}
-    _write_json(out_dir / "interpolation.json", summary)
+               "per_method": per_method, "n_bits": n_bits, "files": files, **(info or {})}
+    write_json_atomic(out_dir / "interpolation.json", summary)
     return summary
 
 
@@ -378,16 +250,13 @@ def _bool_labels(labels) -> torch.Tensor:
     return labels > 0
 
 
-def binary_labels_from_classes(labels, positive_class: int | Sequence[int],
-                               name: str | None = None) -> tuple[torch.Tensor, list[str]]:
+def binary_labels_from_classes(labels, positive_class: int | Sequence[int]) -> tuple[torch.Tensor, list[str]]:
     """One attribute from class labels: True where the label is ``positive_class`` (or one of
-    them), e.g. "digit 3" against every other digit. Returns (bool (N, 1), [name])."""
+    them), e.g. "digit 3" against every other digit. Returns (bool (N, 1), ["class_3"])."""
     labels = torch.as_tensor(labels).reshape(-1)
     pos = [positive_class] if isinstance(positive_class, int) else list(positive_class)
     mask = torch.isin(labels, torch.as_tensor(pos, dtype=labels.dtype))
-    if name is None:
-        name = "class_" + "_".join(str(p) for p in pos)
-    return mask[:, None], [name]
+    return mask[:, None], ["class_" + "_".join(str(p) for p in pos)]
 
 
 _TRUE = {"1", "true", "yes", "y", "t"}
@@ -459,6 +328,70 @@ def attribute_labels(dataset) -> tuple[torch.Tensor, list[str]]:
     return labels, names
 
 
+def image_ids(dataset) -> list[str]:
+    """The ids a labels CSV names images by: file names for file-backed data sets (CelebA's
+    ``000001.jpg``), else the image's 0-based index in the split."""
+    paths = getattr(dataset, "paths", None)
+    if paths is not None:
+        return [Path(q).name for q in paths]
+    return [str(i) for i in range(len(dataset))]
+
+
+def select_attributes(names: Sequence[str], wanted: Sequence[str] | None, where: str) -> list[str]:
+    """``wanted`` (in order, without repeats) or, when none is asked for, all ``names``; ValueError
+    naming ``where`` for an attribute it does not have."""
+    if not wanted:
+        return list(names)
+    unknown = [w for w in wanted if w not in names]
+    if unknown:
+        shown = ", ".join(names[:50]) + (", ..." if len(names) > 50 else "")
+        raise ValueError(f"unknown attribute(s) {', '.join(unknown)} in {where}; available: {shown}")
+    return list(dict.fromkeys(wanted))
+
+
+def labels_for(dataset, index, classes: Sequence[int] | None = None, csv_path: str | Path | None = None,
+               attributes: Sequence[str] | None = None) -> tuple[torch.Tensor, list[str], str]:
+    """Binary attribute labels (len(index), A) of the images of ``dataset`` at ``index``, their names
+    and where they came from, from exactly one source:
+
+    * ``classes``: one attribute per class C, "has class C" (:func:`binary_labels_from_classes`);
+    * ``csv_path``: a labels CSV (:func:`labels_from_csv`) matched on :func:`image_ids`;
+    * neither: the data set's own per-image attributes (CelebA), of which ``attributes`` must name
+      the ones to use.
+
+    ``attributes`` picks among the CSV's or the data set's attributes. Raises ValueError with a
+    message for the user when the source does not fit the data set."""
+    index = torch.as_tensor(index, dtype=torch.long)
+    if classes is not None:
+        if attributes:
+            raise ValueError("--attribute picks among data set, CSV or saved attributes; "
+                             "--class-attribute already names its attribute(s)")
+        if not dataset.num_classes or (torch.as_tensor(dataset.labels) < 0).all():
+            raise ValueError(f"data set {dataset.name} has no class labels: --class-attribute needs a labelled "
+                             f"data set (use --labels-csv or, for CelebA, --attribute)")
+        bad = [c for c in classes if not 0 <= c < dataset.num_classes]
+        if bad:
+            raise ValueError(f"--class-attribute {bad[0]} is not a class of {dataset.name} "
+                             f"(0..{dataset.num_classes - 1})")
+        labels = torch.as_tensor(dataset.labels)[index]
+        columns = [binary_labels_from_classes(labels, c) for c in dict.fromkeys(classes)]
+        return torch.cat([c[0] for c in columns], 1), [c[1][0] for c in columns], f"classes of {dataset.name}"
+    if csv_path is not None:
+        labels, names = labels_from_csv(csv_path, image_ids(dataset))
+        source = str(csv_path)
+    else:
+        if getattr(dataset, "attributes", None) is None:
+            raise ValueError(f"data set {dataset.name} has no per-image attributes: pass --class-attribute C, "
+                             f"--labels-csv FILE or --directions FILE")
+        labels, names = attribute_labels(dataset)
+        source = f"attributes of {dataset.name}"
+        if not attributes:
+            raise ValueError(f"pass --attribute NAME (one or more) to choose among the attributes of "
+                             f"{dataset.name}: {', '.join(names[:50])}")
+    chosen = select_attributes(names, attributes, source)
+    return labels[index][:, [names.index(n) for n in chosen]], chosen, source
+
+
 @torch.no_grad()
 def attribute_directions(model: Glow, x_uint8: torch.Tensor, labels, names: Sequence[str] | None = None,
                          batch_size: int = 256, y=None, scale: float = DIRECTION_SCALE
@@ -483,13 +416,13 @@ def attribute_directions(model: Glow, x_uint8: torch.Tensor, labels, names: Sequ
     for name, p in zip(names, n_pos.tolist()):
         if p == 0 or p == n:
             raise ValueError(f"attribute {name!r}: {p} of {n} images have it; need images with and without")
-    device, _ = _device_dtype(model)
-    yy = _labels(model, y, n, device)
+    device = model.device
+    yy = check_labels(model, y, n, device)
     lab = labels.to(device=device, dtype=torch.float64)
     pos_sum = [torch.zeros(n_attr, math.prod(s), dtype=torch.float64, device=device) for s in model.latent_shapes]
     tot_sum = [torch.zeros(math.prod(s), dtype=torch.float64, device=device) for s in model.latent_shapes]
     for sl in _batches(n, batch_size):
-        eps, _ = model.encode(bin_centres(model, x_uint8[sl]), None if yy is None else yy[sl], standardized=True)
+        eps, _ = model.encode(_centres(model, x_uint8[sl]), None if yy is None else yy[sl], standardized=True)
         for i, e in enumerate(eps):
             flat = e.reshape(e.shape[0], -1).double()
             pos_sum[i] += lab[sl].T @ flat
@@ -526,16 +459,23 @@ def save_directions(directions: dict[str, Sequence[torch.Tensor]], path: str | P
 
 
 def load_directions(path: str | Path) -> dict[str, list[torch.Tensor]]:
-    """Inverse of :func:`save_directions`: ``{name: [per-level direction]}`` in the saved order."""
+    """Inverse of :func:`save_directions`: ``{name: [per-level direction]}`` in the saved order.
+    ValueError (naming the file) for a missing, foreign or damaged file."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != "torchglow-directions":
-            raise ValueError(f"{path} is not a torchglow directions file")
-        names = json.loads(meta["names"])
-        n_levels = int(meta["n_levels"])
-        return {name: [f.get_tensor(f"{i}/level{lvl}") for lvl in range(n_levels)] for i, name in enumerate(names)}
+    if not Path(path).is_file():
+        raise ValueError(f"directions file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") == "torchglow-directions":
+                names = json.loads(meta["names"])
+                n_levels = int(meta["n_levels"])
+                return {name: [f.get_tensor(f"{i}/level{lvl}") for lvl in range(n_levels)]
+                        for i, name in enumerate(names)}
+    except Exception as e:  # safetensors raises its own error types for files of other formats
+        raise ValueError(f"cannot read directions file {path}: {e}") from None
+    raise ValueError(f"cannot read directions file {path}: not a torchglow directions file")
 
 
 @torch.no_grad()
@@ -558,7 +498,7 @@ def manipulate(model: Glow, x_uint8: torch.Tensor, direction: Sequence[torch.Ten
     if not alphas:
         raise ValueError("give at least one alpha")
     n_bits = model.config.n_bits
-    device, dtype = _device_dtype(model)
+    device, dtype = model.device, model.dtype
     dirs = [d.reshape(1, *s).to(device=device, dtype=dtype) for d, s in zip(direction, model.latent_shapes)]
     eps = encode_eps(model, x_uint8, y, batch_size)
     cols = []
@@ -567,7 +507,7 @@ def manipulate(model: Glow, x_uint8: torch.Tensor, direction: Sequence[torch.Ten
         x = decode_eps(model, [e + a * d for e, d in zip(eps, dirs)], y, batch_size).float().cpu()
         if a == 0.0:
             summary_extra = {
-                "alpha0_max_abs_error": float((x - bin_centres(model, x_uint8).float().cpu()).abs().max()),
+                "alpha0_max_abs_error": float((x - _centres(model, x_uint8).float().cpu()).abs().max()),
                 "alpha0_uint8_exact": bool((pp.to_uint8(x, n_bits) == _reduced(x_uint8, n_bits)).all()),
             }
         cols.append(pp.to_uint8(x, n_bits))
@@ -579,5 +519,19 @@ def manipulate(model: Glow, x_uint8: torch.Tensor, direction: Sequence[torch.Ten
     summary = {"tool": "manipulate", "name": name, "images": int(x_uint8.shape[0]), "alphas": alphas,
                "direction_norm_per_level": [float(d.norm()) for d in dirs], **summary_extra,
                "n_bits": n_bits, "files": [str(png)]}
-    _write_json(out_dir / f"manipulate_{_slug(name)}.json", summary)
+    write_json_atomic(out_dir / f"manipulate_{_slug(name)}.json", summary)
+    return summary
+
+
+def manipulate_all(model: Glow, x_uint8: torch.Tensor, directions: dict[str, Sequence[torch.Tensor]],
+                   out_dir: str | Path, alphas: Sequence[float] = (-1.0, -0.5, 0.0, 0.5, 1.0), y=None,
+                   batch_size: int = 256, max_level: int | None = None, info: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+    """:func:`manipulate` along each of ``directions`` (``{name: per-level direction}``); writes
+    ``manipulate.json``, the summaries per attribute with ``info`` added, and returns it."""
+    per_attribute = {name: manipulate(model, x_uint8, d, out_dir, alphas=alphas, y=y, name=name,
+                                      batch_size=batch_size, max_level=max_level) for name, d in directions.items()}
+    summary = {"tool": "manipulate", "alphas": [float(a) for a in alphas], **(info or {}),
+               "attributes": per_attribute, "files": [f for s in per_attribute.values() for f in s["files"]]}
+    write_json_atomic(Path(out_dir) / "manipulate.json", summary)
     return summary

@@ -25,7 +25,6 @@ threshold that flags 95% of the OOD inputs. Non-finite scores count as the most 
 from __future__ import annotations
 
 import io
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,6 +33,8 @@ import numpy as np
 import torch
 
 from . import preprocess as pp
+from .files import write_json_atomic
+from .images import data_max_level
 from .model import Glow
 
 NOISE_CHUNK = 1024  # dequantisation noise is drawn per chunk of this many images, whatever the batch size
@@ -204,6 +205,47 @@ def uniform_noise(n: int, shape: Sequence[int], n_bits: int, seed: int = 0,
     return (levels << (8 - n_bits)).to(torch.uint8)
 
 
+TRANSFORMS = ("flipped", "inverted", "noise")
+
+
+def ood_sets(x_in: torch.Tensor, n_bits: int, transforms: Sequence[str] = TRANSFORMS, datasets: Sequence[str] = (),
+             folders: Sequence[str] = (), split: str = "test", data_dir: str | None = None, download: bool = False,
+             max_images: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
+    """OOD sets of uint8 images shaped like the in-distribution images ``x_in`` (N, C, H, W):
+
+    * ``transforms`` of ``x_in`` (:data:`TRANSFORMS`): :func:`flipped`, :func:`inverted` and
+      :func:`uniform_noise` over the bins ``x_in`` uses (N images);
+    * ``datasets``: the ``split`` of other data sets (:func:`torchglow.data.load_dataset`),
+      converted to the channels and size of ``x_in``;
+    * ``folders``: every image of each folder (both of its splits), named ``folder:PATH``.
+
+    Data sets and folders give at most ``max_images`` images each (seeded choice; 0: all).
+    Raises ValueError for an unknown transform and :class:`~torchglow.data.DatasetError` for data
+    that cannot be loaded or converted."""
+    from .data import DatasetError, load_dataset, pick_indices
+
+    unknown = sorted(set(transforms) - set(TRANSFORMS))
+    if unknown:
+        raise ValueError(f"unknown OOD transform(s) {', '.join(unknown)}; choose from {', '.join(TRANSFORMS)}")
+    top = data_max_level(x_in, n_bits)
+    make = {"flipped": lambda: flipped(x_in), "inverted": lambda: inverted(x_in, n_bits, top),
+            "noise": lambda: uniform_noise(x_in.shape[0], x_in.shape[1:], n_bits, seed=seed, max_level=top)}
+    sets = {t: make[t]() for t in dict.fromkeys(transforms)}
+    c, h, _ = x_in.shape[1:]
+    for name in dict.fromkeys(datasets):
+        ds = load_dataset(name, split, data_dir=data_dir, download=download, image_size=h, channels=c)
+        sets[ds.name] = ds.take(pick_indices(len(ds), max_images, seed))[0]
+    for folder in dict.fromkeys(folders):
+        parts = [load_dataset(f"folder:{folder}", "train", image_size=h, channels=c)]
+        try:
+            parts.append(load_dataset(f"folder:{folder}", "test", image_size=h, channels=c))
+        except DatasetError:  # a folder of fewer than 20 images has no test split
+            pass
+        x = torch.cat([ds.take(torch.arange(len(ds)))[0] for ds in parts])
+        sets[f"folder:{folder}"] = x[pick_indices(len(x), max_images, seed)]
+    return sets
+
+
 # ---------------------------------------------------------------------------- report
 def _histogram(values: dict[str, torch.Tensor], in_name: str, path: Path, xlabel: str, title: str) -> None:
     """One panel per OOD set, overlaid on the in-distribution histogram with bins spanning just
@@ -255,7 +297,7 @@ def _stats(v: torch.Tensor) -> dict[str, Any]:
 def ood_report(model: Glow, in_images: torch.Tensor, out_sets: dict[str, torch.Tensor], out_dir: str | Path,
                batch_size: int = 256, seed: int = 0, typicality_m: int | Sequence[int] = (2, 10),
                in_reference: torch.Tensor | None = None, in_name: str = "in-distribution",
-               verbose: bool = True) -> dict[str, Any]:
+               verbose: bool = True, info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Score in-distribution test images against OOD sets with ``bpd``, ``typicality_m{M}`` (one
     per M in ``typicality_m``) and ``complexity``; AUROC, AUPR and FPR@95%TPR for every pair.
 
@@ -266,7 +308,7 @@ def ood_report(model: Glow, in_images: torch.Tensor, out_sets: dict[str, torch.T
 
     Writes ``ood.json``, ``bpd_hist.png`` (bits/dim histograms, one panel per OOD set against
     the in-distribution set) and ``complexity_hist.png``; prints the table when ``verbose``;
-    returns the summary, whose ``"table"`` is the printed table.
+    returns the summary, whose ``"table"`` is the printed table, with ``info`` added.
     """
     if not out_sets:
         raise ValueError("give at least one OOD set")
@@ -326,8 +368,9 @@ def ood_report(model: Glow, in_images: torch.Tensor, out_sets: dict[str, torch.T
         "complexity": {k: _stats(v) for k, v in complexity.items()},
         "metrics": results, "skipped": skipped, "table": table,
         "files": [str(out_dir / "bpd_hist.png"), str(out_dir / "complexity_hist.png"), str(out_dir / "ood.json")],
+        **(info or {}),
     }
-    (out_dir / "ood.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(out_dir / "ood.json", summary)
     if verbose:
         print(table)
     return summary

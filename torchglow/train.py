@@ -394,8 +394,8 @@ def train(model_config: GlowConfig, cfg: TrainConfig, resume: bool = False, prog
 
 def _train(model_config: GlowConfig, cfg: TrainConfig, resume: bool, progress: bool, stop: _StopRequest) -> TrainResult:
     from .data import DatasetError, augment, load_dataset
-    from .images import data_max_level, save_grid, to_display
-    from .latent import bin_centres, temperature_rows
+    from .images import bin_centres, data_max_level, save_grid, to_display
+    from .sampling import temperature_rows
 
     check_memory_mode(cfg.memory, model_config.dropout)
     device = dist_utils.setup(cfg.device)
@@ -520,7 +520,8 @@ def _train(model_config: GlowConfig, cfg: TrainConfig, resume: bool, progress: b
     metrics_file = open(out / "metrics.jsonl", "a") if is_main else None
     # a few fixed training images (bin centres: no random draw) for the per-epoch health numbers
     health_x, health_y = train_data.all(limit=HEALTH_IMAGES)
-    health_x, health_y = bin_centres(model, health_x[:HEALTH_IMAGES]), health_y[:HEALTH_IMAGES].to(device)
+    health_x = bin_centres(health_x[:HEALTH_IMAGES], model_config.n_bits).to(device)
+    health_y = health_y[:HEALTH_IMAGES].to(device)
     tb = _tensorboard(out) if is_main else None
 
     def log(record: dict[str, Any]) -> None:

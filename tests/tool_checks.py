@@ -1,0 +1,52 @@
+"""Shared helpers of the tool tests (sampling, latent, OOD, images, CLI): digits-like images, a
+small perturbed model, PNG reading."""
+
+import pytest
+import torch
+from PIL import Image
+
+from torchglow import Glow, preset
+from torchglow.preprocess import dequantize, preprocess
+
+from flow_checks import perturb
+
+
+def digits_like(n, seed=0, c=1, h=8, w=8):
+    """uint8 images like scikit-learn's digits: 17 levels stored as level * 8 (0..128)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 17, (n, c, h, w), generator=g) * 8).to(torch.uint8)
+
+
+def make_model(seed=1, **overrides) -> Glow:
+    """A 2-step digits model in eval mode, ActNorm initialised on digits-like images and every
+    parameter perturbed, so that the couplings and priors are not the identity."""
+    torch.manual_seed(seed)
+    model = Glow(preset("digits", n_steps=2, hidden_channels=16, **overrides))
+    x = digits_like(64, seed=1)
+    y = torch.arange(64) % model.config.num_classes if model.config.num_classes else None
+    model.initialize(dequantize(preprocess(x, 5), 5), y)
+    perturb(model, 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> Glow:
+    return make_model()
+
+
+@pytest.fixture(scope="module")
+def cond_model() -> Glow:
+    """A class-conditional model of 3 classes."""
+    return make_model(num_classes=3)
+
+
+def open_png(path) -> Image.Image:
+    with Image.open(path) as img:
+        img.load()
+        return img
+
+
+def grid_shape(img, h=8, scale=4, pad=2):
+    """(rows, columns) of a grid of h x h images upscaled by `scale` with `pad` px padding."""
+    cell = h * scale + pad
+    return (img.height - pad) // cell, (img.width - pad) // cell
