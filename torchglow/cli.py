@@ -636,6 +636,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description=bench.__doc__.split("\n\n")[0] + " Writes benchmarks/results/<name>.json.")
     bench.add_arguments(p)
     p.set_defaults(func=bench.cmd_bench)
+
+    from . import demo
+    p = sub.add_parser("demo", help="the interactive demo page (samples, your image, edit, mix) for a run",
+                       description=demo.__doc__.split("\n\n")[0])
+    demo.add_arguments(p)
+    p.set_defaults(func=demo.cmd_demo)
     return parser
 
 
