@@ -51,6 +51,7 @@ MAX_TEMPERATURE = 2.0
 MAX_ALPHA = 2.0  # the page's sliders span [-1, 1], as the official demo's
 HISTOGRAM_BINS = 30
 GALLERY_SIZE = 16
+SAMPLES_PER_ROW = 6
 
 
 def human_size(n_bytes: float) -> str:
@@ -233,7 +234,7 @@ class DemoSession:
     def __init__(self, model: Glow, *, name: str = "model", test_images: torch.Tensor | None = None,
                  test_labels: torch.Tensor | None = None, class_names: Sequence[str] | None = None,
                  directions: dict[str, Sequence[torch.Tensor]] | None = None, direction_source: str = "",
-                 max_level: int | None = None, n_samples: int = 16, cache_size: int = 64, seed: int = 0):
+                 max_level: int | None = None, n_samples: int = 24, cache_size: int = 64, seed: int = 0):
         self.model = model.eval()
         cfg = model.config
         self.name = name
@@ -307,7 +308,7 @@ class DemoSession:
                              else "this model is not class-conditional: no label")
         with self.lock:
             (x,) = temperature_rows(self.model, [temperature], n_per_row=self.n_samples, seed=seed, y=label)
-            return png_data_url(to_display(x, self.n_bits, self.max_level))
+            return png_data_url(to_display(x, self.n_bits, self.max_level), nrow=SAMPLES_PER_ROW)
 
     @torch.no_grad()
     def encode(self, x_uint8: torch.Tensor, y: int | None = None) -> dict[str, Any]:
@@ -407,7 +408,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-images", type=int, default=2000,
                    help="at most this many (seeded) images for the directions and for the test histogram")
     p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_BYTES / 2**20, help="upload size limit")
-    p.add_argument("--samples", type=int, default=16, help="samples in the grid")
+    p.add_argument("--samples", type=int, default=24, help=f"samples in the grid ({SAMPLES_PER_ROW} a row)")
     p.add_argument("--seed", type=int, default=0, help="seeds the choice of images and the first samples")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
