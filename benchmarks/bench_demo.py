@@ -9,7 +9,9 @@
 Models: the digits preset (K=12, width 64, 8x8x1) and a cifar10-shaped model (K=8, width 128,
 32x32x3, L=3), both initialised on random images (the timing does not depend on training), with
 10 random attribute directions. Rounds are interleaved (every case once per round) and the
-median and 90th percentile over rounds are reported, in milliseconds.
+median and 90th percentile over rounds are reported, in milliseconds. Everything is timed in a
+worker thread, as the server runs the model (Starlette's thread pool): on a loaded 2-core machine,
+torch's 2 intra-op threads called from the main thread were 10-25x slower than from a worker.
 
     python benchmarks/bench_demo.py --rounds 30
 """
@@ -20,6 +22,7 @@ import argparse
 import os
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -65,14 +68,19 @@ def main() -> None:
         cases[(label, "edit_http")] = lambda r, c=client, a=a: c.post(
             "/api/edit", json={"token": a, "alphas": alphas(r)}).raise_for_status()
     times = {k: [] for k in cases}
-    for fn in cases.values():  # warm-up
-        fn(0)
+
+    def measure() -> None:
+        for fn in cases.values():  # warm-up
+            fn(0)
+        for r in range(args.rounds):
+            for key, fn in cases.items():
+                t0 = time.perf_counter()
+                fn(r)
+                times[key].append(1000 * (time.perf_counter() - t0))
+
     load = os.getloadavg()[0]
-    for r in range(args.rounds):
-        for key, fn in cases.items():
-            t0 = time.perf_counter()
-            fn(r)
-            times[key].append(1000 * (time.perf_counter() - t0))
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(measure).result()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
           f"{args.rounds} interleaved rounds, load average {load:.2f} -> {os.getloadavg()[0]:.2f}")
     print(f"{'model':<36} {'update':<10} {'median ms':>9} {'p90 ms':>7}")
