@@ -373,6 +373,33 @@ def test_command_errors_are_one_line(run, tmp_path, capsys, argv, code, needle):
     assert needle in err and len(err.strip().splitlines()) == 1
 
 
+def test_directions_from_classes_csv_and_file(run, tmp_path, capsys):
+    import argparse
+
+    from torchglow.checkpoint import load_model
+    from torchglow.latent import save_directions
+
+    model = load_model(run)
+
+    def args(**kw):
+        base = dict(directions=None, labels_csv=None, dataset=None, data_dir=None, max_images=200, seed=0)
+        return argparse.Namespace(**{**base, **kw})
+
+    classes, source = demo._directions(args(), model, run)
+    assert list(classes) == [f"class {d}" for d in range(10)] and source == "classes of digits/train (200 images)"
+    rows = ["id,odd,never"] + [f"{i},{i % 2},0" for i in range(1497)]  # the training split's 1497 images
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    from_csv, source = demo._directions(args(labels_csv=str(tmp_path / "labels.csv")), model, run)
+    assert list(from_csv) == ["odd"] and "labels.csv on digits/train" in source
+    assert "no slider for never" in capsys.readouterr().err
+    save_directions(classes, tmp_path / "d.safetensors")
+    loaded, source = demo._directions(args(directions=str(tmp_path / "d.safetensors")), model, run)
+    assert all(torch.equal(a, b) for n in classes for a, b in zip(classes[n], loaded[n]))
+    save_directions({"bad": [torch.zeros(3), torch.zeros(2)]}, tmp_path / "bad.safetensors")
+    with pytest.raises(cli.CLIError, match="direction 'bad' has levels of"):
+        demo._directions(args(directions=str(tmp_path / "bad.safetensors")), model, run)
+
+
 def start_server(run: str, log: Path) -> tuple[subprocess.Popen, str]:
     """``python -m torchglow demo RUN --port 0`` with this checkout's code; returns it and its URL."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),

@@ -1,6 +1,6 @@
-"""``torchglow demo``: the interactive page of the official Glow demo (openai/glow ``demo/``) for any
-trained run: samples at a temperature, an uploaded image's model input, reconstruction, bits/dim and
-typicality, a slider per attribute direction, and a walk between two images.
+"""The interactive page of the official Glow demo (openai/glow demo/) for any trained run: samples
+at a temperature, an uploaded image's model input, reconstruction, bits/dim and typicality, a
+slider per attribute direction, and a walk between two images (``torchglow demo``).
 
 Everything the page shows is computed here, by functions and a :class:`DemoSession` that are tested
 without a browser; :mod:`torchglow.demo_server` (Starlette + uvicorn) is a thin web layer over the
@@ -51,6 +51,7 @@ MAX_TEMPERATURE = 2.0
 MAX_ALPHA = 2.0  # the page's sliders span [-1, 1], as the official demo's
 HISTOGRAM_BINS = 30
 GALLERY_SIZE = 16
+MAX_CLASS_DIRECTIONS = 100  # one slider per class up to this many classes (not ImageNet's 1000)
 SAMPLES_PER_ROW = 6
 
 
@@ -212,10 +213,8 @@ def edited(eps: Sequence[torch.Tensor], directions: dict[str, Sequence[torch.Ten
 # ---------------------------------------------------------------------------- the session
 @dataclass
 class Encoded:
-    """An image the page works on: its model input (uint8 (1, C, H, W), reduced to ``n_bits``), its
-    label (class-conditional models) and its standardised latents."""
+    """An image the page works on: its label (class-conditional models) and standardised latents."""
 
-    x: torch.Tensor
     y: torch.Tensor | None
     eps: list[torch.Tensor]
 
@@ -276,13 +275,13 @@ class DemoSession:
 
     def _best_class(self, x_uint8: torch.Tensor) -> torch.Tensor:
         """The class with the highest likelihood ``p(x | y)`` (one dequantisation draw, seeded)."""
-        lps = [scores_bpd(self.model, x_uint8, seed=self.seed, labels=torch.full((len(x_uint8),), c))
+        bpd = [scores_bpd(self.model, x_uint8, seed=self.seed, labels=torch.full((len(x_uint8),), c))
                for c in range(self.num_classes)]
-        return torch.stack(lps).argmin(0)  # lowest bits/dim = highest likelihood
+        return torch.stack(bpd).argmin(0)  # lowest bits/dim = highest likelihood
 
     # ------------------------------------------------------------ what the page asks
     def info(self) -> dict[str, Any]:
-        """The page's static facts: model, classes, directions, histogram, gallery, limits."""
+        """The page's static facts: model, classes, directions, test histogram and gallery."""
         cfg = self.model.config
         ref = self.reference
         return {
@@ -293,7 +292,7 @@ class DemoSession:
             "n_test": 0 if ref is None else int(ref.bpd.numel()),
             "histogram": None if ref is None else ref.histogram(),
             "h_hat": None if ref is None else ref.h_hat,
-            "gallery": self._gallery, "n_samples": self.n_samples, "max_temperature": MAX_TEMPERATURE,
+            "gallery": self._gallery, "n_samples": self.n_samples,
         }
 
     @torch.no_grad()
@@ -324,7 +323,7 @@ class DemoSession:
             eps = [e.cpu() for e in encode_eps(self.model, x, yy)]
             bpd, comp = score_images(self.model, x, self.seed)
             token = secrets.token_urlsafe(12)
-            self._cache[token] = Encoded(x, yy, eps)
+            self._cache[token] = Encoded(yy, eps)
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
             return {
@@ -379,10 +378,12 @@ def latest_run(root: str | Path = "runs") -> Path:
     """The most recently modified folder under ``root`` that holds a checkpoint or a pretrained model."""
     from .model import CONFIG_NAME, WEIGHTS_NAME
 
+    def holds_model(p: Path) -> bool:
+        return (any((p / name).is_file() for name in ("best.pt", "last.pt"))
+                or ((p / CONFIG_NAME).is_file() and (p / WEIGHTS_NAME).is_file()))
+
     root = Path(root)
-    found = [p for p in root.iterdir() if p.is_dir() and ((p / "best.pt").is_file() or (p / "last.pt").is_file()
-                                                          or ((p / CONFIG_NAME).is_file() and (p / WEIGHTS_NAME).is_file()))] \
-        if root.is_dir() else []
+    found = [p for p in root.iterdir() if p.is_dir() and holds_model(p)] if root.is_dir() else []
     if not found:
         raise FileNotFoundError(f"no run folder with a checkpoint under {root}/: pass RUN (a run folder, "
                                 f"checkpoint or pretrained folder)")
@@ -409,20 +410,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="at most this many (seeded) images for the directions and for the test histogram")
     p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_BYTES / 2**20, help="upload size limit")
     p.add_argument("--samples", type=int, default=24, help=f"samples in the grid ({SAMPLES_PER_ROW} a row)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the choice of images and the first samples")
+    p.add_argument("--seed", type=int, default=0, help="seeds the choice of images and the bits/dim dequantisation noise")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-
-
-def _pick(n_total: int, n: int, seed: int) -> torch.Tensor:
-    if n >= n_total:
-        return torch.arange(n_total)
-    return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
 
 
 def _directions(args: argparse.Namespace, model: Glow, run: str) -> tuple[dict[str, list[torch.Tensor]], str]:
     """Attribute directions: a saved file, or computed from the training split's labels (a CSV, the
     data set's per-image attributes, or its classes); none when the run's data are not at hand."""
-    from .cli import CLIError, _class_labels, _csv_ids, _dataset_for, _images_at
+    from .cli import CLIError, _class_labels, _csv_ids, _dataset_for, _images_at, _pick
     from .data import DatasetError
     from .latent import attribute_directions, attribute_labels, labels_from_csv, load_directions
 
@@ -451,6 +446,10 @@ def _directions(args: argparse.Namespace, model: Glow, run: str) -> tuple[dict[s
     elif getattr(data, "attributes", None) is not None:
         labels, names = attribute_labels(data)
         labels, source = labels[index], f"attributes of {data.name}"
+    elif data.num_classes and data.num_classes > MAX_CLASS_DIRECTIONS:
+        print(f"torchglow demo: no attribute sliders: {data.name} has {data.num_classes} classes, more than "
+              f"{MAX_CLASS_DIRECTIONS} sliders (pass --labels-csv or --directions)", file=sys.stderr)
+        return {}, ""
     elif data.num_classes and (y >= 0).all():
         labels, names = class_attributes(y, data.class_names or [str(c) for c in range(data.num_classes)])
         source = f"classes of {data.name}"
@@ -458,8 +457,11 @@ def _directions(args: argparse.Namespace, model: Glow, run: str) -> tuple[dict[s
         print(f"torchglow demo: no attribute sliders: {data.name} has no labels (pass --labels-csv or --directions)",
               file=sys.stderr)
         return {}, ""
-    n_pos = labels.sum(0)
-    keep = [i for i, k in enumerate(n_pos.tolist()) if 0 < k < len(index)]  # both sides needed
+    n_pos = labels.sum(0).tolist()
+    keep = [i for i, k in enumerate(n_pos) if 0 < k < len(index)]  # a direction needs images with and without
+    if len(keep) < len(names):
+        print(f"torchglow demo: no slider for {', '.join(names[i] for i in range(len(names)) if i not in keep)}: "
+              f"all or none of the {len(index)} images have it", file=sys.stderr)
     if not keep:
         return {}, ""
     directions = attribute_directions(model, x, labels[:, keep], [names[i] for i in keep],
@@ -469,7 +471,7 @@ def _directions(args: argparse.Namespace, model: Glow, run: str) -> tuple[dict[s
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
-    from .cli import CLIError, _dataset_for, _device, _images_at
+    from .cli import CLIError, _dataset_for, _device, _images_at, _pick
     from .data import DatasetError
 
     try:
