@@ -373,6 +373,18 @@ def test_command_errors_are_one_line(run, tmp_path, capsys, argv, code, needle):
     assert needle in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_taken_port_is_one_line(run, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["demo", run, "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"torchglow demo: error: cannot listen on 127.0.0.1:{port}")
+
+
 def test_directions_from_classes_csv_and_file(run, tmp_path, capsys):
     import argparse
 

@@ -194,10 +194,9 @@ def create_app(session: DemoSession, max_upload_bytes: int = MAX_UPLOAD_BYTES,
 
 def serve(session: DemoSession, host: str = "127.0.0.1", port: int = 8000,
           max_upload_bytes: int = MAX_UPLOAD_BYTES) -> None:
-    """Listen on ``host:port`` (port 0: a free one), print the page's URL, serve until Ctrl+C."""
+    """Listen on ``host:port`` (port 0: a free one), print the page's URL, serve until Ctrl+C.
+    Raises OSError, with the address in its message, when the address cannot be bound."""
     import uvicorn
-
-    from .cli import CLIError
 
     wildcard = host in ("0.0.0.0", "::", "")
     if wildcard:
@@ -208,9 +207,10 @@ def serve(session: DemoSession, host: str = "127.0.0.1", port: int = 8000,
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(128)  # before the URL is printed: early connections wait in the backlog for uvicorn
     except OSError as e:
         sock.close()
-        raise CLIError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     port = sock.getsockname()[1]
     shown = "127.0.0.1" if wildcard else (f"[{host}]" if ":" in host else host)
     hosts = ["*"] if wildcard else sorted({"127.0.0.1", "localhost", "[::1]", shown})
