@@ -579,6 +579,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the full JSON summary instead of the table")
     p.set_defaults(func=cmd_ood)
 
+    from . import convert, demo
+    p = command("convert", "import a checkpoint of another Glow implementation (y0ast/Glow-PyTorch)",
+                convert.__doc__.split("\n\n")[0])
+    convert.add_arguments(p)
+    p.set_defaults(func=convert.cmd_convert)
+
+    p = command("demo", "the interactive demo page (samples, your image, edit, mix) for a run",
+                demo.__doc__.split("\n\n")[0])
+    demo.add_arguments(p)
+    p.set_defaults(func=demo.cmd_demo)
+
     for p in sub.choices.values():
         add_threads_option(p)
 
@@ -589,11 +600,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_arguments(p)
     p.set_defaults(func=bench.cmd_bench)
 
-    from . import convert
-    p = sub.add_parser("convert", help="import a checkpoint of another Glow implementation (y0ast/Glow-PyTorch)",
-                       description=convert.__doc__.split("\n\n")[0])
-    convert.add_arguments(p)
-    p.set_defaults(func=convert.cmd_convert)
     return parser
 
 
