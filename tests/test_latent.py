@@ -10,7 +10,7 @@ from torchglow.preprocess import to_uint8
 
 from conftest import amplifying_model, cli
 from flow_checks import perturb
-from tool_checks import cond_model, digits_like, grid_shape, model, open_png  # noqa: F401 (fixtures)
+from tool_checks import digits_like, grid_shape, open_png
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
