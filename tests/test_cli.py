@@ -205,8 +205,8 @@ def test_missing_run_is_one_line_exit_1(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["manipulate", "{run}", "--attribute", "Smiling"], "no per-image attributes"),
-    (["manipulate", "{run}", "--class-attribute", "12"], "not a class"),
+    (["manipulate", "{run}", "--attribute", "Smiling"], "no per-image attributes: pass --class-attribute C"),
+    (["manipulate", "{run}", "--class-attribute", "12"], "--class-attribute 12 is not a class"),
     (["manipulate", "{run}", "--directions", "{run}/nope.safetensors"], "does not exist"),
     (["manipulate", "{run}", "--directions", "{run}/last.pt"], "cannot read directions"),
     (["interpolate", "{run}", "--steps", "1"], "steps"),

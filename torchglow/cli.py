@@ -264,14 +264,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- evaluate, sample and the tools
 def _user_errors(cmd):
-    """The library's ValueErrors are the user's (option values that do not fit): one line, exit 2."""
+    """The library's ValueErrors are the user's (option values that do not fit): one line, exit 2,
+    in the command line's words where the error has them (``cli_message``)."""
 
     @functools.wraps(cmd)
     def run(args: argparse.Namespace) -> int:
         try:
             return cmd(args)
         except ValueError as e:
-            raise CLIError(str(e)) from None
+            raise CLIError(getattr(e, "cli_message", str(e))) from None
 
     return run
 
