@@ -2,9 +2,8 @@
 Dhariwal 2018, §5; the official ``demo/``). Sample grids are in :mod:`torchglow.sampling`.
 
 Every tool is one function taking a model, uint8 images (B, C, H, W) and options; it writes a PNG
-grid and a JSON summary into ``out_dir`` and returns the summary (JSON-serialisable). Random draws
-come from a CPU ``torch.Generator`` seeded with ``seed`` and are then moved to the model's device,
-so the same seed gives the same latents (and, on one device, byte-identical PNGs).
+grid and a JSON summary into ``out_dir`` and returns the summary (JSON-serialisable). Nothing is
+random: the same images give the same latents and, on one device, byte-identical PNGs.
 
 Images are encoded at their **bin centres** (:func:`torchglow.images.bin_centres`), not dequantised
 with random noise (the official encoder adds ``U(0, 1/n_bins)`` noise): the encoding is then
@@ -187,7 +186,7 @@ def interpolate(model: Glow, x_a: torch.Tensor, x_b: torch.Tensor, out_dir: str 
                 method: str | Sequence[str] = ("linear", "slerp"), y=None, batch_size: int = 256,
                 max_level: int | None = None, info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Interpolate between pairs of images (``x_a[i]``, ``x_b[i]``) through their standardised
-    latents: every level's ε is interpolated (``slerp`` on each level's flattened ε) at
+    latents: every level's ε is interpolated (``linear``, or ``slerp`` on its flattened rows) at
     ``t = 0, 1/(steps-1), ..., 1`` and decoded. ``y``: one label per pair for a
     class-conditional model, used for both ends (any label reconstructs both ends exactly).
 
@@ -316,12 +315,12 @@ def labels_from_csv(path: str | Path, ids: Sequence[str] | None = None) -> tuple
 
 def attribute_labels(dataset) -> tuple[torch.Tensor, list[str]]:
     """(bool (N, A), names) from a data set with an ``attributes`` tensor (N, A) of -1/1, 0/1 or
-    bool values (CelebA), its names from ``attribute_names`` or ``attr_names`` when present."""
+    bool values (CelebA), its names from ``attribute_names`` when present."""
     attrs = getattr(dataset, "attributes", None)
     if attrs is None:
         raise ValueError("this data set has no per-image attributes: use class labels or a CSV of labels")
     labels = _bool_labels(attrs)
-    names = getattr(dataset, "attribute_names", None) or getattr(dataset, "attr_names", None)
+    names = getattr(dataset, "attribute_names", None)
     names = [str(n) for n in names if str(n)] if names is not None else [f"attr_{i}" for i in range(labels.shape[1])]
     if len(names) != labels.shape[1]:
         raise ValueError(f"{len(names)} attribute names for {labels.shape[1]} attributes")
