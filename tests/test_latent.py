@@ -9,7 +9,6 @@ from torchglow.images import bin_centres
 from torchglow.preprocess import to_uint8
 
 from conftest import amplifying_model, cli
-from flow_checks import perturb
 from tool_checks import digits_like, grid_shape, open_png
 
 

@@ -443,8 +443,6 @@ def _dataset_help() -> str:
 
 RUN_HELP = "run folder, .pt checkpoint or pretrained folder"
 DEVICE_HELP = "auto (a GPU when there is one), cpu, cuda or cuda:N"
-
-
 SEED_HELP = {"evaluate": "seeds the dequantisation noise", "samples": "seeds the draws of the latents"}
 
 
