@@ -5,6 +5,7 @@ from torchglow import Glow, GlowConfig
 from torchglow.cli import main
 
 from flow_checks import perturb
+from tool_checks import make_model
 
 
 @pytest.fixture(autouse=True)
@@ -20,6 +21,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model() -> Glow:
+    """The tool tests' model (:func:`tool_checks.make_model`)."""
+    return make_model()
+
+
+@pytest.fixture(scope="module")
+def cond_model() -> Glow:
+    """A class-conditional model of 3 classes."""
+    return make_model(num_classes=3)
 
 
 VARIANTS = {

@@ -1,6 +1,7 @@
 """The ``torchglow`` command end to end: one tiny trained digits run per module, then every
 subcommand through :func:`torchglow.cli.main`, and its error paths (one line, non-zero exit)."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from PIL import Image
 
 from torchglow import cli, preset
 
+from conftest import cli as call
 from tool_checks import open_png
 
 
@@ -27,12 +29,6 @@ def run(tmp_path_factory, one_thread) -> str:
           TrainConfig(dataset="digits", out=str(out), epochs=1, max_steps=10, batch_size=32, init_images=64,
                       device="cpu", num_workers=0, sample_temperatures=(0.0, 1.0)), progress=False)
     return str(out)
-
-
-def call(capsys, *argv) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 # ------------------------------------------------------------------ train / evaluate / sample
@@ -209,8 +205,8 @@ def test_missing_run_is_one_line_exit_1(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["manipulate", "{run}", "--attribute", "Smiling"], "no per-image attributes"),
-    (["manipulate", "{run}", "--class-attribute", "12"], "not a class"),
+    (["manipulate", "{run}", "--attribute", "Smiling"], "no per-image attributes: pass --class-attribute C"),
+    (["manipulate", "{run}", "--class-attribute", "12"], "--class-attribute 12 is not a class"),
     (["manipulate", "{run}", "--directions", "{run}/nope.safetensors"], "does not exist"),
     (["manipulate", "{run}", "--directions", "{run}/last.pt"], "cannot read directions"),
     (["interpolate", "{run}", "--steps", "1"], "steps"),
@@ -267,12 +263,18 @@ def subcommands():
 
 
 def test_every_option_of_every_subcommand_has_help_without_markup():
+    """Help for every option, without reStructuredText markup, and every default that means something
+    shown as it would be typed (not a Python list)."""
     for name, sub in subcommands().items():
         if name == "bench":
             continue  # bench's options are its own (torchglow.bench)
+        shown = cli.HelpFormatter(name)
         for action in sub._actions:
             assert action.help, f"{name} {action.option_strings or action.dest}"
             assert "`" not in action.help, f"{name} {action.option_strings}: {action.help}"
+            text = shown._expand_help(action)
+            if action.default not in (None, False, argparse.SUPPRESS) and action.dest != "help":
+                assert "(default: " in text and "[" not in text, f"{name} {action.option_strings}: {text}"
 
 
 def test_help_shows_defaults_and_data_set_names(capsys):

@@ -17,8 +17,7 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 
-from conftest import tiny_config
-from flow_checks import perturb
+from conftest import tiny_config, tiny_glow
 from torchglow import Glow, GlowConfig
 from torchglow.checkpoint import load_model
 from torchglow.hub import write_model_card
@@ -35,12 +34,6 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
-def trained_like(config=None) -> Glow:
-    model = Glow(config or tiny_config(num_classes=3))
-    perturb(model)
-    return model
-
-
 def assert_same_model(a: Glow, b: Glow) -> None:
     assert a.config == b.config
     sa, sb = a.state_dict(), b.state_dict()
@@ -50,7 +43,7 @@ def assert_same_model(a: Glow, b: Glow) -> None:
 
 
 def test_save_pretrained_writes_the_folder_format_and_a_card(tmp_path):
-    model = trained_like()
+    model = tiny_glow("conditional", torch.float32)
     model.save_pretrained(tmp_path, model_card_kwargs=dict(dataset="digits", test_bpd=2.0942, command="torchglow train"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert json.loads((tmp_path / "config.json").read_text()) == model.config.to_dict()
@@ -63,7 +56,7 @@ def test_save_pretrained_writes_the_folder_format_and_a_card(tmp_path):
 
 
 def test_from_pretrained_round_trip_and_positional_map_location(tmp_path):
-    model = trained_like()
+    model = tiny_glow("conditional", torch.float32)
     model.save_pretrained(tmp_path)
     for loaded in (Glow.from_pretrained(tmp_path), Glow.from_pretrained(str(tmp_path), "cpu")):
         assert_same_model(model, loaded)
@@ -76,7 +69,7 @@ def test_from_pretrained_round_trip_and_positional_map_location(tmp_path):
 
 def test_folders_written_before_the_mixin_still_load(tmp_path):
     """The format of earlier versions (config.json + model.safetensors, no card) as they wrote it."""
-    model = trained_like()
+    model = tiny_glow("conditional", torch.float32)
     model.config.save(tmp_path / "config.json")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"),
               metadata={"format": "torchglow"})
@@ -87,7 +80,7 @@ def test_folders_written_before_the_mixin_still_load(tmp_path):
 def test_a_hub_repository_is_read_from_the_cache(tmp_path):
     """``from_pretrained("user/name")`` goes through hf_hub_download; with local_files_only it reads
     the Hub cache (models--user--name/snapshots/<commit>, refs/main) and needs no network."""
-    model = trained_like()
+    model = tiny_glow("conditional", torch.float32)
     model.save_pretrained(tmp_path / "saved")
     repo = tmp_path / "cache" / "models--user--tiny-glow"
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -101,14 +94,14 @@ def test_a_hub_repository_is_read_from_the_cache(tmp_path):
 
 
 def test_a_folder_without_config_names_the_file(tmp_path):
-    trained_like().save_pretrained(tmp_path)
+    tiny_glow("conditional", torch.float32).save_pretrained(tmp_path)
     (tmp_path / "config.json").unlink()
     with pytest.raises(ValueError, match="config.json"):
         Glow.from_pretrained(tmp_path)
 
 
 def test_write_model_card_rewrites_the_card(tmp_path):
-    model = trained_like(tiny_config())
+    model = tiny_glow("affine_lu", torch.float32)
     model.save_pretrained(tmp_path)
     assert "test bits/dim" not in (tmp_path / "README.md").read_text()
     path = write_model_card(tmp_path, model.config, dataset="digits", test_bpd=2.5, command="torchglow train --preset digits")
@@ -121,7 +114,7 @@ def test_write_model_card_rewrites_the_card(tmp_path):
 
 @pytest.mark.slow
 def test_local_folder_loads_with_hf_hub_offline(tmp_path):
-    trained_like().save_pretrained(tmp_path / "m")
+    tiny_glow("conditional", torch.float32).save_pretrained(tmp_path / "m")
     code = "import sys; from torchglow import Glow; print(Glow.from_pretrained(sys.argv[1]).config.n_steps)"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], capture_output=True, text=True, env=env)

@@ -9,8 +9,7 @@ from torchglow.images import bin_centres
 from torchglow.preprocess import to_uint8
 
 from conftest import amplifying_model, cli
-from flow_checks import perturb
-from tool_checks import cond_model, digits_like, grid_shape, model, open_png  # noqa: F401 (fixtures)
+from tool_checks import digits_like, grid_shape, open_png
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -242,16 +241,28 @@ def test_labels_for_classes_csv_and_attributes(tmp_path):
     labels, names, source = latent.labels_for(_Data(), [1, 2, 3], classes=[3, 1, 3])
     assert names == ["class_3", "class_1"] and source == "classes of toy"
     assert labels.tolist() == [[True, False], [False, True], [True, False]]
-    with pytest.raises(ValueError, match="not a class of toy"):
+    with pytest.raises(latent.LabelsError, match=r"^classes: 4 is not a class of toy \(0..3\)$") as e:
         latent.labels_for(_Data(), [0], classes=[4])
+    assert e.value.cli_message == "--class-attribute 4 is not a class of toy (0..3)"
+    with pytest.raises(latent.LabelsError, match="^attributes picks") as e:
+        latent.labels_for(_Data(), [0], classes=[1], attributes=["b"])
+    assert "--class-attribute" in e.value.cli_message and "--" not in str(e.value)
     csv = tmp_path / "l.csv"
     csv.write_text("id,a,b\n" + "".join(f"{i},{i % 2},{int(i > 2)}\n" for i in range(6)))
     labels, names, source = latent.labels_for(_Data(), [5, 0], csv_path=csv, attributes=["b"])
     assert names == ["b"] and source == str(csv) and labels.tolist() == [[True], [False]]
     with pytest.raises(ValueError, match="unknown attribute.*available: a, b"):
         latent.labels_for(_Data(), [0], csv_path=csv, attributes=["c"])
-    with pytest.raises(ValueError, match="no per-image attributes"):
+    with pytest.raises(latent.LabelsError, match="no per-image attributes: pass classes or csv_path$") as e:
         latent.labels_for(_Data(), [0])
+    assert e.value.cli_message.endswith("pass --class-attribute C, --labels-csv FILE or --directions FILE")
+
+    class Unlabelled(_Data):
+        labels = torch.full((6,), -1)
+
+    with pytest.raises(latent.LabelsError, match="toy has no class labels: use csv_path") as e:
+        latent.labels_for(Unlabelled(), [0], classes=[1])
+    assert "--labels-csv" in e.value.cli_message
 
     class Faces(_Data):
         attributes = torch.tensor([[1, -1], [-1, 1], [1, 1]])
@@ -259,8 +270,9 @@ def test_labels_for_classes_csv_and_attributes(tmp_path):
 
     labels, names, _ = latent.labels_for(Faces(), [2, 0], attributes=["Male"])
     assert names == ["Male"] and labels.tolist() == [[True], [False]]
-    with pytest.raises(ValueError, match="pass --attribute NAME.*Smiling, Male"):
+    with pytest.raises(latent.LabelsError, match="^pass attributes .*Smiling, Male") as e:
         latent.labels_for(Faces(), [0])
+    assert e.value.cli_message.startswith("pass --attribute NAME")
 
 
 def test_image_ids():

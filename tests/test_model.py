@@ -193,6 +193,15 @@ def test_save_load_round_trip(tmp_path, variant):
     assert torch.equal(loaded.sample(3, 0.8, y, generator=g1), model.sample(3, 0.8, y, generator=g2))
 
 
+def test_state_dict_keys_of_the_priors_are_the_saved_format():
+    """Saved folders and checkpoints are keyed by module attribute names, not class names: the split
+    priors' keys are the ones every released folder holds (renaming a class must not change them)."""
+    keys = set(Glow(tiny_config(image_shape=(1, 8, 8), n_levels=3, num_classes=2)).state_dict())
+    assert {k for k in keys if k.startswith(("splits.", "top."))} == {
+        f"splits.{i}.conv.{name}" for i in (0, 1) for name in ("logs", "conv.weight", "conv.bias")
+    } | {"top.learned.logs", "top.learned.conv.weight", "top.learned.conv.bias", "top.y_emb.weight", "top.y_emb.bias"}
+
+
 def test_sample_at_temperature_zero_is_deterministic():
     model = tiny_glow("affine_lu", torch.float32)
     a, b = model.sample(2, temperature=0.0), model.sample(2, temperature=0.0)

@@ -8,7 +8,7 @@ from PIL import Image
 
 from torchglow import ood
 
-from tool_checks import digits_like, make_model
+from tool_checks import digits_like, make_model, open_png
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -153,8 +153,7 @@ def test_ood_report(model, tmp_path, capsys):
     assert summary["table"] in printed
     assert json.loads((tmp_path / "ood.json").read_text()) == summary
     for f in ("bpd_hist.png", "complexity_hist.png"):
-        with Image.open(tmp_path / f) as img:
-            assert img.size[0] > 100
+        assert open_png(tmp_path / f).size[0] > 100
     assert set(summary["metrics"]) == set(sets)
     bpd_in = ood.scores_bpd(model, x, 16, seed=0)
     for name, res in summary["metrics"].items():

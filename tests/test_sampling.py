@@ -11,7 +11,7 @@ import torch
 from torchglow import sampling
 from torchglow.health import NumericalHealthWarning
 
-from tool_checks import cond_model, model, open_png  # noqa: F401 (fixtures)
+from tool_checks import open_png
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

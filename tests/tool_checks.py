@@ -1,7 +1,6 @@
 """Shared helpers of the tool tests (sampling, latent, OOD, images, CLI): digits-like images, a
 small perturbed model, PNG reading."""
 
-import pytest
 import torch
 from PIL import Image
 
@@ -27,17 +26,6 @@ def make_model(seed=1, **overrides) -> Glow:
     model.initialize(dequantize(preprocess(x, 5), 5), y)
     perturb(model, 0.05)
     return model.eval()
-
-
-@pytest.fixture(scope="module")
-def model() -> Glow:
-    return make_model()
-
-
-@pytest.fixture(scope="module")
-def cond_model() -> Glow:
-    """A class-conditional model of 3 classes."""
-    return make_model(num_classes=3)
 
 
 def open_png(path) -> Image.Image:

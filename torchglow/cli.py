@@ -58,11 +58,14 @@ class Parser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows an option's default after its help, unless the default is None or False (nothing)."""
+    """Shows an option's default after its help, unless the default is None or False (nothing); a
+    list default as it is typed (``0 0.5 1``), not as a Python list."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.default is None or action.default is False or isinstance(action, argparse._VersionAction):
             return action.help or ""
+        if isinstance(action.default, (list, tuple)):
+            return f"{action.help} (default: {' '.join(map(str, action.default))})"
         return super()._get_help_string(action)
 
 
@@ -261,14 +264,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- evaluate, sample and the tools
 def _user_errors(cmd):
-    """The library's ValueErrors are the user's (option values that do not fit): one line, exit 2."""
+    """The library's ValueErrors are the user's (option values that do not fit): one line, exit 2,
+    in the command line's words where the error has them (``cli_message``)."""
 
     @functools.wraps(cmd)
     def run(args: argparse.Namespace) -> int:
         try:
             return cmd(args)
         except ValueError as e:
-            raise CLIError(str(e)) from None
+            raise CLIError(getattr(e, "cli_message", str(e))) from None
 
     return run
 
@@ -439,10 +443,12 @@ def _dataset_help() -> str:
 
 RUN_HELP = "run folder, .pt checkpoint or pretrained folder"
 DEVICE_HELP = "auto (a GPU when there is one), cpu, cuda or cuda:N"
+SEED_HELP = {"evaluate": "seeds the dequantisation noise", "samples": "seeds the draws of the latents"}
 
 
 def _common_options(p: argparse.ArgumentParser, tool: str, split: str | None, split_help: str = "") -> None:
-    """The options evaluate, sample and every latent/OOD tool share."""
+    """The options evaluate, sample and every latent/OOD tool share; ``tool`` names the output folder
+    (``samples`` for sample)."""
     p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help=RUN_HELP)
     if tool != "samples":
         p.add_argument("--dataset", type=_dataset_name,
@@ -451,7 +457,8 @@ def _common_options(p: argparse.ArgumentParser, tool: str, split: str | None, sp
     if split:
         p.add_argument("--split", choices=("train", "test"), default=split,
                        help=split_help or "split the images come from")
-    p.add_argument("--seed", type=int, default=0, help="seeds the choice of images and any random draw")
+    p.add_argument("--seed", type=int, default=0,
+                   help=SEED_HELP.get(tool, "seeds the choice of images and any random draw"))
     if tool != "samples":
         p.add_argument("--batch-size", type=_count(1), default=256, help="images per forward pass")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -478,11 +485,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help_text: str, description: str | None = None) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_text, description=description or help_text[0].upper() + help_text[1:] + ".",
-                              formatter_class=HelpFormatter)
+    def command(name: str, func, help_text: str, description: str | None = None) -> argparse.ArgumentParser:
+        """The subcommand ``name``, which calls ``func(args)``."""
+        p = sub.add_parser(name, help=help_text, description=description or help_text[0].upper() + help_text[1:] + ".",
+                           formatter_class=HelpFormatter)
+        p.set_defaults(func=func)
+        return p
 
-    p = command("train", "train a Glow (default: the digits preset on scikit-learn's digits, CPU)",
+    p = command("train", cmd_train, "train a Glow (default: the digits preset on scikit-learn's digits, CPU)",
                 "Train a Glow. Precedence: defaults < --preset < --config < flags. The defaults shown are the "
                 "digits preset's; --preset NAME brings its own.")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="model and training defaults (digits)")
@@ -491,15 +501,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_options(p, GlowConfig, {"coupling": COUPLINGS, "permutation": PERMUTATIONS}, PRESETS["digits"])
     add_dataclass_options(p, TrainConfig, {"optimizer": OPTIMIZERS, "precision": PRECISIONS, "memory": MEMORY_MODES},
                           TRAIN_PRESETS["digits"], helps={"dataset": _dataset_help()})
-    p.set_defaults(func=cmd_train)
 
-    p = command("evaluate", "test-set bits/dim of a trained model")
+    p = command("evaluate", cmd_evaluate, "test-set bits/dim of a trained model")
     _common_options(p, "evaluate", "test")
-    p.add_argument("--draws", type=_count(1), default=1, help="dequantisation draws to average (seeded)")
+    p.add_argument("--draws", type=_count(1), default=1, help="dequantisation noise draws averaged per image")
     p.add_argument("--out", help="also write the result to this JSON file")
-    p.set_defaults(func=cmd_evaluate)
 
-    p = command("sample", "image grids at one or more temperatures",
+    p = command("sample", cmd_sample, "image grids at one or more temperatures",
                 "Sample image grids, one row per temperature (one grid per temperature for a class-conditional "
                 "model), into RUN/samples/NAME.png and NAME.json; the default NAME says the temperatures, the "
                 "number per row and the seed, so other options never overwrite earlier grids.")
@@ -508,17 +516,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one row (or grid, class-conditional) per temperature")
     p.add_argument("--n", type=_count(1), default=8, help="samples per row")
     p.add_argument("--name", help="file name stem (default: samples_T<temperatures>_n<n>_seed<seed>)")
-    p.set_defaults(func=cmd_sample)
 
-    p = command("reconstruct", "test images next to decode(encode(x)), with the largest error",
+    p = command("reconstruct", cmd_reconstruct, "test images next to decode(encode(x)), with the largest error",
                 "Encode n seeded test images at their bin centres and decode them back; writes "
                 "reconstruction.png/.json and prints the summary (max_abs_error).")
     _common_options(p, "reconstruct", "test")
     p.add_argument("--n", type=_count(1), default=16, help="images to reconstruct (seeded choice)")
     p.add_argument("--nrow", type=_count(1), default=8, help="images per row of the grid")
-    p.set_defaults(func=cmd_reconstruct)
 
-    p = command("interpolate", "interpolations between pairs of images through their latents",
+    p = command("interpolate", cmd_interpolate, "interpolations between pairs of images through their latents",
                 "Interpolate the standardised latents of seeded pairs of images (linear and/or spherical); one "
                 "PNG per method, interpolation.json.")
     _common_options(p, "interpolate", "test")
@@ -526,9 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=8, help="images per row, both ends included")
     p.add_argument("--method", nargs="+", choices=("linear", "slerp"), default=["linear", "slerp"],
                    help="interpolation(s) of every level's latent")
-    p.set_defaults(func=cmd_interpolate)
 
-    p = command("manipulate", "edit images along attribute directions in latent space",
+    p = command("manipulate", cmd_manipulate, "edit images along attribute directions in latent space",
                 "Attribute directions as in the official demo: 1.6 * (mean latent of the images with the "
                 "attribute - mean latent of those without), from the data set's attributes (CelebA, --attribute), "
                 "a class (--class-attribute), a CSV (--labels-csv) or a saved file (--directions); then n seeded "
@@ -548,14 +553,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--directions-split", choices=("train", "test"), default="train",
                    help="split whose images and labels give the directions")
     p.add_argument("--max-images", type=_count(0), default=0,
-                   help="use at most this many (seeded) images for the directions (0: all)")
+                   help="use at most this many (seeded) images for the directions; 0 for all")
     p.add_argument("--alphas", type=float, nargs="+", default=[-1.0, -0.5, 0.0, 0.5, 1.0],
                    help="latent + alpha * direction, one column per alpha")
     p.add_argument("--n", type=_count(1), default=4, help="images to edit (seeded choice), one row each")
-    p.set_defaults(func=cmd_manipulate)
 
     from .ood import TRANSFORMS
-    p = command("ood", "out-of-distribution detection: AUROC/AUPR/FPR@95 of likelihood-based scores",
+    p = command("ood", cmd_ood, "out-of-distribution detection: AUROC/AUPR/FPR@95 of likelihood-based scores",
                 "Score in-distribution test images against OOD sets with bits/dim, the typicality test and the "
                 "input-complexity score; prints the table, writes ood.json and bpd_hist.png/complexity_hist.png. "
                 "Default OOD sets: flipped, inverted and uniform noise (when no --ood-dataset/--ood-folder is given).")
@@ -575,31 +579,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch sizes of the typicality test")
     p.add_argument("--reference-split", choices=("train",), default=None,
                    help="in-distribution images for the typicality reference (default: half of the in-split)")
-    p.add_argument("--max-images", type=_count(0), default=0, help="at most this many (seeded) images per set (0: all)")
+    p.add_argument("--max-images", type=_count(0), default=0, help="at most this many (seeded) images per set; 0 for all")
     p.add_argument("--json", action="store_true", help="print the full JSON summary instead of the table")
-    p.set_defaults(func=cmd_ood)
 
     from . import convert, demo
-    p = command("convert", "import a checkpoint of another Glow implementation (y0ast/Glow-PyTorch)",
+    p = command("convert", convert.cmd_convert,
+                "import a checkpoint of another Glow implementation (y0ast/Glow-PyTorch)",
                 convert.__doc__.split("\n\n")[0])
     convert.add_arguments(p)
-    p.set_defaults(func=convert.cmd_convert)
 
-    p = command("demo", "the interactive demo page (samples, your image, edit, mix) for a run",
+    p = command("demo", demo.cmd_demo, "the interactive demo page (samples, your image, edit, mix) for a run",
                 demo.__doc__.split("\n\n")[0])
     demo.add_arguments(p)
-    p.set_defaults(func=demo.cmd_demo)
 
     for p in sub.choices.values():
         add_threads_option(p)
 
-    from . import bench
-    p = sub.add_parser("bench", help="training, sampling and evaluation images/s and peak memory",
-                       description=bench.__doc__.split("\n\n")[0] + " Writes benchmarks/results/<name>.json.",
-                       formatter_class=HelpFormatter)
+    from . import bench  # after the loop: bench has its own --threads
+    p = command("bench", bench.cmd_bench, "training, sampling and evaluation images/s and peak memory",
+                bench.__doc__.split("\n\n")[0] + " Writes benchmarks/results/<name>.json.")
     bench.add_arguments(p)
-    p.set_defaults(func=bench.cmd_bench)
-
     return parser
 
 

@@ -35,7 +35,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def random_tensor(draw: Callable[..., torch.Tensor], shape: tuple[int, ...], generator: torch.Generator | None,
-           device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+                  device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """``draw(shape)`` (``torch.randn``, ``torch.rand``) on ``device`` in ``dtype``, from ``generator``
     wherever that lives: torch only draws with a generator on its own device, so the numbers are
     drawn there and moved. A seeded CPU generator thus gives the same numbers to a model on any

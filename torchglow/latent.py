@@ -2,9 +2,8 @@
 Dhariwal 2018, §5; the official ``demo/``). Sample grids are in :mod:`torchglow.sampling`.
 
 Every tool is one function taking a model, uint8 images (B, C, H, W) and options; it writes a PNG
-grid and a JSON summary into ``out_dir`` and returns the summary (JSON-serialisable). Random draws
-come from a CPU ``torch.Generator`` seeded with ``seed`` and are then moved to the model's device,
-so the same seed gives the same latents (and, on one device, byte-identical PNGs).
+grid and a JSON summary into ``out_dir`` and returns the summary (JSON-serialisable). Nothing is
+random: the same images give the same latents and, on one device, byte-identical PNGs.
 
 Images are encoded at their **bin centres** (:func:`torchglow.images.bin_centres`), not dequantised
 with random noise (the official encoder adds ``U(0, 1/n_bins)`` noise): the encoding is then
@@ -187,7 +186,7 @@ def interpolate(model: Glow, x_a: torch.Tensor, x_b: torch.Tensor, out_dir: str 
                 method: str | Sequence[str] = ("linear", "slerp"), y=None, batch_size: int = 256,
                 max_level: int | None = None, info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Interpolate between pairs of images (``x_a[i]``, ``x_b[i]``) through their standardised
-    latents: every level's ε is interpolated (``slerp`` on each level's flattened ε) at
+    latents: every level's ε is interpolated (``linear``, or ``slerp`` on its flattened rows) at
     ``t = 0, 1/(steps-1), ..., 1`` and decoded. ``y``: one label per pair for a
     class-conditional model, used for both ends (any label reconstructs both ends exactly).
 
@@ -316,12 +315,12 @@ def labels_from_csv(path: str | Path, ids: Sequence[str] | None = None) -> tuple
 
 def attribute_labels(dataset) -> tuple[torch.Tensor, list[str]]:
     """(bool (N, A), names) from a data set with an ``attributes`` tensor (N, A) of -1/1, 0/1 or
-    bool values (CelebA), its names from ``attribute_names`` or ``attr_names`` when present."""
+    bool values (CelebA), its names from ``attribute_names`` when present."""
     attrs = getattr(dataset, "attributes", None)
     if attrs is None:
         raise ValueError("this data set has no per-image attributes: use class labels or a CSV of labels")
     labels = _bool_labels(attrs)
-    names = getattr(dataset, "attribute_names", None) or getattr(dataset, "attr_names", None)
+    names = getattr(dataset, "attribute_names", None)
     names = [str(n) for n in names if str(n)] if names is not None else [f"attr_{i}" for i in range(labels.shape[1])]
     if len(names) != labels.shape[1]:
         raise ValueError(f"{len(names)} attribute names for {labels.shape[1]} attributes")
@@ -349,6 +348,16 @@ def select_attributes(names: Sequence[str], wanted: Sequence[str] | None, where:
     return list(dict.fromkeys(wanted))
 
 
+class LabelsError(ValueError):
+    """Attribute labels that cannot come from the source asked for. The message names the arguments
+    of :func:`labels_for`; ``cli_message`` is the same line worded with ``torchglow manipulate``'s
+    options."""
+
+    def __init__(self, message: str, cli_message: str):
+        super().__init__(message)
+        self.cli_message = cli_message
+
+
 def labels_for(dataset, index, classes: Sequence[int] | None = None, csv_path: str | Path | None = None,
                attributes: Sequence[str] | None = None) -> tuple[torch.Tensor, list[str], str]:
     """Binary attribute labels (len(index), A) of the images of ``dataset`` at ``index``, their names
@@ -359,20 +368,24 @@ def labels_for(dataset, index, classes: Sequence[int] | None = None, csv_path: s
     * neither: the data set's own per-image attributes (CelebA), of which ``attributes`` must name
       the ones to use.
 
-    ``attributes`` picks among the CSV's or the data set's attributes. Raises ValueError with a
-    message for the user when the source does not fit the data set."""
+    ``attributes`` picks among the CSV's or the data set's attributes. Raises :class:`LabelsError`
+    when the source does not fit the data set, ValueError for a CSV that cannot be read or an
+    attribute it does not have."""
     index = torch.as_tensor(index, dtype=torch.long)
     if classes is not None:
         if attributes:
-            raise ValueError("--attribute picks among data set, CSV or saved attributes; "
-                             "--class-attribute already names its attribute(s)")
+            raise LabelsError("attributes picks among the CSV's or the data set's attributes; classes already "
+                              "names its attribute(s)",
+                              "--attribute picks among data set, CSV or saved attributes; "
+                              "--class-attribute already names its attribute(s)")
         if not dataset.num_classes or (torch.as_tensor(dataset.labels) < 0).all():
-            raise ValueError(f"data set {dataset.name} has no class labels: --class-attribute needs a labelled "
-                             f"data set (use --labels-csv or, for CelebA, --attribute)")
+            raise LabelsError(f"data set {dataset.name} has no class labels: use csv_path or, for CelebA, attributes",
+                              f"data set {dataset.name} has no class labels: --class-attribute needs a labelled "
+                              f"data set (use --labels-csv or, for CelebA, --attribute)")
         bad = [c for c in classes if not 0 <= c < dataset.num_classes]
         if bad:
-            raise ValueError(f"--class-attribute {bad[0]} is not a class of {dataset.name} "
-                             f"(0..{dataset.num_classes - 1})")
+            known = f"is not a class of {dataset.name} (0..{dataset.num_classes - 1})"
+            raise LabelsError(f"classes: {bad[0]} {known}", f"--class-attribute {bad[0]} {known}")
         labels = torch.as_tensor(dataset.labels)[index]
         columns = [binary_labels_from_classes(labels, c) for c in dict.fromkeys(classes)]
         return torch.cat([c[0] for c in columns], 1), [c[1][0] for c in columns], f"classes of {dataset.name}"
@@ -381,13 +394,15 @@ def labels_for(dataset, index, classes: Sequence[int] | None = None, csv_path: s
         source = str(csv_path)
     else:
         if getattr(dataset, "attributes", None) is None:
-            raise ValueError(f"data set {dataset.name} has no per-image attributes: pass --class-attribute C, "
-                             f"--labels-csv FILE or --directions FILE")
+            missing = f"data set {dataset.name} has no per-image attributes"
+            raise LabelsError(f"{missing}: pass classes or csv_path",
+                              f"{missing}: pass --class-attribute C, --labels-csv FILE or --directions FILE")
         labels, names = attribute_labels(dataset)
         source = f"attributes of {dataset.name}"
         if not attributes:
-            raise ValueError(f"pass --attribute NAME (one or more) to choose among the attributes of "
-                             f"{dataset.name}: {', '.join(names[:50])}")
+            choices = f"to choose among the attributes of {dataset.name}: {', '.join(names[:50])}"
+            raise LabelsError(f"pass attributes (one or more names) {choices}",
+                              f"pass --attribute NAME (one or more) {choices}")
     chosen = select_attributes(names, attributes, source)
     return labels[index][:, [names.index(n) for n in chosen]], chosen, source
 

@@ -46,7 +46,7 @@ class FlowOutput(NamedTuple):
     y_logits: torch.Tensor | None  # (B, num_classes) classifier logits, class-conditional models only
 
 
-class Split(nn.Module):
+class SplitPrior(nn.Module):
     """Conditional prior of the split-off half: ``[mean | logs]`` interleaved from a zero conv on
     the kept half (official ``split2d_prior``). Not a flow layer: its term is a prior, not a log-det."""
 
@@ -114,7 +114,7 @@ class Glow(nn.Module, ModelHubMixin):
             )
             self.levels.append(steps)
             if i < config.n_levels - 1:
-                self.splits.append(Split(c))
+                self.splits.append(SplitPrior(c))
                 self.latent_shapes.append((c - c // 2, h, w))
                 c = c // 2
         self.latent_shapes.append((c, h, w))

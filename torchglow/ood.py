@@ -341,11 +341,12 @@ def ood_report(model: Glow, in_images: torch.Tensor, out_sets: dict[str, torch.T
     rows: list[tuple[str, str, dict[str, float]]] = []
     results: dict[str, Any] = {}
     skipped: list[str] = []
+    typicality_in = {m: typicality_scores(in_typ_bpd, h_hat, m, seed) for m in ms}
     for name in out_sets:
         res = {"bpd": metrics(bpd[in_name], bpd[name]),
                "complexity": metrics(complexity[in_name], complexity[name])}
         for m in ms:
-            t_in = typicality_scores(in_typ_bpd, h_hat, m, seed)
+            t_in = typicality_in[m]
             t_out = typicality_scores(bpd[name], h_hat, m, seed)
             if t_in.numel() == 0 or t_out.numel() == 0:
                 skipped.append(f"typicality_m{m} for {name}: fewer than {m} images")

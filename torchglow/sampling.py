@@ -15,10 +15,9 @@ from typing import Any, Sequence
 
 import torch
 
-from . import preprocess as pp
 from .files import write_json_atomic
 from .health import check_samples
-from .images import display_uint8, save_grid
+from .images import save_grid, to_display
 from .model import Glow
 
 DEFAULT_TEMPERATURES = (0.0, 0.5, 0.7, 0.8, 0.9, 1.0)
@@ -117,14 +116,14 @@ def sample_grid(model: Glow, out_dir: str | Path, temperatures: Sequence[float] 
         xs = temperature_rows(model, temperatures, n_per_row, seed)
         for t, x in zip(temperatures, xs):
             per_t[_fmt(t)] = check_samples(x, context=f"samples at T={_fmt(t)}")
-        rows = [display_uint8(pp.to_uint8(x, n_bits), n_bits, max_level) for x in xs]
+        rows = [to_display(x, n_bits, max_level) for x in xs]
         labels = [f"T={_fmt(t)}" for t in temperatures]
         files.append(str(save_grid(rows, out_dir / f"{name}.png", row_labels=labels)))
     else:
         for t in temperatures:
             xs = [temperature_rows(model, [t], n_per_row, seed, y=c)[0] for c in classes]
             per_t[_fmt(t)] = check_samples(torch.cat(xs), context=f"samples at T={_fmt(t)}")
-            rows = [display_uint8(pp.to_uint8(x, n_bits), n_bits, max_level) for x in xs]
+            rows = [to_display(x, n_bits, max_level) for x in xs]
             files.append(str(save_grid(rows, out_dir / f"{name}_T{_fmt(t)}.png",
                                        row_labels=[f"class {c}" for c in classes])))
     summary = {

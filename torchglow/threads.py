@@ -1,4 +1,5 @@
-"""How many CPU threads torch uses: one ``--threads`` option for every subcommand.
+"""How many CPU threads torch uses: one ``--threads`` option for every subcommand but ``bench``
+(which sets and records its own).
 
 torch's default is one intra-op thread per core, and its OpenMP threads spin while they wait for
 each other. That is fastest on an idle machine, but when another process keeps the cores busy a
