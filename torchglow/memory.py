@@ -52,10 +52,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ConfigError
+from .config import MEMORY_MODES, ConfigError
 from .layers import ActNorm, logdet_dtype
 
-MEMORY_MODES = ("none", "checkpoint", "invertible")
 
 
 def check_memory_mode(mode: str, dropout: float = 0.0) -> str:
