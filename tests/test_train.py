@@ -33,7 +33,7 @@ def test_run_folder_and_learning(tmp_path):
     result = train(tiny_model_config(), tiny_train_config(tmp_path / "run"), progress=False)
     run = tmp_path / "run"
     for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "bpd.png",
-                 "samples/epoch_1.png", "samples/epoch_2.png", "model/config.json", "model/model.safetensors"):
+                 "samples/epoch_001.png", "samples/epoch_002.png", "model/config.json", "model/model.safetensors"):
         assert (run / name).is_file(), name
     summary = json.loads((run / "summary.json").read_text())
     assert summary == json.loads(json.dumps(result.summary))

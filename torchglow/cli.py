@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 import types
 import typing
@@ -112,7 +113,7 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 def build_configs(values: dict[str, Any], preset_name: str | None):
     """Split option values between the model and training configs, over the preset's defaults."""
-    from .train import TRAIN_PRESETS, TrainConfig
+    from .config import TRAIN_PRESETS, TrainConfig
 
     model_fields = {f.name for f in dataclasses.fields(GlowConfig)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -134,7 +135,11 @@ def build_configs(values: dict[str, Any], preset_name: str | None):
 
 # --------------------------------------------------------------------------- subcommands
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import load_run_configs, train
+    """Train; print the human summary (rank 0). Exit 0 when finished, 130/143 when stopped by
+    SIGINT/SIGTERM (the run is resumable), 1 otherwise."""
+    import os
+
+    from .train import load_run_configs, summary_text, train
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config", "resume", "preset")}
     if args.resume:
@@ -148,8 +153,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         values.update(given)
         model_config, train_config = build_configs(values, args.preset)
         summary = train(model_config, train_config).summary
-    print(json.dumps(summary, indent=2))
-    return 0 if summary["finished"] or summary["interrupted_by"] else 1
+    if os.environ.get("RANK", "0") == "0":
+        print(summary_text(summary))
+    if summary["interrupted_by"]:
+        return 128 + int(signal.Signals[summary["interrupted_by"]])
+    return 0 if summary["finished"] else 1
 
 
 def _dataset_for(path: str, model, dataset: str | None, data_dir: str | None, split: str):
@@ -521,8 +529,7 @@ def cmd_ood(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train import MEMORY_MODES, OPTIMIZERS, PRECISIONS, TrainConfig
-    from .config import COUPLINGS, PERMUTATIONS
+    from .config import COMPILE_MODES, COUPLINGS, MEMORY_MODES, OPTIMIZERS, PERMUTATIONS, PRECISIONS, TrainConfig
 
     parser = argparse.ArgumentParser(prog="torchglow", description="Glow normalizing flows: train, evaluate, sample, and the latent-space "
                                      "and OOD tools.")
@@ -534,7 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML or JSON file of options (flat, or under model:/train:)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
     add_dataclass_options(p, GlowConfig, {"coupling": COUPLINGS, "permutation": PERMUTATIONS})
-    add_dataclass_options(p, TrainConfig, {"optimizer": OPTIMIZERS, "precision": PRECISIONS, "memory": MEMORY_MODES})
+    add_dataclass_options(p, TrainConfig, {"optimizer": OPTIMIZERS, "precision": PRECISIONS, "memory": MEMORY_MODES,
+                                           "compile_mode": COMPILE_MODES})
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="test-set bits/dim of a trained model")

@@ -353,3 +353,12 @@ def compile_step(step: TrainStep, mode: str = "regional", backend: str = "induct
         return apply(*step._gradients(inputs(x_uint8), y))
 
     return regional_step
+
+
+def mix_seed(*values: int) -> int:
+    """One 63-bit seed from a run's seed and the integers that name a use of it (an epoch, a step,
+    a draw, a rank), so that every use draws its own stream: ``h ← h·1000003 + v`` over the values."""
+    h = 0x5EED
+    for v in values:
+        h = (h * 1_000_003 + int(v)) % 2**63
+    return h
