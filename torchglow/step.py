@@ -159,7 +159,7 @@ class TrainStep:
         # device state: the optimiser's step t, the steps called (the noise counter), images of
         # applied steps, skipped steps, the current run of non-finite steps, the bits/dim window
         self.counters = {name: zero.clone() for name in ("opt_steps", "steps", "images", "skipped", "bad_run",
-                                                         "bpd_count", "growth")}
+                                                         "bpd_count", "growth", "worst_run")}
         self.counters["bpd_sum"] = torch.zeros((), dtype=torch.float64, device=device)
         self.counters["grad_norm"] = torch.zeros((), device=device)
         self.counters["lr"] = torch.zeros((), device=device)
@@ -247,6 +247,7 @@ class TrainStep:
         self.skipped_flags[c["steps"] % self.cfg.log_every] = bad
         c["skipped"] += bad.long()
         c["bad_run"].copy_(torch.where(bad, c["bad_run"] + 1, 0))
+        c["worst_run"].copy_(torch.maximum(c["worst_run"], c["bad_run"]))
         c["images"] += finite.long() * self.cfg.batch_size
         c["bpd_sum"] += torch.where(finite, bpd.mean().double(), 0.0)
         c["bpd_count"] += finite.long()
@@ -261,21 +262,18 @@ class TrainStep:
     # ---- reading and saving the state
     def read_counters(self) -> dict[str, Any]:
         """The counters as Python numbers (one device sync), the skipped steps since the last read
-        (as offsets ``step % log_every``), and a new bits/dim window. Call at least every
-        ``log_every`` steps."""
+        (as offsets ``step % log_every``); then a new window (bits/dim sum and count, the longest
+        run of non-finite steps ``worst_run``). Call at least every ``log_every`` steps."""
         c = self.counters
         flags = torch.nonzero(self.skipped_flags).flatten()
-        values = torch.stack([c[k].double() for k in ("steps", "images", "skipped", "bad_run", "bpd_sum",
-                                                      "bpd_count", "grad_norm", "lr", "loss_scale")])
-        values, flags = values.tolist(), flags.tolist()
-        out = dict(zip(("steps", "images", "skipped", "bad_run", "bpd_sum", "bpd_count", "grad_norm", "lr",
-                        "loss_scale"), values))
-        for k in ("steps", "images", "skipped", "bad_run", "bpd_count"):
-            out[k] = int(out[k])
+        names = ("steps", "images", "skipped", "bad_run", "worst_run", "bpd_sum", "bpd_count", "grad_norm", "lr",
+                 "loss_scale")
+        values, flags = torch.stack([c[k].double() for k in names]).tolist(), flags.tolist()
+        out = {k: int(v) if c[k].dtype == torch.int64 else v for k, v in zip(names, values)}
         out["skipped_offsets"] = flags
         self.skipped_flags.zero_()
-        c["bpd_sum"].zero_()
-        c["bpd_count"].zero_()
+        for k in ("bpd_sum", "bpd_count", "worst_run"):
+            c[k].zero_()
         return out
 
     def clear_bad_run(self) -> None:
@@ -362,3 +360,22 @@ def mix_seed(*values: int) -> int:
     for v in values:
         h = (h * 1_000_003 + int(v)) % 2**63
     return h
+
+
+def fast_sampler(model: Glow, batch: int):
+    """``model.sample`` through a compiled decode, for a fixed ``batch`` (static shapes; replayed as
+    a CUDA graph on CUDA): ``sample(n=batch, temperature=1.0, y=None, generator=None)``, the same
+    arguments and results. The 1x1 convolutions' cached inverses are Python state, so the decode
+    is compiled with graph breaks allowed (not fullgraph)."""
+    device = next(model.parameters()).device
+    decode = torch.compile(model.decode, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
+
+    @torch.no_grad()
+    def sample(n: int = batch, temperature: float = 1.0, y: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        if n != batch:
+            raise ValueError(f"this sampler is compiled for batches of {batch}, got {n}")
+        eps = [torch.randn((n, *s), generator=generator, device=device) * temperature for s in model.latent_shapes]
+        return decode(eps, y, standardized=True).clone()  # a CUDA graph's output is overwritten by the next replay
+
+    return sample

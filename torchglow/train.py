@@ -499,7 +499,9 @@ def train_epoch(run: Run) -> None:
 def read_device(run: Run) -> None:
     """Read the step's device counters (the host's one sync per ``log_every`` steps): log each
     skipped step and the window's train bits/dim, and after ``max_bad_steps`` non-finite steps in
-    a row restore ``last.pt`` (or stop, when that already happened without a good step since)."""
+    a row restore ``last.pt`` (or stop, when all steps since the last restore were non-finite).
+    Skipped steps change nothing on the device, so acting at the read instead of at once loses
+    nothing but the good steps after such a run."""
     cfg, state = run.cfg, run.state
     since, since_time = run.last_read
     c = run.trainer.read_counters()
@@ -516,14 +518,14 @@ def read_device(run: Run) -> None:
                  "train_bpd": train_bpd, "lr": c["lr"], "grad_norm": c["grad_norm"], "images_per_sec": rate})
         run.bar.set_postfix(bpd=f"{train_bpd:.3f}", img_s=f"{rate:.0f}")
     run.last_read = (state["step"], now)
-    if c["bad_run"] >= cfg.max_bad_steps:
+    if c["worst_run"] >= cfg.max_bad_steps:
         if run.restored_at is not None and c["bad_run"] >= state["step"] - run.restored_at:
             raise TrainingError(f"training diverged at step {state['step']}: still non-finite after "
                                 f"restoring {run.out / 'last.pt'}; lower --lr or set --grad-clip")
         _restore_last_good(run)
         run.restored_at = state["step"]
         run.log({"step": state["step"], "epoch": run.epochs_done(state["step"]), "images": state["images"],
-                 "event": f"restored {run.out / 'last.pt'} after {c['bad_run']} non-finite steps"})
+                 "event": f"restored {run.out / 'last.pt'} after {c['worst_run']} non-finite steps in a row"})
 
 
 def _restore_last_good(run: Run) -> None:
