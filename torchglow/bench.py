@@ -177,7 +177,7 @@ def _phase_fns(phase: str, preset_name: str, overrides: dict[str, Any], batch_si
                precision: str, memory: str, fast: bool, compare: bool, compile_mode: str, seed: int):
     """The callables timed in one phase: ``{"eager": ...}``, ``{"fast": ...}`` or both (``compare``),
     each on its own model built from the same seed."""
-    from .step import fast_sampler
+    from .step import fast_forward, fast_sampler
 
     modes = ("eager", "fast") if compare else (("fast",) if fast else ("eager",))
     fns = {}
@@ -191,7 +191,7 @@ def _phase_fns(phase: str, preset_name: str, overrides: dict[str, Any], batch_si
             fns[mode] = lambda sample=sample, y=y: sample(batch_size, y=y)
         elif phase == "eval":
             model.eval()
-            forward = torch.compile(model) if mode == "fast" else model
+            forward = fast_forward(model) if mode == "fast" else model
 
             def fns_eval(forward=forward, x_uint8=x_uint8, y=y, n_bits=config.n_bits, n_dims=config.n_dims):
                 from . import preprocess as pp

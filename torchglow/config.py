@@ -190,6 +190,8 @@ class TrainConfig(_DictConfig):
         overwrite: start a new run in ``out`` even if it already holds one (its files are replaced).
         epochs: passes over the training set.
         max_steps: stop after this many optimiser steps in all (0: no limit).
+        max_minutes: stop after this many minutes of training in all, resumed segments included
+            (0: no limit); the run then ends as finished, with its final evaluation.
         batch_size: global batch size (split across processes).
         eval_batch_size: batch size for test bits/dim.
         lr: peak learning rate, reached linearly after ``warmup_images`` images.
@@ -231,6 +233,7 @@ class TrainConfig(_DictConfig):
     overwrite: bool = False
     epochs: int = 10
     max_steps: int = 0
+    max_minutes: float = 0.0
     batch_size: int = 64
     eval_batch_size: int = 256
     lr: float = 1e-3
@@ -272,7 +275,7 @@ class TrainConfig(_DictConfig):
         for name in ("download", "overwrite", "ema", "fast", "augment_flip"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("lr", "beta2", "grad_clip", "weight_decay", "ema_decay"):
+        for name in ("lr", "beta2", "grad_clip", "weight_decay", "ema_decay", "max_minutes"):
             value = getattr(self, name)
             if not (_is_number(value) or (value is None and name in ("beta2", "ema_decay"))):
                 raise ConfigError(f"{name} must be a finite number, got {value!r}{_yaml_number_hint(value)}")
@@ -302,7 +305,7 @@ class TrainConfig(_DictConfig):
             if getattr(self, name) is not None and not 0 < getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be in (0, 1), or none for the official default, "
                                   f"got {getattr(self, name)!r}")
-        for name in ("grad_clip", "weight_decay"):
+        for name in ("grad_clip", "weight_decay", "max_minutes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.fast and self.compile_mode == "whole" and self.memory != "none":

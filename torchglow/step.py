@@ -32,6 +32,9 @@ from .config import ConfigError, GlowConfig, TrainConfig
 from .model import FlowOutput, Glow
 
 MASK32 = 0xFFFFFFFF
+# torch.compile backend of the fast path; "aot_eager" (no code generation) runs the same graphs
+# with eager kernels, e.g. to check the fast path cheaply on a CPU
+COMPILE_BACKEND = "inductor"
 # fp16 loss scale: torch.amp.GradScaler's defaults
 SCALE_INIT, SCALE_GROWTH_INTERVAL = 2.0**16, 2000
 
@@ -305,7 +308,7 @@ class TrainStep:
                 self.counters[k].copy_(v)
 
 
-def compile_step(step: TrainStep, mode: str = "regional", backend: str = "inductor"):
+def compile_step(step: TrainStep, mode: str = "regional", backend: str | None = None):
     """The fast path of ``step``: a callable with the same arguments and results.
 
     ``"whole"``: ``torch.compile(step, fullgraph=True)`` -- forward, backward, optimiser and EMA in
@@ -319,6 +322,7 @@ def compile_step(step: TrainStep, mode: str = "regional", backend: str = "induct
     is one compiled graph; the rest of the forward (squeezes, splits, priors) and the autograd
     glue run eagerly. Works with every memory mode.
     """
+    backend = backend or COMPILE_BACKEND
     cuda = step.params[0].device.type == "cuda"
     if cuda:
         step.model.to(memory_format=torch.channels_last)
@@ -368,7 +372,8 @@ def fast_sampler(model: Glow, batch: int):
     arguments and results. The 1x1 convolutions' cached inverses are Python state, so the decode
     is compiled with graph breaks allowed (not fullgraph)."""
     device = next(model.parameters()).device
-    decode = torch.compile(model.decode, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
+    decode = torch.compile(model.decode, dynamic=False, backend=COMPILE_BACKEND,
+                           mode="reduce-overhead" if device.type == "cuda" and COMPILE_BACKEND == "inductor" else None)
 
     @torch.no_grad()
     def sample(n: int = batch, temperature: float = 1.0, y: torch.Tensor | None = None,
@@ -379,3 +384,11 @@ def fast_sampler(model: Glow, batch: int):
         return decode(eps, y, standardized=True).clone()  # a CUDA graph's output is overwritten by the next replay
 
     return sample
+
+
+def fast_forward(model: Glow):
+    """``model``'s forward compiled for evaluation (static shapes; a CUDA graph on CUDA: use each
+    output before the next call)."""
+    device = next(model.parameters()).device
+    return torch.compile(model, dynamic=False, backend=COMPILE_BACKEND,
+                         mode="reduce-overhead" if device.type == "cuda" and COMPILE_BACKEND == "inductor" else None)

@@ -189,7 +189,8 @@ def train(model_config: GlowConfig, cfg: TrainConfig, resume: bool = False, prog
         try:
             if resume and run.done and run.is_main:
                 print(f"{run.out} is finished ({run.state['epoch']} epochs, {run.state['step']} steps); to train "
-                      f"longer: torchglow train --resume {run.out} --epochs N (N > {cfg.epochs})", file=sys.stderr)
+                      f"longer: torchglow train --resume {run.out} --epochs N (N > {cfg.epochs}; or a larger "
+                      f"--max-steps / --max-minutes when one of them ended it)", file=sys.stderr)
             while not run.done and not stop:
                 train_epoch(run)
                 if run.epoch_complete:
@@ -302,8 +303,12 @@ class Run:
         return min(self.cfg.max_steps or math.inf, self.cfg.epochs * self.data.steps_per_epoch)
 
     @property
+    def out_of_time(self) -> bool:
+        return bool(self.cfg.max_minutes) and self.wall_time() >= 60 * self.cfg.max_minutes
+
+    @property
     def done(self) -> bool:
-        return self.state["epoch"] >= self.cfg.epochs or self.state["step"] >= self.max_steps
+        return self.state["epoch"] >= self.cfg.epochs or self.state["step"] >= self.max_steps or self.out_of_time
 
     @property
     def epoch_complete(self) -> bool:
@@ -491,7 +496,7 @@ def train_epoch(run: Run) -> None:
             read_device(run)
         if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
             run.checkpoint("last.pt")
-        if run.stop:
+        if run.stop or run.out_of_time:
             break
     read_device(run)
 
@@ -515,7 +520,8 @@ def read_device(run: Run) -> None:
         train_bpd = float(dist_utils.all_reduce_mean(torch.tensor(c["bpd_sum"] / c["bpd_count"], device=run.device)))
         rate = (state["step"] - since) * cfg.batch_size / max(now - since_time, 1e-9)
         run.log({"step": state["step"], "epoch": run.epochs_done(state["step"]), "images": state["images"],
-                 "train_bpd": train_bpd, "lr": c["lr"], "grad_norm": c["grad_norm"], "images_per_sec": rate})
+                 "train_bpd": train_bpd, "lr": c["lr"], "grad_norm": c["grad_norm"], "images_per_sec": rate,
+                 "time_s": round(run.wall_time(), 3)})
         run.bar.set_postfix(bpd=f"{train_bpd:.3f}", img_s=f"{rate:.0f}")
     run.last_read = (state["step"], now)
     if c["worst_run"] >= cfg.max_bad_steps:
