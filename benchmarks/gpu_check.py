@@ -52,7 +52,7 @@ DEFAULT_NPZ = ROOT / "benchmarks" / "data" / "cifar10_jpegq75_bytes.npz"
 def sizes(smoke: bool) -> dict:
     """The sizes of every part: the cifar10 preset on a GPU, a tiny model on the CPU (--smoke)."""
     if smoke:
-        return dict(overrides=dict(n_steps=2, n_levels=2, hidden_channels=16), train_batches=(4, 8),
+        return dict(overrides=dict(n_steps=2, n_levels=1, hidden_channels=8), train_batches=(4, 8),
                     sample_batch=8, eval_batch=8, memory_batch=4, warmup=2, repeats=3, minutes=0.25,
                     run_batch=8, device="cpu", max_train=512, max_test=64)
     return dict(overrides={}, train_batches=(64, 256), sample_batch=256, eval_batch=256, memory_batch=64,

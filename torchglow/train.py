@@ -614,13 +614,14 @@ def finish(run: Run) -> TrainResult:
         tested = [h for h in state["history"] if "test_bpd" in h]
         final_bpd = tested[-1]["test_bpd"] if tested and tested[-1]["step"] == state["step"] else None
         if final_bpd is None:
-            final_bpd = score(run, f"step {state['step']} (epoch {run.epochs_done(state['step']):g})")
+            final_bpd = score(run, f"step {state['step']} (epoch {run.epochs_done(state['step']):.2f})")
+    state["wall_time_s"], run.segment_start = run.wall_time(), time.time()  # the same total in last.pt and summary
     run.checkpoint("last.pt")
     summary = {
         "run": str(run.out), "finished": finished, "interrupted_by": interrupted,
         "test_bpd": final_bpd, "best_test_bpd": state["best_bpd"] if math.isfinite(state["best_bpd"]) else None,
         "baseline_bpd": run.data.baseline, "steps": state["step"], "epochs": state["epoch"],
-        "images_seen": state["images"], "skipped_steps": state["skipped_steps"], "wall_time_s": run.wall_time(),
+        "images_seen": state["images"], "skipped_steps": state["skipped_steps"], "wall_time_s": state["wall_time_s"],
         "evaluated_with": "ema" if run.ema is not None else "weights",
     }
     if run.is_main:
