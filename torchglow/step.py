@@ -134,6 +134,18 @@ def warmup_lr(lr: float, warmup_images: int, images: torch.Tensor, batch_size: i
 
 
 # --------------------------------------------------------------------------- the step
+def flatten_parameters(params: list[torch.Tensor]) -> torch.Tensor:
+    """One contiguous vector holding ``params`` in order; each parameter becomes a view of its slice
+    (``p.data``), so in-place changes of the vector are changes of the parameters and back.
+    (Moving the module to another device or dtype afterwards breaks the link.)"""
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for p in params:
+        p.data = flat[offset:offset + p.numel()].view(p.shape)
+        offset += p.numel()
+    return flat
+
+
 class TrainStep:
     """The whole training step of ``model`` and its state on the model's device.
 
@@ -154,10 +166,13 @@ class TrainStep:
         self.rank, self.world = rank, world
         self.beta1, self.beta2, self.eps = 0.9, beta2, 1e-8
         self.params = list(model.parameters())
-        self.ema_params = list(ema.parameters()) if ema is not None else []
-        device = self.params[0].device
-        self.exp_avg = [torch.zeros_like(p) for p in self.params]
-        self.exp_avg2 = [torch.zeros_like(p) for p in self.params]  # Adamax: u (infinity norm); Adam: v
+        # parameters, EMA and moments as flat vectors (the parameters become views of theirs): the
+        # update is a few elementwise operations on whole vectors, cheap eager and quick to compile
+        self.flat = flatten_parameters(self.params)
+        self.ema_flat = flatten_parameters(list(ema.parameters())) if ema is not None else None
+        device = self.flat.device
+        self.exp_avg = torch.zeros_like(self.flat)
+        self.exp_avg2 = torch.zeros_like(self.flat)  # Adamax: u (infinity norm); Adam: v
         zero = torch.zeros((), dtype=torch.int64, device=device)
         # device state: the optimiser's step t, the steps called (the noise counter), images of
         # applied steps, skipped steps, the current run of non-finite steps, the bits/dim window
@@ -210,28 +225,25 @@ class TrainStep:
         coef = (cfg.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0) if cfg.grad_clip else torch.ones_like(grad_norm)
         # zeroed, not multiplied by 0, when skipped: a non-finite gradient times 0 is NaN
         flat_grad = torch.where(finite, flat_grad * coef, 0.0)
-        grads = [g.view_as(p) for g, p in zip(flat_grad.split([p.numel() for p in self.params]), self.params)]
+        g = flat_grad
         lr = warmup_lr(cfg.lr, cfg.warmup_images, c["images"], cfg.batch_size)
         t = (c["opt_steps"] + 1).to(torch.float32)
         b1, b2 = self.beta1, self.beta2
-        torch._foreach_add_(self.exp_avg, torch._foreach_mul(torch._foreach_sub(grads, self.exp_avg), (1 - b1) * ok))
+        m, v = self.exp_avg, self.exp_avg2
+        m.add_((g - m) * ((1 - b1) * ok))
         step_size = torch.where(finite, lr / (1 - b1**t), 0.0)
         if cfg.optimizer == "adamax":
             # u ← max(β2·u, |g| + ε) when applied; unchanged (β2 → 1, |g| + ε → 0) when skipped
-            torch._foreach_maximum_(torch._foreach_mul_(self.exp_avg2, torch.where(finite, b2, 1.0)),
-                                    torch._foreach_mul_(torch._foreach_add(torch._foreach_abs(grads), self.eps), ok))
-            denom = torch._foreach_clamp_min(self.exp_avg2, self.eps)  # u ≥ ε once updated; 0 before
+            v.copy_(torch.maximum(v * torch.where(finite, b2, 1.0), (g.abs() + self.eps) * ok))
+            denom = v.clamp_min(self.eps)  # u ≥ ε once updated; 0 before the first step
         else:
-            torch._foreach_add_(self.exp_avg2, torch._foreach_mul(
-                torch._foreach_sub(torch._foreach_mul(grads, grads), self.exp_avg2), (1 - b2) * ok))
-            denom = torch._foreach_add_(torch._foreach_div(torch._foreach_sqrt(self.exp_avg2),
-                                                           torch.sqrt(1 - b2**t)), self.eps)
+            v.add_((g * g - v) * ((1 - b2) * ok))
+            denom = (v / (1 - b2**t)).sqrt() + self.eps
         if cfg.weight_decay:
-            torch._foreach_mul_(self.params, 1.0 - lr * cfg.weight_decay * ok)
-        torch._foreach_sub_(self.params, torch._foreach_mul_(torch._foreach_div(self.exp_avg, denom), step_size))
-        if self.ema is not None:
-            torch._foreach_add_(self.ema_params, torch._foreach_mul_(
-                torch._foreach_sub(self.params, self.ema_params), (1.0 - self.ema_decay) * ok))
+            self.flat.mul_(1.0 - lr * cfg.weight_decay * ok)
+        self.flat.sub_(m / denom * step_size)
+        if self.ema_flat is not None:
+            self.ema_flat.add_((self.flat - self.ema_flat) * ((1.0 - self.ema_decay) * ok))
         c["opt_steps"] += finite.long()
         self._count(finite, loss, bpd, grad_norm, lr)
         return {"loss": loss, "bpd": bpd, "grad_norm": grad_norm, "lr": lr, "finite": finite}
@@ -283,7 +295,8 @@ class TrainStep:
         self.counters["bad_run"].zero_()
 
     def state_dict(self) -> dict[str, Any]:
-        """Optimiser moments and device counters (the model and EMA weights are saved apart)."""
+        """Optimiser moments (flat, in parameter order) and device counters (the model and EMA
+        weights are saved apart)."""
         return {"optimizer": self.cfg.optimizer, "exp_avg": self.exp_avg, "exp_avg2": self.exp_avg2,
                 "counters": dict(self.counters)}
 
@@ -295,15 +308,16 @@ class TrainStep:
             key = "exp_inf" if self.cfg.optimizer == "adamax" else "exp_avg_sq"
             if not all("exp_avg" in s and key in s for s in per_param):
                 raise ConfigError(f"{source}: the optimiser state does not match --optimizer {self.cfg.optimizer}")
-            state = {"optimizer": self.cfg.optimizer, "exp_avg": [s["exp_avg"] for s in per_param],
-                     "exp_avg2": [s[key] for s in per_param],
+            state = {"optimizer": self.cfg.optimizer,
+                     "exp_avg": torch.cat([s["exp_avg"].reshape(-1) for s in per_param]),
+                     "exp_avg2": torch.cat([s[key].reshape(-1) for s in per_param]),
                      "counters": {"opt_steps": torch.as_tensor(per_param[0]["step"]).long()}}
         if state["optimizer"] != self.cfg.optimizer:
             raise ConfigError(f"{source} was trained with --optimizer {state['optimizer']}, "
                               f"not {self.cfg.optimizer}")
         with torch.no_grad():
-            torch._foreach_copy_(self.exp_avg, [t.to(p.device) for t, p in zip(state["exp_avg"], self.params)])
-            torch._foreach_copy_(self.exp_avg2, [t.to(p.device) for t, p in zip(state["exp_avg2"], self.params)])
+            self.exp_avg.copy_(state["exp_avg"])
+            self.exp_avg2.copy_(state["exp_avg2"])
             for k, v in state["counters"].items():
                 self.counters[k].copy_(v)
 
@@ -325,11 +339,11 @@ def compile_step(step: TrainStep, mode: str = "regional", backend: str | None = 
     backend = backend or COMPILE_BACKEND
     cuda = step.params[0].device.type == "cuda"
     if cuda:
-        step.model.to(memory_format=torch.channels_last)
+        # channels_last activations (cuDNN's fast layout; the weights stay flat views)
         step.channels_last = True
         # the state the step updates in place keeps its address, so a CUDA graph can replay it
-        for t in (*step.params, *step.ema_params, *step.exp_avg, *step.exp_avg2, *step.counters.values(),
-                  step.skipped_flags):
+        for t in (step.flat, step.exp_avg, step.exp_avg2, *step.counters.values(), step.skipped_flags,
+                  *([step.ema_flat] if step.ema_flat is not None else [])):
             torch._dynamo.mark_static_address(t)
     options = dict(backend=backend, mode="reduce-overhead" if cuda and backend == "inductor" else None)
     if mode == "whole":
