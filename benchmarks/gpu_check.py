@@ -133,28 +133,14 @@ def timed_run(s: dict, npz: Path, work: Path, out: Path) -> dict:
 
 
 def plot_curve(run_dir: Path, path: Path) -> list[dict]:
-    """bits/dim against seconds and images (train lines; the final test score as a point)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """bits/dim against seconds and images (train lines, and the final test score)."""
+    from torchglow.evaluate import plot_curves
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if "train_bpd" in r]
-    test = [r for r in records if "test_bpd" in r]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in ((axes[0], "time_s", "seconds"), (axes[1], "images", "images seen")):
-        ax.plot([r[key] for r in train], [r["train_bpd"] for r in train], label="train")
-        if test and train:
-            ax.plot([train[-1][key]], [test[-1]["test_bpd"]], "o", label="test (all test images)")
-        ax.set_xlabel(label)
-        ax.set_ylabel("bits/dim")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return [{k: r[k] for k in ("step", "images", "time_s", "train_bpd")} for r in train]
+    baseline = json.loads((run_dir / "summary.json").read_text())["baseline_bpd"]
+    plot_curves(records, path, baseline, x_keys=("time_s", "images"))
+    return [{k: r[k] for k in ("step", "images", "time_s", "train_bpd" if "train_bpd" in r else "test_bpd")}
+            for r in records if "train_bpd" in r or "test_bpd" in r]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,3 +45,4 @@ def test_gpu_check_smoke(tmp_path):
     assert report["run"]["train_config"]["fast"] and report["run"]["train_config"]["precision"] == "bf16"
     assert (out / "curve.png").is_file() and (out / "run" / "metrics.jsonl").is_file()
     assert [p["images"] for p in report["curve"]] == sorted(p["images"] for p in report["curve"])
+    assert report["curve"][-1]["test_bpd"] == summary["test_bpd"]

@@ -174,14 +174,16 @@ def _train_step_fn(model, x_uint8, y, precision: str, memory: str, fast: bool, c
 
 
 def _phase_fns(phase: str, preset_name: str, overrides: dict[str, Any], batch_size: int, dev: torch.device,
-               precision: str, memory: str, fast: bool, compare: bool, compile_mode: str, seed: int):
+               precision: str, memory: str, fast: bool, compare: bool, compile_mode: str, seed: int,
+               fast_precision: str | None = None):
     """The callables timed in one phase: ``{"eager": ...}``, ``{"fast": ...}`` or both (``compare``),
-    each on its own model built from the same seed."""
+    each on its own model built from the same seed; the fast one in ``fast_precision`` when given."""
     from .step import fast_forward, fast_sampler
 
     modes = ("eager", "fast") if compare else (("fast",) if fast else ("eager",))
     fns = {}
     for mode in modes:
+        precision = (fast_precision or precision) if mode == "fast" and phase == "train" else precision
         model, config, x_uint8, y = _build(preset_name, overrides, batch_size, dev, precision, memory, seed)
         if phase == "train":
             fns[mode] = _train_step_fn(model, x_uint8, y, precision, memory, mode == "fast", compile_mode)
@@ -215,11 +217,12 @@ def _stats(batch_size: int, t: dict[str, list]) -> dict[str, Any]:
 
 def _run_phase(phase: str, preset_name: str, overrides: dict[str, Any], batch_size: int, device: str,
                precision: str, memory: str, fast: bool, warmup: int, repeats: int, seed: int,
-               compare: bool = False, compile_mode: str = "regional") -> dict[str, Any]:
+               compare: bool = False, compile_mode: str = "regional",
+               fast_precision: str | None = None) -> dict[str, Any]:
     """Build, initialise and time one phase in this process."""
     dev = torch.device(device)
     fns, n_params = _phase_fns(phase, preset_name, overrides, batch_size, dev, precision, memory, fast, compare,
-                               compile_mode, seed)
+                               compile_mode, seed, fast_precision)
     _sync(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -255,7 +258,8 @@ def run_benchmark(preset: str, batch_size: int, device: str, precision: str = "f
                   overrides: dict[str, Any] | None = None, memory: str = "none", fast: bool = False,
                   warmup: int = 3, repeats: int = 10, phases: Sequence[str] = PHASES,
                   threads: int | None = None, isolate: bool | None = None, seed: int = 0,
-                  compare: bool = False, compile_mode: str = "regional") -> dict[str, Any]:
+                  compare: bool = False, compile_mode: str = "regional",
+                  fast_precision: str | None = None) -> dict[str, Any]:
     """Benchmark a preset (with ``overrides``, e.g. ``{"n_steps": 8, "hidden_channels": 128}``).
 
     Args:
@@ -276,6 +280,8 @@ def run_benchmark(preset: str, batch_size: int, device: str, precision: str = "f
         seed: seeds the model, the images and the noise.
         compare: time the eager and the fast path side by side, interleaved (``speedup``).
         compile_mode: "regional" or "whole" (:func:`torchglow.step.compile_step`).
+        fast_precision: the precision of the fast training step (default ``precision``), e.g. an
+            eager fp32 step against a fast bf16 one.
 
     Returns:
         A JSON-serialisable dict: environment (device name, torch version, git commit, threads,
@@ -292,8 +298,9 @@ def run_benchmark(preset: str, batch_size: int, device: str, precision: str = "f
     check_memory_mode(memory, config.dropout)
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    for p in (precision, fast_precision or precision):
+        if p not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {p!r}")
     if batch_size < 1 or warmup < 0 or repeats < 1:
         raise ValueError("batch_size and repeats must be >= 1 and warmup >= 0")
     unknown = [p for p in phases if p not in PHASES]
@@ -314,6 +321,7 @@ def run_benchmark(preset: str, batch_size: int, device: str, precision: str = "f
         "device": str(dev),
         "device_name": device_name(dev),
         "precision": precision,
+        "fast_precision": fast_precision or precision,
         "memory": memory,
         "fast": fast or compare,
         "compare": compare,
@@ -342,7 +350,8 @@ def run_benchmark(preset: str, batch_size: int, device: str, precision: str = "f
             continue
         kwargs = dict(phase=phase, preset_name=preset, overrides=overrides, batch_size=batch_size,
                       device=str(dev), precision=precision, memory=memory, fast=fast, warmup=warmup,
-                      repeats=repeats, seed=seed, compare=compare, compile_mode=compile_mode)
+                      repeats=repeats, seed=seed, compare=compare, compile_mode=compile_mode,
+                      fast_precision=fast_precision)
         r = _run_phase_subprocess(kwargs, torch.get_num_threads()) if isolate else _run_phase(**kwargs)
         result[phase] = r
         result[f"{phase}_images_per_s"] = r["images_per_s"]
@@ -384,6 +393,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time the eager and the fast path side by side in interleaved rounds; print the ratio")
     parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="regional",
                         help="how --fast compiles the training step")
+    parser.add_argument("--fast-precision", choices=PRECISIONS,
+                        help="precision of the fast training step (default: --precision), e.g. bf16 against eager fp32")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
@@ -409,7 +420,8 @@ def _default_name(args: argparse.Namespace, overrides: dict[str, Any], device: s
     if args.memory != "none":
         parts.append(args.memory)
     if args.compare or args.fast:
-        parts.append("compare" if args.compare else f"fast-{args.compile_mode}")
+        parts.append("compare" if args.compare else "fast")
+        parts.append(args.compile_mode + (f"-{args.fast_precision}" if args.fast_precision else ""))
     if args.threads:
         parts.append(f"t{args.threads}")
     return "-".join(str(p) for p in parts)
@@ -426,7 +438,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     name = args.name or _default_name(args, overrides, device)
     result = run_benchmark(args.preset, args.batch_size, device, args.precision, overrides, args.memory,
                            args.fast, args.warmup, args.repeats, tuple(args.phases), args.threads,
-                           args.isolate, args.seed, args.compare, args.compile_mode)
+                           args.isolate, args.seed, args.compare, args.compile_mode, args.fast_precision)
     result = {"name": name, **result}
     summary = {k: round(v, 2) for k, v in result.items() if k.endswith("_images_per_s")}
     for phase in PHASES:

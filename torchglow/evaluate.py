@@ -61,26 +61,32 @@ def categorical_baseline_bpd(train_uint8: torch.Tensor, test_uint8: torch.Tensor
     return float(nll.mean() / math.log(2))
 
 
-def plot_curves(history: list[dict], path: str | Path, baseline: float | None = None) -> None:
-    """``bpd.png``: train (logged) and test (per epoch) bits/dim against images seen."""
+X_LABELS = {"images": "images seen", "time_s": "seconds of training", "step": "steps"}
+
+
+def plot_curves(history: list[dict], path: str | Path, baseline: float | None = None,
+                x_keys: tuple[str, ...] = ("images",)) -> None:
+    """``bpd.png``: train (logged) and test (per evaluation) bits/dim, one panel per x axis of
+    ``x_keys`` (``images``, ``time_s`` or ``step``: fields of the metrics.jsonl records)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(h["images"], h["train_bpd"]) for h in history if "train_bpd" in h]
-    test = [(h["images"], h["test_bpd"]) for h in history if "test_bpd" in h]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train), label="train", alpha=0.7)
-    if test:
-        ax.plot(*zip(*test), "o-", label="test")
-    if baseline is not None:
-        ax.axhline(baseline, color="grey", ls="--", label="per-pixel baseline")
-    ax.set_xlabel("images seen")
-    ax.set_ylabel("bits/dim")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, len(x_keys), figsize=(6 * len(x_keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], x_keys):
+        train = [(h[key], h["train_bpd"]) for h in history if "train_bpd" in h and key in h]
+        test = [(h[key], h["test_bpd"]) for h in history if "test_bpd" in h and key in h]
+        if train:
+            ax.plot(*zip(*train), label="train", alpha=0.7)
+        if test:
+            ax.plot(*zip(*test), "o-", label="test")
+        if baseline is not None:
+            ax.axhline(baseline, color="grey", ls="--", label="per-pixel baseline")
+        ax.set_xlabel(X_LABELS.get(key, key))
+        ax.set_ylabel("bits/dim")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -582,7 +582,7 @@ def score(run: Run, label: str, extra: dict[str, Any] | None = None) -> float:
                   row_labels=[f"T={t:g}" for t in cfg.sample_temperatures])
     run.model.train()
     run.log({"step": state["step"], "epoch": run.epochs_done(state["step"]), "images": state["images"],
-             "test_bpd": test_bpd, **(extra or {})})
+             "time_s": round(run.wall_time(), 3), "test_bpd": test_bpd, **(extra or {})})
     if run.is_main:
         print(f"{label}: test {test_bpd:.4f} bits/dim (baseline {run.data.baseline:.4f})", file=sys.stderr)
     if test_bpd < state["best_bpd"]:
