@@ -403,7 +403,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the phases in this process (CPU peak RSS is then the process peak)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", help="result name (default: derived from the options)")
-    parser.add_argument("--out", dest="out_dir", metavar="DIR",
+    parser.add_argument("--out", "--out-dir", dest="out_dir", metavar="DIR",
                         help="also write the full result to DIR/<name>.json (default: print only)")
 
 
