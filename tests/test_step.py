@@ -214,17 +214,18 @@ def test_fullgraph_compile_of_the_whole_step_equals_eager():
     assert compiled.read_counters() == pytest.approx(eager.read_counters())
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("memory", ["none", "checkpoint", "invertible"])
 def test_regional_compile_equals_eager(memory):
-    """Regional compilation (each flow step compiled, reused by the steps of a level; the update one
-    graph) with inductor's kernels, in every memory mode: equal to eager to 1e-5."""
+    """Regional compilation (each flow step compiled, reused by the steps of a level; the input
+    preparation and the update one graph each) works in every memory mode, the invertible
+    backward's autograd Function calling the compiled steps: equal to eager (backend aot_eager;
+    inductor's kernels: test_train's --fast test, the bench and gpu_check)."""
     torch._dynamo.reset()
-    eager, x_uint8 = make_step(None, memory=memory)
-    compiled, _ = make_step(None, memory=memory)
+    eager, x_uint8 = make_step(dict(n_levels=1, n_steps=2), memory=memory)
+    compiled, _ = make_step(dict(n_levels=1, n_steps=2), memory=memory)
     for s in (eager, compiled):
         s.model.set_memory(memory)
-    fast = compile_step(compiled, "regional")
+    fast = compile_step(compiled, "regional", backend="aot_eager")
     for _ in range(2):
         a, b = eager(x_uint8), fast(x_uint8)
         torch.testing.assert_close(b["loss"], a["loss"], atol=1e-5, rtol=1e-5)
