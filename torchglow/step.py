@@ -63,7 +63,8 @@ def counter_uniform(seed: int, stream: int, step: torch.Tensor, index: torch.Ten
     ``step`` is a 0-d int64 device tensor, ``index`` an int64 tensor of element indices < 2³²; the
     result has ``index``'s shape and device. Equal on every device, process and compiled or eager
     run, and needs no RNG state to resume."""
-    key = _mix32(_mix32(torch.tensor((seed * 0x9E3779B1 + stream) & MASK32, device=index.device)) ^ (step & MASK32))
+    base = int(_mix32(torch.tensor((seed * 0x9E3779B1 + stream) & MASK32)))  # on the host: no copy to the device
+    key = _mix32((step & MASK32) ^ base)
     h = _mix32(_mix32(index ^ key) ^ key)
     return (h >> 8).to(torch.float32) * (1.0 / 2**24)
 
