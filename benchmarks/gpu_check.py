@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from torchglow import bench  # noqa: E402
 from torchglow import step as step_module  # noqa: E402
-from torchglow.config import GlowConfig, TrainConfig, preset  # noqa: E402
+from torchglow.config import TrainConfig, preset  # noqa: E402
 
 DEFAULT_NPZ = ROOT / "benchmarks" / "data" / "cifar10_jpegq75_bytes.npz"
 

@@ -25,7 +25,6 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
 
 from . import preprocess as pp
 from .config import ConfigError, GlowConfig, TrainConfig
@@ -70,7 +69,7 @@ def counter_uniform(seed: int, stream: int, step: torch.Tensor, index: torch.Ten
 
 
 # streams of counter_uniform: one per kind of draw
-NOISE, SHIFT_Y, SHIFT_X, FLIP, INIT_NOISE = range(5)
+NOISE, AUGMENT, INIT_NOISE = range(3)
 
 
 def rows_of(batch: int, rank: int, world: int, device: torch.device) -> torch.Tensor:
@@ -192,8 +191,8 @@ class TrainStep:
         """Augmented, preprocessed and dequantised model inputs of this step."""
         cfg, step = self.cfg, self.counters["steps"]
         if cfg.augment_shift or cfg.augment_flip:
-            u = counter_uniform(cfg.seed, SHIFT_Y, step, torch.stack([self.rows + s * cfg.batch_size
-                                                                      for s in range(3)]))
+            # three draws per image (its global row): vertical shift, horizontal shift, flip
+            u = counter_uniform(cfg.seed, AUGMENT, step, torch.stack([self.rows + k * cfg.batch_size for k in range(3)]))
             span = 2 * cfg.augment_shift + 1
             dy, dx = ((u[:2] * span).long() - cfg.augment_shift).unbind(0)
             x_uint8 = shift_and_flip(x_uint8, dy, dx, u[2] < 0.5 if cfg.augment_flip else None)

@@ -41,13 +41,12 @@ from . import distributed as dist_utils
 from . import health
 from . import preprocess as pp
 from .checkpoint import FORMAT, CheckpointError, atomic_save, config_diff, load_checkpoint, load_model, load_state
-from .config import (COMPILE_MODES, MEMORY_MODES, OPTIMIZERS, PRECISIONS, TRAIN_PRESETS,  # noqa: F401 (re-exported)
-                     ConfigError, GlowConfig, TrainConfig, train_preset)
+from .config import ConfigError, GlowConfig, TrainConfig, train_preset  # noqa: F401 (train_preset: re-exported)
 from .data import DatasetError
 from .evaluate import categorical_baseline_bpd, evaluate_bpd, plot_curves
 from .memory import check_memory_mode
 from .model import Glow
-from .step import INIT_NOISE, TrainStep, compile_step, dequantization_noise, mix_seed, objective  # noqa: F401
+from .step import INIT_NOISE, TrainStep, compile_step, dequantization_noise, mix_seed
 
 # The per-pixel baseline of data sets that are not held in memory is fitted on this many images.
 BASELINE_IMAGES = 20_000
