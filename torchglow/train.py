@@ -18,7 +18,8 @@ processes see exactly the noise of an uninterrupted single-process run.
 A run folder holds ``config.json`` (model and training configs), ``metrics.jsonl`` (one JSON line
 per log: ``epoch`` is always the training progress in epochs, ``step / steps_per_epoch``),
 ``init/`` (the model right after the data-dependent ActNorm initialisation, before any step),
-``last.pt`` and ``best.pt`` (checkpoints), ``samples/epoch_NNN.png``, ``bpd.png``, ``summary.json``
+``last.pt`` and ``best.pt`` (checkpoints), ``samples/epoch_NNN.png`` (``epoch_NNN_step_SSSSSSS.png``
+for a final evaluation mid-epoch), ``bpd.png``, ``summary.json``
 and ``model/`` (the evaluated weights as a pretrained folder).
 """
 
@@ -577,7 +578,7 @@ def score(run: Run, label: str, extra: dict[str, Any] | None = None) -> float:
         rows = temperature_rows(m, cfg.sample_temperatures, n_per_row=8, seed=cfg.seed)
         health.check_samples(torch.cat(rows), context=f"samples of {run.out}")
         save_grid([to_display(r, run.model_config.n_bits, run.data.display_max) for r in rows],
-                  run.out / "samples" / f"epoch_{state['epoch']:03d}.png",
+                  run.out / "samples" / f"{_grid_name(run)}.png",
                   row_labels=[f"T={t:g}" for t in cfg.sample_temperatures])
     run.model.train()
     run.log({"step": state["step"], "epoch": run.epochs_done(state["step"]), "images": state["images"],
@@ -590,6 +591,13 @@ def score(run: Run, label: str, extra: dict[str, Any] | None = None) -> float:
     if run.is_main:
         plot_curves(state["history"], run.out / "bpd.png", run.data.baseline)
     return test_bpd
+
+
+def _grid_name(run: Run) -> str:
+    """``epoch_007`` at the end of epoch 7, ``epoch_007_step_0001234`` mid-epoch (names sort in order)."""
+    state = run.state
+    name = f"epoch_{state['epoch']:03d}"
+    return name if state["step"] == state["epoch"] * run.data.steps_per_epoch else f"{name}_step_{state['step']:07d}"
 
 
 def _epoch_health(run: Run) -> dict[str, Any]:
@@ -622,6 +630,7 @@ def finish(run: Run) -> TrainResult:
         "baseline_bpd": run.data.baseline, "steps": state["step"], "epochs": state["epoch"],
         "images_seen": state["images"], "skipped_steps": state["skipped_steps"], "wall_time_s": state["wall_time_s"],
         "evaluated_with": "ema" if run.ema is not None else "weights",
+        "samples": str(run.out / "samples" / f"{_grid_name(run)}.png") if final_bpd is not None else None,
     }
     if run.is_main:
         if state["history"]:
@@ -651,7 +660,8 @@ def summary_text(summary: dict[str, Any]) -> str:
               f"bits/dim",
               "bits/dim: the code length of a test image per pixel and colour channel under the model; lower is "
               "better, and below the baseline means the model learned how pixels go together",
-              f"pictures: {run}/samples/ (one grid per evaluation), learning curve: {run}/bpd.png",
+              f"samples: {summary['samples'] or run + '/samples/'} (one grid per evaluation), "
+              f"learning curve: {run}/bpd.png",
               f"next: torchglow sample {run}   torchglow evaluate {run}"]
     return "\n".join(lines)
 
