@@ -6,6 +6,7 @@ import json
 import pytest
 
 from torchglow import bench
+from torchglow import step as step_module
 
 TINY = dict(image_shape=(1, 8, 8), n_levels=2, n_steps=2, hidden_channels=8, dropout=0.0)
 PHASES = ("train", "sample", "eval")
@@ -13,7 +14,7 @@ PHASES = ("train", "sample", "eval")
 
 def check_result(r, phases=PHASES):
     for key in ("preset", "overrides", "config", "batch_size", "device", "device_name", "precision", "memory",
-                "compile", "threads", "torch", "git_commit", "peak_memory_mb", "peak_memory_kind",
+                "fast", "compare", "compile_mode", "threads", "torch", "git_commit", "peak_memory_mb", "peak_memory_kind",
                 "load_average_before", "load_average_after"):
         assert key in r, key
     assert r["device_name"] and r["torch"] and r["git_commit"]
@@ -60,10 +61,20 @@ def test_run_benchmark_rejects_bad_arguments():
         bench.run_benchmark("digits", 4, "cpu", overrides=TINY, phases=("train", "fly"))
 
 
+MAIN_ARGS = ["--preset", "digits", "--batch-size", "4", "--device", "cpu", "--n-steps", "2", "--hidden-channels", "8",
+             "--set", "n_levels=2", "--warmup", "0", "--repeats", "1", "--no-isolate", "--threads", "1"]
+
+
+def test_main_prints_only_by_default(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert bench.main(MAIN_ARGS) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["train_images_per_s"] > 0 and "written" not in printed
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_main_writes_json(tmp_path, capsys):
-    rc = bench.main(["--preset", "digits", "--batch-size", "4", "--device", "cpu", "--n-steps", "2",
-                     "--hidden-channels", "8", "--set", "n_levels=2", "--warmup", "0", "--repeats", "1",
-                     "--no-isolate", "--threads", "1", "--out-dir", str(tmp_path)])
+    rc = bench.main([*MAIN_ARGS, "--out", str(tmp_path)])
     assert rc == 0
     files = list(tmp_path.glob("*.json"))
     assert [f.name for f in files] == ["digits-K2-L2-w8-b4-cpu-fp32-t1.json"]
@@ -73,3 +84,16 @@ def test_main_writes_json(tmp_path, capsys):
     assert r["overrides"] == {"n_levels": 2, "n_steps": 2, "hidden_channels": 8}
     assert r["threads"] == 1
     assert str(files[0]) in capsys.readouterr().out
+
+
+def test_compare_times_eager_and_fast_side_by_side(monkeypatch):
+    """--compare: both steps timed in alternation in one process, their ratio and the compile time
+    reported. (The compiled step is swapped for the eager one here: compiling is the slow test's job.)"""
+    monkeypatch.setattr(step_module, "compile_step", lambda step, mode: step)
+    r = bench.run_benchmark("digits", 4, "cpu", overrides=TINY, warmup=1, repeats=3, phases=("train",),
+                            isolate=False, compare=True)
+    t = r["train"]
+    assert set(t["eager"]) >= {"images_per_s", "seconds"} and set(t["fast"]) >= {"images_per_s", "seconds"}
+    assert t["speedup"] == t["eager"]["seconds_median"] / t["fast"]["seconds_median"]
+    assert len(t["speedup_per_round"]) == 3 and r["train_images_per_s"] == t["fast"]["images_per_s"]
+    assert t["compile_seconds"] == t["fast"]["warmup_seconds"][0] - t["fast"]["seconds_median"]

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, one_thread) -> str:
-    from torchglow.train import TrainConfig, train
+    from torchglow.config import TrainConfig
+    from torchglow.train import train
 
     out = tmp_path_factory.mktemp("run")
     train(preset("digits", n_steps=2, hidden_channels=16),
@@ -317,7 +318,7 @@ Returns:
 
 
 def test_every_config_field_has_help():
-    from torchglow.train import TrainConfig
+    from torchglow.config import TrainConfig
     import dataclasses
 
     for cls in (cli.GlowConfig, TrainConfig):

@@ -14,7 +14,6 @@ from torchglow.data import (
     DatasetError,
     ImageFileDataset,
     TensorImageDataset,
-    augment,
     check_dataset_name,
     load_dataset,
     pick_indices,
@@ -391,35 +390,34 @@ def test_pick_indices_and_take(tmp_path):
     assert folder.take([])[0].shape == (0, 3, 4, 4)
 
 
-# --------------------------------------------------------------------------- augmentation
+# --------------------------------------------------------------------------- .npz data sets
+def test_npz_with_a_split_array_rgb(tmp_path):
+    rng = np.random.RandomState(0)
+    x = rng.randint(0, 256, (6, 4, 4, 3), dtype=np.uint8)
+    np.savez(tmp_path / "s.npz", x=x, y=np.arange(6, dtype=np.uint8), split=np.array([0, 1, 0, 0, 1, 0]))
+    train, test = (load_dataset(str(tmp_path / "s.npz"), split) for split in ("train", "test"))
+    assert torch.equal(train.images, torch.from_numpy(x[[0, 2, 3, 5]]).permute(0, 3, 1, 2))
+    assert test.labels.tolist() == [1, 4] and test.images.shape == (2, 3, 4, 4)
 
 
-def reference_augment(image, dy, dx, flip):
-    """out[i, j] = image[clamp(i + dy), clamp(j + dx)] (a translation with edge padding), maybe mirrored."""
-    _, height, width = image.shape
-    rows = torch.arange(height).add(dy).clamp(0, height - 1)
-    cols = torch.arange(width).add(dx).clamp(0, width - 1)
-    shifted = image[:, rows][:, :, cols]
-    return shifted.flip(2) if flip else shifted
+def test_npz_train_and_test_files_grey_padded(tmp_path):
+    for name, n in (("m_train", 5), ("m_test", 2)):
+        np.savez(tmp_path / f"{name}.npz", x=np.full((n, 6, 6), n, dtype=np.uint8), y=np.zeros(n, dtype=np.uint8))
+    test = load_dataset(str(tmp_path / "m_train.npz"), "test", image_size=8)
+    assert test.images.shape == (2, 1, 8, 8) and int(test.images[0, 0, 1, 1]) == 2  # the test file, padded
+    assert len(load_dataset(str(tmp_path / "m_train.npz"), "train")) == 5
 
 
-def test_augment_translates_with_edge_padding_and_flips():
-    x = torch.randint(0, 256, (64, 3, 6, 7), dtype=torch.uint8)
-    assert augment(x, 0, False) is x
-    out = augment(x, 2, True, generator=torch.Generator().manual_seed(0))
-    assert out.dtype == torch.uint8 and out.shape == x.shape
-    assert torch.equal(out, augment(x, 2, True, generator=torch.Generator().manual_seed(0)))
-    flipped = 0
-    for image, result in zip(x, out):
-        choices = [(dy, dx, flip) for dy in range(-2, 3) for dx in range(-2, 3) for flip in (False, True)]
-        matches = [flip for dy, dx, flip in choices if torch.equal(result, reference_augment(image, dy, dx, flip))]
-        assert matches, "every output is a shifted (and maybe mirrored) input"
-        flipped += matches[0]
-    assert 10 < flipped < 54
-
-
-def test_augment_flip_only_mirrors():
-    x = torch.randint(0, 256, (32, 1, 4, 5), dtype=torch.uint8)
-    out = augment(x, 0, True, generator=torch.Generator().manual_seed(1))
-    mirrored = (out == x.flip(3)).flatten(1).all(1)
-    assert torch.all(mirrored | (out == x).flatten(1).all(1)) and 0 < mirrored.sum() < 32
+def test_npz_seeded_split_and_bad_files(tmp_path):
+    np.savez(tmp_path / "a.npz", x=np.zeros((40, 4, 4), dtype=np.uint8), y=np.arange(40))
+    train, test = (load_dataset(str(tmp_path / "a.npz"), split, seed=1) for split in ("train", "test"))
+    assert len(test) == 2 and sorted(train.labels.tolist() + test.labels.tolist()) == list(range(40))
+    np.savez(tmp_path / "b.npz", images=np.zeros((2, 4, 4), dtype=np.uint8))
+    with pytest.raises(DatasetError, match=r"b.npz: a .npz data set needs arrays x .* and y"):
+        load_dataset(str(tmp_path / "b.npz"))
+    np.savez(tmp_path / "c.npz", x=np.zeros((2, 4, 4), dtype=np.float32), y=np.zeros(2))
+    with pytest.raises(DatasetError, match="x must be uint8"):
+        load_dataset(str(tmp_path / "c.npz"))
+    (tmp_path / "d.npz").write_text("not a zip")
+    with pytest.raises(DatasetError, match="cannot read .npz data set"):
+        load_dataset(str(tmp_path / "d.npz"))

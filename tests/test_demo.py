@@ -351,7 +351,8 @@ def test_api_errors_are_messages(client, path, kwargs, status, needle):
 # ------------------------------------------------------------------ the command
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, one_thread) -> str:
-    from torchglow.train import TrainConfig, train
+    from torchglow.config import TrainConfig
+    from torchglow.train import train
 
     out = tmp_path_factory.mktemp("run")
     train(preset("digits", n_steps=2, hidden_channels=16),

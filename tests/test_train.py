@@ -1,6 +1,8 @@
 import dataclasses
 import json
+import math
 import os
+import signal
 import socket
 
 import pytest
@@ -8,9 +10,10 @@ import torch
 import torch.multiprocessing as mp
 
 from torchglow import Glow, preset
-from torchglow.checkpoint import load_checkpoint
+from torchglow.checkpoint import CheckpointError, load_checkpoint
 from torchglow import ConfigError
-from torchglow.train import TrainConfig, TrainingError, train, train_preset
+from torchglow.config import TrainConfig, train_preset
+from torchglow.train import TrainingError, train
 
 
 def tiny_model_config(**overrides):
@@ -33,7 +36,7 @@ def test_run_folder_and_learning(tmp_path):
     result = train(tiny_model_config(), tiny_train_config(tmp_path / "run"), progress=False)
     run = tmp_path / "run"
     for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "bpd.png",
-                 "samples/epoch_1.png", "samples/epoch_2.png", "model/config.json", "model/model.safetensors"):
+                 "samples/epoch_001.png", "samples/epoch_002.png", "model/config.json", "model/model.safetensors"):
         assert (run / name).is_file(), name
     summary = json.loads((run / "summary.json").read_text())
     assert summary == json.loads(json.dumps(result.summary))
@@ -65,7 +68,7 @@ def test_resume_gives_the_same_result(tmp_path):
 def test_resume_refuses_another_model_config(tmp_path):
     cfg = tiny_train_config(tmp_path / "r", max_steps=3)
     train(tiny_model_config(), cfg, progress=False)
-    with pytest.raises(Exception, match="another model config"):
+    with pytest.raises(CheckpointError, match="another model config"):
         train(tiny_model_config(hidden_channels=8), dataclasses.replace(cfg, max_steps=6), resume=True, progress=False)
 
 
@@ -144,11 +147,11 @@ def test_weight_decay_is_decoupled(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_training_matches_eager(tmp_path):
-    """--compile (torch.compile, inductor on CPU) takes the same steps as eager execution."""
+def test_fast_training_matches_eager(tmp_path):
+    """--fast (regional torch.compile, inductor on CPU) takes the same steps as eager execution."""
     # no dropout: inductor draws its masks with its own RNG
     results = {c: train(tiny_model_config(dropout=0.0),
-                        tiny_train_config(tmp_path / str(c), epochs=1, max_steps=2, compile=c),
+                        tiny_train_config(tmp_path / str(c), epochs=1, max_steps=2, fast=c),
                         progress=False) for c in (False, True)}
     eager, compiled = results[False].model.state_dict(), results[True].model.state_dict()
     for k in eager:
@@ -160,3 +163,102 @@ def test_train_preset():
     assert (cfg.dataset, cfg.epochs, cfg.lr, cfg.weight_decay) == ("digits", 3, 2e-3, 0.3)
     with pytest.raises(ConfigError, match="unknown preset"):
         train_preset("cifar100")
+
+
+# ---------------------------------------------------------------- run folders, totals, the end of a run
+def test_out_holding_a_run_is_refused_unless_overwrite(tmp_path):
+    cfg = tiny_train_config(tmp_path / "r", max_steps=2)
+    train(tiny_model_config(), cfg, progress=False)
+    best = (tmp_path / "r" / "best.pt").stat().st_mtime_ns
+    with pytest.raises(ConfigError, match=r"already holds a run: continue it with --resume .*another --out.*--overwrite"):
+        train(tiny_model_config(), cfg, progress=False)
+    assert (tmp_path / "r" / "best.pt").stat().st_mtime_ns == best  # nothing touched
+    result = train(tiny_model_config(), dataclasses.replace(cfg, overwrite=True, max_steps=1), progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert result.summary["steps"] == 1 and max(r["step"] for r in lines) == 1  # only the new run's lines
+
+
+def test_max_steps_mid_epoch_scores_against_the_best(tmp_path, capsys):
+    """A run stopped by max_steps inside its second epoch: the final evaluation is an epoch line,
+    logged with the fractional epoch, and best.pt holds the better of the two scores."""
+    result = train(tiny_model_config(), tiny_train_config(tmp_path / "m", max_steps=60), progress=False)
+    err = capsys.readouterr().err
+    assert "step 60 (epoch 1.30): test" in err
+    tested = [json.loads(line) for line in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()
+              if "test_bpd" in line]
+    assert [(r["step"], r["epoch"]) for r in tested] == [(46, 1), (60, 1.3043)]
+    best = min(r["test_bpd"] for r in tested)
+    assert result.summary["best_test_bpd"] == best and result.summary["test_bpd"] == tested[-1]["test_bpd"]
+    assert load_checkpoint(tmp_path / "m" / "best.pt")["state"]["best_bpd"] == best
+
+
+def test_resume_of_a_finished_run_says_so_and_keeps_totals(tmp_path, capsys):
+    cfg = tiny_train_config(tmp_path / "f", epochs=1, max_steps=5)
+    first = train(tiny_model_config(), cfg, progress=False).summary
+    capsys.readouterr()
+    again = train(tiny_model_config(), cfg, resume=True, progress=False).summary
+    assert f"{tmp_path / 'f'} is finished" in capsys.readouterr().err
+    assert again["steps"] == first["steps"] == 5 and again["test_bpd"] == first["test_bpd"]
+    assert again["wall_time_s"] >= first["wall_time_s"]
+    longer = train(tiny_model_config(), dataclasses.replace(cfg, max_steps=8), resume=True, progress=False).summary
+    assert longer["steps"] == 8 and longer["wall_time_s"] > first["wall_time_s"]
+
+
+def test_ctrl_c_exits_130_with_the_resume_command(tmp_path, capsys, monkeypatch):
+    from torchglow import cli
+    from torchglow.step import TrainStep
+
+    call = TrainStep.__call__
+
+    def interrupt_at_step_3(self, x, y=None):
+        out = call(self, x, y)
+        if int(self.counters["steps"]) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(TrainStep, "__call__", interrupt_at_step_3)
+    run = tmp_path / "c"
+    rc = cli.main(["train", "--n-steps", "2", "--hidden-channels", "16", "--epochs", "1", "--batch-size", "32",
+                   "--init-images", "64", "--device", "cpu", "--num-workers", "0", "--out", str(run)])
+    assert rc == 130
+    assert f"resume with: torchglow train --resume {run}" in capsys.readouterr().out
+    assert load_checkpoint(run / "last.pt")["state"]["step"] == 3
+
+
+# ---------------------------------------------------------------- paths of the step inside training
+def test_fp16_training_path(tmp_path):
+    """fp16 coupling networks with the device loss scale: the run finishes with finite weights, and
+    the scale left its initial 2**16 only by halving on overflow or doubling after 2000 steps."""
+    result = train(tiny_model_config(), tiny_train_config(tmp_path / "h", epochs=1, max_steps=10, precision="fp16"),
+                   progress=False)
+    assert result.summary["finished"] and all(torch.isfinite(p).all() for p in result.model.parameters())
+    scale = load_checkpoint(tmp_path / "h" / "last.pt")["trainer"]["counters"]["loss_scale"].item()
+    assert math.log2(scale) == int(math.log2(scale)) and scale <= 2.0**16
+
+
+def test_init_from_starts_from_the_trained_weights(tmp_path):
+    train(tiny_model_config(), tiny_train_config(tmp_path / "a", epochs=1, max_steps=5), progress=False)
+    train(tiny_model_config(), tiny_train_config(tmp_path / "b", epochs=1, max_steps=1,
+                                                 init_from=str(tmp_path / "a")), progress=False)
+    source = load_checkpoint(tmp_path / "a" / "best.pt")["model"]
+    assert state_dicts_equal(Glow.from_pretrained(tmp_path / "b" / "init").state_dict(), source)
+
+
+def test_augmentation_inside_training_is_seeded(tmp_path):
+    runs = [train(tiny_model_config(), tiny_train_config(tmp_path / name, epochs=1, max_steps=3, **aug),
+                  progress=False).model.state_dict()
+            for name, aug in (("a1", dict(augment_shift=1, augment_flip=True)),
+                              ("a2", dict(augment_shift=1, augment_flip=True)), ("plain", {}))]
+    assert state_dicts_equal(runs[0], runs[1]) and not state_dicts_equal(runs[0], runs[2])
+
+
+def test_eval_draws_average_seeded_draws():
+    from torchglow.evaluate import evaluate_bpd
+    from torchglow.step import mix_seed
+
+    model = Glow(tiny_model_config()).eval()
+    x = torch.randint(0, 129, (10, 1, 8, 8), dtype=torch.uint8)
+    by_hand = [model.bits_per_dim(x, generator=torch.Generator().manual_seed(mix_seed(3, d, 0))).mean().item()
+               for d in range(3)]
+    assert evaluate_bpd(model, x, batch_size=4, n_draws=3, seed=3) == pytest.approx(sum(by_hand) / 3, rel=1e-6)
+    assert evaluate_bpd(model, x, batch_size=4, n_draws=1, seed=3) == pytest.approx(by_hand[0], rel=1e-6)

@@ -5,14 +5,16 @@ from a batch, and times, after ``warmup`` untimed iterations, ``repeats`` iterat
 the reported rate is ``batch_size / median(iteration time)``:
 
 ``train``
-    The training step of :func:`torchglow.train.train`: preprocess + dequantisation noise,
-    ``model(x, y)``, bits/dim loss (plus the classification term of class-conditional models),
-    ``zero_grad``, backward, ``clip_grad_norm_`` (foreach), the finiteness check (one host sync),
-    an Adamax step and the EMA update (:class:`torchglow.train.EMA`).
+    The training step of :func:`torchglow.train.train`, the same object
+    (:class:`torchglow.step.TrainStep`): device noise, forward, loss, backward, gradient norm,
+    masked Adamax update, EMA; with ``fast`` its compiled form (:func:`torchglow.step.compile_step`).
+    With ``compare`` the eager and the fast step run side by side in one process, in interleaved
+    rounds (eager, fast, eager, fast, ...) so that a machine busy with other work slows both alike;
+    the result has both rates, their ratio and the compile time (the fast step's first call).
 ``sample``
-    ``model.sample(batch_size)`` in eval mode.
+    ``model.sample(batch_size)`` in eval mode (``fast``: a compiled decode, :func:`torchglow.step.fast_sampler`).
 ``eval``
-    ``model.bits_per_dim(x_uint8)`` in eval mode under ``torch.no_grad``.
+    ``model.bits_per_dim(x_uint8)`` in eval mode under ``torch.no_grad`` (``fast``: a compiled forward).
 
 On CUDA every timed iteration is bracketed by ``torch.cuda.synchronize()`` and peak memory is
 ``torch.cuda.max_memory_allocated`` (reset before each phase). On CPU peak memory is the peak
@@ -24,8 +26,8 @@ iteration (import, model, optimiser, ActNorm init), so ``peak - baseline`` bound
 itself added. With ``isolate=False`` the phases share this process and the RSS figures are the
 process peak so far (monotone across phases, and including whatever ran before).
 
-The command line (``python -m torchglow.bench``, see :func:`main`) writes the result as JSON to
-``benchmarks/results/<name>.json``.
+The command line (``torchglow bench`` or ``python -m torchglow.bench``, see :func:`main`) prints a
+summary; it writes the full result as JSON only when asked (``--out DIR`` writes ``DIR/<name>.json``).
 """
 
 from __future__ import annotations
@@ -44,11 +46,10 @@ from typing import Any, Sequence
 
 import torch
 
+from .config import COMPILE_MODES, PRECISIONS
 from .devices import resolve_device
 
 PHASES = ("train", "sample", "eval")
-PRECISIONS = ("fp32", "bf16", "fp16")
-DEFAULT_OUT_DIR = Path("benchmarks") / "results"
 
 
 # --------------------------------------------------------------------------- environment
@@ -109,22 +110,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn, device: torch.device, warmup: int, repeats: int) -> tuple[list[float], list[float], list[float]]:
-    """Wall seconds of ``warmup`` untimed and ``repeats`` timed calls of ``fn``, each synchronised,
-    and the CPU seconds (user + system, all threads of this process) of the timed calls."""
-    warm, timed, cpu = [], [], []
+def _time(fns: dict[str, Any], device: torch.device, warmup: int, repeats: int) -> dict[str, dict[str, list]]:
+    """Per callable of ``fns``: wall seconds of ``warmup`` untimed and ``repeats`` timed calls, each
+    synchronised, and the CPU seconds (user + system, all threads) of the timed calls. The
+    callables take turns call by call (interleaved rounds)."""
+    times = {name: {"warm": [], "timed": [], "cpu": []} for name in fns}
     for i in range(warmup + repeats):
-        _sync(device)
-        c0, t0 = time.process_time(), time.perf_counter()
-        fn()
-        _sync(device)
-        t1, c1 = time.perf_counter(), time.process_time()
-        if i < warmup:
-            warm.append(t1 - t0)
-        else:
-            timed.append(t1 - t0)
-            cpu.append(c1 - c0)
-    return warm, timed, cpu
+        for name, fn in fns.items():
+            _sync(device)
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            _sync(device)
+            t1, c1 = time.perf_counter(), time.process_time()
+            if i < warmup:
+                times[name]["warm"].append(t1 - t0)
+            else:
+                times[name]["timed"].append(t1 - t0)
+                times[name]["cpu"].append(c1 - c0)
+    return times
 
 
 def _build(preset_name: str, overrides: dict[str, Any], batch_size: int, device: torch.device,
@@ -154,69 +157,88 @@ def _build(preset_name: str, overrides: dict[str, Any], batch_size: int, device:
     return model, config, x_uint8, y
 
 
-def _train_step_fn(model, config, x_uint8, y, precision: str, compile: bool):
-    """One training step exactly as :func:`torchglow.train.train` takes it (fixed lr, no clipping)."""
-    from . import preprocess as pp
-    from .train import EMA, apply_step, backward, objective
+def _train_step_fn(model, x_uint8, y, precision: str, memory: str, fast: bool, compile_mode: str):
+    """One training step exactly as :func:`torchglow.train.train` takes it (the same
+    :class:`torchglow.step.TrainStep`; lr 1e-4 without warm-up, no clipping, EMA)."""
+    import copy
 
-    device = x_uint8.device
-    optimizer = torch.optim.Adamax(model.parameters(), lr=1e-4, betas=(0.9, 0.999), foreach=True)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    ema = EMA(model, 0.999)
-    train_model = torch.compile(model) if compile else model
-    params = list(model.parameters())
+    from .config import TrainConfig
+    from .step import TrainStep, compile_step
+
+    cfg = TrainConfig(batch_size=x_uint8.shape[0], lr=1e-4, warmup_images=0, precision=precision, fast=fast,
+                      compile_mode=compile_mode, memory=memory)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    step = TrainStep(model, cfg, beta2=0.999, ema=ema, ema_decay=0.999)
     model.train()
+    fn = compile_step(step, compile_mode) if fast else step
+    return lambda: fn(x_uint8, y)
 
-    def step() -> None:
-        noise = torch.rand(x_uint8.shape, device=device)
-        x = pp.preprocess(x_uint8, config.n_bits) + noise / pp.n_bins(config.n_bits)
-        loss, _ = objective(train_model(x, y), y, config)
-        _, finite = backward(loss, optimizer, scaler, params, 0.0, precision)
-        apply_step(finite, model, optimizer, scaler, params, 0.0, ema)
 
-    return step
+def _phase_fns(phase: str, preset_name: str, overrides: dict[str, Any], batch_size: int, dev: torch.device,
+               precision: str, memory: str, fast: bool, compare: bool, compile_mode: str, seed: int,
+               fast_precision: str | None = None):
+    """The callables timed in one phase: ``{"eager": ...}``, ``{"fast": ...}`` or both (``compare``),
+    each on its own model built from the same seed; the fast one in ``fast_precision`` when given."""
+    from .step import fast_forward, fast_sampler
+
+    modes = ("eager", "fast") if compare else (("fast",) if fast else ("eager",))
+    fns = {}
+    for mode in modes:
+        precision = (fast_precision or precision) if mode == "fast" and phase == "train" else precision
+        model, config, x_uint8, y = _build(preset_name, overrides, batch_size, dev, precision, memory, seed)
+        if phase == "train":
+            fns[mode] = _train_step_fn(model, x_uint8, y, precision, memory, mode == "fast", compile_mode)
+        elif phase == "sample":
+            model.eval()
+            sample = fast_sampler(model, batch_size) if mode == "fast" else model.sample
+            fns[mode] = lambda sample=sample, y=y: sample(batch_size, y=y)
+        elif phase == "eval":
+            model.eval()
+            forward = fast_forward(model) if mode == "fast" else model
+
+            def fns_eval(forward=forward, x_uint8=x_uint8, y=y, n_bits=config.n_bits, n_dims=config.n_dims):
+                from . import preprocess as pp
+
+                with torch.no_grad():
+                    x = pp.dequantize(pp.preprocess(x_uint8, n_bits), n_bits)
+                    pp.bits_per_dim_from_log_prob(forward(x, y).log_prob, n_dims, n_bits)
+
+            fns[mode] = fns_eval
+        else:
+            raise ValueError(f"unknown phase {phase!r}; choose from {PHASES}")
+    return fns, sum(p.numel() for p in model.parameters())
+
+
+def _stats(batch_size: int, t: dict[str, list]) -> dict[str, Any]:
+    median = statistics.median(t["timed"])
+    return {"images_per_s": batch_size / median, "seconds_median": median, "seconds_min": min(t["timed"]),
+            "seconds_max": max(t["timed"]), "seconds": t["timed"], "warmup_seconds": t["warm"],
+            "cpu_seconds_median": statistics.median(t["cpu"]), "cpu_seconds": t["cpu"]}
 
 
 def _run_phase(phase: str, preset_name: str, overrides: dict[str, Any], batch_size: int, device: str,
-               precision: str, memory: str, compile: bool, warmup: int, repeats: int, seed: int) -> dict[str, Any]:
+               precision: str, memory: str, fast: bool, warmup: int, repeats: int, seed: int,
+               compare: bool = False, compile_mode: str = "regional",
+               fast_precision: str | None = None) -> dict[str, Any]:
     """Build, initialise and time one phase in this process."""
     dev = torch.device(device)
-    model, config, x_uint8, y = _build(preset_name, overrides, batch_size, dev, precision, memory, seed)
-    if phase == "train":
-        fn = _train_step_fn(model, config, x_uint8, y, precision, compile)
-    elif phase == "sample":
-        model.eval()
-        gen_y = y
-
-        def fn():
-            model.sample(batch_size, y=gen_y)
-    elif phase == "eval":
-        model.eval()
-
-        def fn():
-            with torch.no_grad():
-                model.bits_per_dim(x_uint8, y)
-    else:
-        raise ValueError(f"unknown phase {phase!r}; choose from {PHASES}")
+    fns, n_params = _phase_fns(phase, preset_name, overrides, batch_size, dev, precision, memory, fast, compare,
+                               compile_mode, seed, fast_precision)
     _sync(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     baseline = peak_rss_mb()
-    warm, timed, cpu = _time(fn, dev, warmup, repeats)
-    median = statistics.median(timed)
-    result = {
-        "images_per_s": batch_size / median,
-        "seconds_median": median,
-        "seconds_min": min(timed),
-        "seconds_max": max(timed),
-        "seconds": timed,
-        "warmup_seconds": warm,
-        "cpu_seconds_median": statistics.median(cpu),
-        "cpu_seconds": cpu,
-        "peak_rss_mb": peak_rss_mb(),
-        "baseline_rss_mb": baseline,
-        "n_params": sum(p.numel() for p in model.parameters()),
-    }
+    times = _time(fns, dev, max(warmup, 1 if "fast" in fns else 0), repeats)
+    per_mode = {mode: _stats(batch_size, t) for mode, t in times.items()}
+    result = dict(per_mode["fast" if "fast" in per_mode else "eager"])
+    if "fast" in per_mode:
+        # the first call compiles; the later warm-up calls are already fast
+        result["compile_seconds"] = per_mode["fast"]["warmup_seconds"][0] - per_mode["fast"]["seconds_median"]
+    if compare:
+        result["eager"], result["fast"] = per_mode["eager"], per_mode["fast"]
+        result["speedup"] = per_mode["eager"]["seconds_median"] / per_mode["fast"]["seconds_median"]
+        result["speedup_per_round"] = [e / f for e, f in zip(times["eager"]["timed"], times["fast"]["timed"])]
+    result.update(peak_rss_mb=peak_rss_mb(), baseline_rss_mb=baseline, n_params=n_params)
     if dev.type == "cuda":
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     return result
@@ -234,9 +256,11 @@ def _run_phase_subprocess(kwargs: dict[str, Any], threads: int) -> dict[str, Any
 
 # --------------------------------------------------------------------------- the benchmark
 def run_benchmark(preset: str, batch_size: int, device: str, precision: str = "fp32",
-                  overrides: dict[str, Any] | None = None, memory: str = "none", compile: bool = False,
+                  overrides: dict[str, Any] | None = None, memory: str = "none", fast: bool = False,
                   warmup: int = 3, repeats: int = 10, phases: Sequence[str] = PHASES,
-                  threads: int | None = None, isolate: bool | None = None, seed: int = 0) -> dict[str, Any]:
+                  threads: int | None = None, isolate: bool | None = None, seed: int = 0,
+                  compare: bool = False, compile_mode: str = "regional",
+                  fast_precision: str | None = None) -> dict[str, Any]:
     """Benchmark a preset (with ``overrides``, e.g. ``{"n_steps": 8, "hidden_channels": 128}``).
 
     Args:
@@ -247,14 +271,18 @@ def run_benchmark(preset: str, batch_size: int, device: str, precision: str = "f
             (``model.set_autocast``; channels_last on CUDA). fp16 adds a GradScaler as training does.
         overrides: model config fields replacing the preset's.
         memory: the backward memory mode (``model.set_memory``): "none", "checkpoint", "invertible".
-        compile: ``torch.compile`` the training forward (as ``TrainConfig.compile``); the
-            compilation happens in the warm-up iterations (``train_warmup_seconds``).
+        fast: time the fast path (``TrainConfig.fast``: the compiled step; a compiled decode and
+            forward for sample and eval); the first warm-up call compiles (``compile_seconds``).
         warmup, repeats: untimed and timed iterations per phase.
         phases: which of "train", "sample", "eval" to run.
         threads: ``torch.set_num_threads`` (default: leave torch's default).
         isolate: run each phase in a fresh subprocess so that CPU peak RSS is per phase;
             None means True on CPU and False on CUDA.
         seed: seeds the model, the images and the noise.
+        compare: time the eager and the fast path side by side, interleaved (``speedup``).
+        compile_mode: "regional" or "whole" (:func:`torchglow.step.compile_step`).
+        fast_precision: the precision of the fast training step (default ``precision``), e.g. an
+            eager fp32 step against a fast bf16 one.
 
     Returns:
         A JSON-serialisable dict: environment (device name, torch version, git commit, threads,
@@ -269,8 +297,11 @@ def run_benchmark(preset: str, batch_size: int, device: str, precision: str = "f
     overrides = dict(overrides or {})
     config = make_preset(preset, **overrides)  # validate before spending any time
     check_memory_mode(memory, config.dropout)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
+    for p in (precision, fast_precision or precision):
+        if p not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {p!r}")
     if batch_size < 1 or warmup < 0 or repeats < 1:
         raise ValueError("batch_size and repeats must be >= 1 and warmup >= 0")
     unknown = [p for p in phases if p not in PHASES]
@@ -289,8 +320,11 @@ def run_benchmark(preset: str, batch_size: int, device: str, precision: str = "f
         "device": str(dev),
         "device_name": device_name(dev),
         "precision": precision,
+        "fast_precision": fast_precision or precision,
         "memory": memory,
-        "compile": compile,
+        "fast": fast or compare,
+        "compare": compare,
+        "compile_mode": compile_mode,
         "warmup": warmup,
         "repeats": repeats,
         "threads": torch.get_num_threads(),
@@ -314,8 +348,9 @@ def run_benchmark(preset: str, batch_size: int, device: str, precision: str = "f
         if phase not in phases:
             continue
         kwargs = dict(phase=phase, preset_name=preset, overrides=overrides, batch_size=batch_size,
-                      device=str(dev), precision=precision, memory=memory, compile=compile and phase == "train",
-                      warmup=warmup, repeats=repeats, seed=seed)
+                      device=str(dev), precision=precision, memory=memory, fast=fast, warmup=warmup,
+                      repeats=repeats, seed=seed, compare=compare, compile_mode=compile_mode,
+                      fast_precision=fast_precision)
         r = _run_phase_subprocess(kwargs, torch.get_num_threads()) if isolate else _run_phase(**kwargs)
         result[phase] = r
         result[f"{phase}_images_per_s"] = r["images_per_s"]
@@ -351,7 +386,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", type=_parse_override, action="append", default=[],
                         metavar="KEY=VALUE", help="override any model config field (JSON value), repeatable")
     parser.add_argument("--memory", choices=MEMORY_MODES, default="none")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    parser.add_argument("--fast", action="store_true",
+                        help="time the fast path (compiled step; CUDA graphs and channels_last on CUDA)")
+    parser.add_argument("--compare", action="store_true",
+                        help="time the eager and the fast path side by side in interleaved rounds; print the ratio")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="regional",
+                        help="how --fast compiles the training step")
+    parser.add_argument("--fast-precision", choices=PRECISIONS,
+                        help="precision of the fast training step (default: --precision), e.g. bf16 against eager fp32")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
@@ -360,7 +402,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the phases in this process (CPU peak RSS is then the process peak)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", help="result name (default: derived from the options)")
-    parser.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR), help="where <name>.json is written")
+    parser.add_argument("--out", "--out-dir", dest="out_dir", metavar="DIR",
+                        help="also write the full result to DIR/<name>.json (default: print only)")
 
 
 def _default_name(args: argparse.Namespace, overrides: dict[str, Any], device: str) -> str:
@@ -375,16 +418,17 @@ def _default_name(args: argparse.Namespace, overrides: dict[str, Any], device: s
     parts += [f"b{args.batch_size}", device.replace(":", ""), args.precision]
     if args.memory != "none":
         parts.append(args.memory)
-    if args.compile:
-        parts.append("compile")
+    if args.compare or args.fast:
+        parts.append("compare" if args.compare else "fast")
+        parts.append(args.compile_mode + (f"-{args.fast_precision}" if args.fast_precision else ""))
     if args.threads:
         parts.append(f"t{args.threads}")
     return "-".join(str(p) for p in parts)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Run :func:`run_benchmark` from parsed :func:`add_arguments` options, print the result and
-    write it to ``<out_dir>/<name>.json``."""
+    """Run :func:`run_benchmark` from parsed :func:`add_arguments` options, print a summary and,
+    with ``--out DIR``, write the full result to ``DIR/<name>.json``."""
     overrides = dict(args.overrides)
     for key in ("n_steps", "n_levels", "hidden_channels"):
         if getattr(args, key) is not None:
@@ -392,17 +436,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = str(resolve_device(args.device))
     name = args.name or _default_name(args, overrides, device)
     result = run_benchmark(args.preset, args.batch_size, device, args.precision, overrides, args.memory,
-                           args.compile, args.warmup, args.repeats, tuple(args.phases), args.threads,
-                           args.isolate, args.seed)
+                           args.fast, args.warmup, args.repeats, tuple(args.phases), args.threads,
+                           args.isolate, args.seed, args.compare, args.compile_mode, args.fast_precision)
     result = {"name": name, **result}
-    out = Path(args.out_dir) / f"{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
     summary = {k: round(v, 2) for k, v in result.items() if k.endswith("_images_per_s")}
+    for phase in PHASES:
+        r = result.get(phase, {})
+        if "speedup" in r:
+            summary[f"{phase}_images_per_s"] = {"eager": round(r["eager"]["images_per_s"], 2),
+                                                "fast": round(r["fast"]["images_per_s"], 2)}
+            summary[f"{phase}_speedup"] = round(r["speedup"], 3)
+        if "compile_seconds" in r:
+            summary[f"{phase}_compile_seconds"] = round(r["compile_seconds"], 1)
     summary["peak_memory_mb"] = {k: round(v, 1) for k, v in result["peak_memory_mb"].items()}
+    if args.out_dir:
+        out = Path(args.out_dir) / f"{name}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        summary["written"] = str(out)
     print(json.dumps({"name": name, "device_name": result["device_name"], "threads": result["threads"],
                       "load_average": [result["load_average_before"], result["load_average_after"]],
-                      **summary, "written": str(out)}, indent=2))
+                      **summary}, indent=2))
     return 0
 
 

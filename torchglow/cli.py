@@ -14,6 +14,7 @@ import functools
 import inspect
 import json
 import re
+import signal
 import sys
 import types
 import typing
@@ -188,7 +189,7 @@ def read_config_file(path: str) -> dict[str, Any]:
 def build_configs(values: dict[str, Any], preset_name: str | None):
     """Split option values between the model and training configs, over the preset's defaults;
     CLIError for a data source that cannot work with them (:func:`check_data_source`)."""
-    from .train import TRAIN_PRESETS, TrainConfig
+    from .config import TRAIN_PRESETS, TrainConfig
 
     model_fields = {f.name for f in dataclasses.fields(GlowConfig)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -216,7 +217,7 @@ def check_data_source(dataset: str, data_dir: str | None, dataset_given: bool, m
     an unknown name; ``--data-dir`` holding images without ``--dataset`` (the folder would be
     ignored); a data set whose images are larger than the model's (they are only zero-padded)."""
     from .data import IMAGE_EXTENSIONS, IN_MEMORY_SHAPES, DatasetError, check_dataset_name, is_folder
-    from .train import TRAIN_PRESETS
+    from .config import TRAIN_PRESETS
 
     if not isinstance(dataset, str):
         return  # TrainConfig names the field
@@ -244,7 +245,11 @@ def check_data_source(dataset: str, data_dir: str | None, dataset_given: bool, m
 
 # --------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import load_run_configs, train
+    """Train; print the human summary (rank 0). Exit 0 when finished, 130/143 when stopped by
+    SIGINT/SIGTERM (the run is resumable), 1 otherwise."""
+    import os
+
+    from .train import load_run_configs, summary_text, train
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config", "resume", "preset", "threads")}
     if args.resume:
@@ -258,8 +263,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         values.update(given)
         model_config, train_config = build_configs(values, args.preset)
         summary = train(model_config, train_config).summary
-    print(json.dumps(summary, indent=2))
-    return 0 if summary["finished"] or summary["interrupted_by"] else 1
+    if os.environ.get("RANK", "0") == "0":
+        print(summary_text(summary))
+    if summary["interrupted_by"]:
+        return 128 + int(signal.Signals[summary["interrupted_by"]])
+    return 0 if summary["finished"] else 1
 
 
 # --------------------------------------------------------------------------- evaluate, sample and the tools
@@ -475,9 +483,9 @@ def _common_options(p: argparse.ArgumentParser, tool: str, split: str | None, sp
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .config import COUPLINGS, PERMUTATIONS
+    from .config import (COMPILE_MODES, COUPLINGS, MEMORY_MODES, OPTIMIZERS, PERMUTATIONS, PRECISIONS, TRAIN_PRESETS,
+                         TrainConfig)
     from .sampling import DEFAULT_TEMPERATURES
-    from .train import MEMORY_MODES, OPTIMIZERS, PRECISIONS, TRAIN_PRESETS, TrainConfig
 
     parser = Parser(prog="torchglow", formatter_class=HelpFormatter,
                     description="Glow normalizing flows: train, evaluate, sample, and the latent-space and OOD tools.")
@@ -499,7 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML or JSON file of options (flat, or under model:/train:)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
     add_dataclass_options(p, GlowConfig, {"coupling": COUPLINGS, "permutation": PERMUTATIONS}, PRESETS["digits"])
-    add_dataclass_options(p, TrainConfig, {"optimizer": OPTIMIZERS, "precision": PRECISIONS, "memory": MEMORY_MODES},
+    add_dataclass_options(p, TrainConfig, {"optimizer": OPTIMIZERS, "precision": PRECISIONS, "memory": MEMORY_MODES,
+                                           "compile_mode": COMPILE_MODES},
                           TRAIN_PRESETS["digits"], helps={"dataset": _dataset_help()})
 
     p = command("evaluate", cmd_evaluate, "test-set bits/dim of a trained model")

@@ -223,6 +223,8 @@ def load_dataset(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if channels not in (None, 1, 3):
         raise DatasetError(f"{name}: channels must be 1 (grey) or 3 (RGB), got {channels!r}")
+    if name.endswith(".npz"):
+        return _fit(load_npz(name, split, seed), image_size, channels)
     if is_folder(check_dataset_name(name)):
         folder = Path(name.removeprefix("folder:")).expanduser()
         return _load_image_folder(folder, split, image_size=image_size, channels=channels, seed=seed)
@@ -253,14 +255,14 @@ def is_folder(name: str) -> bool:
 
 
 def check_dataset_name(name: str) -> str:
-    """``name`` when :func:`load_dataset` can read it (a name in :data:`DATASETS` or a folder);
-    else :class:`DatasetError` with the closest name."""
-    if name in DATASETS or is_folder(name):
+    """``name`` when :func:`load_dataset` can read it (a name in :data:`DATASETS`, a folder or an
+    ``.npz`` file); else :class:`DatasetError` with the closest name."""
+    if name in DATASETS or is_folder(name) or name.endswith(".npz"):
         return name
     close = difflib.get_close_matches(name.lower(), DATASETS, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     raise DatasetError(f"unknown data set {name!r}: {hint}choose one of {', '.join(DATASETS)}, "
-                       f"or give a folder of images")
+                       f"or give a folder of images or an .npz file")
 
 
 def _data_roots(name: str, data_dir: str | Path | None) -> list[Path]:
@@ -667,29 +669,42 @@ def _read_image(path: Path, size: int, channels: int) -> torch.Tensor:
     return pixels.permute(2, 0, 1).contiguous()
 
 
-# --------------------------------------------------------------------------- augmentation
+# --------------------------------------------------------------------------- .npz files
+def load_npz(path: str | Path, split: str = "train", seed: int = 0) -> TensorImageDataset:
+    """A ``.npz`` file of uint8 images ``x`` (N, H, W) grey or (N, H, W, C) and labels ``y`` (N,).
+
+    The split: the file's ``split`` array (0 train, 1 test) when it has one; else, for
+    ``NAME_train.npz``, the test set is ``NAME_test.npz`` beside it; else a seeded 95/5 split
+    (:func:`_split_indices`, as image folders)."""
+    path = Path(path).expanduser()
+    keys = _npz_keys(path)
+    if split == "test" and "split" not in keys and path.stem.endswith("_train"):
+        test_path = path.with_name(path.stem.removesuffix("_train") + "_test.npz")
+        if test_path.is_file():
+            return load_npz(test_path, "all")
+    with np.load(path) as f:
+        if "x" not in f or "y" not in f:
+            raise DatasetError(f"{path}: a .npz data set needs arrays x (uint8 images) and y (labels); "
+                               f"it has {sorted(f.files)}")
+        x, y = f["x"], f["y"]
+        parts = f["split"] if "split" in f else None
+    if x.dtype != np.uint8 or x.ndim not in (3, 4) or len(y) != len(x):
+        raise DatasetError(f"{path}: x must be uint8 (N, H, W) or (N, H, W, C) with one label per image in y, "
+                           f"got x {x.dtype} {x.shape}, y {y.shape}")
+    if parts is not None and split != "all":
+        index = np.flatnonzero(parts == (1 if split == "test" else 0))
+    elif split == "all" or path.stem.endswith(("_train", "_test")):
+        index = np.arange(len(x))
+    else:
+        index = _split_indices(len(x), int(len(x) * FOLDER_TEST_FRACTION), split, seed)
+    images = torch.from_numpy(x[index])
+    images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2).contiguous()
+    return TensorImageDataset(images, torch.from_numpy(y[index].astype(np.int64)), name=f"{path.name}/{split}")
 
 
-def augment(x: torch.Tensor, shift: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Randomly translate and mirror a batch of images (B, C, H, W), on the batch's device.
-
-    Each image moves by its own integer offsets, uniform in ``[-shift, shift]`` on each axis; the
-    uncovered border repeats the edge pixels, as in the official code (Keras' ImageDataGenerator
-    with ``fill_mode="nearest"``). With ``flip``, each image is mirrored left-right with probability
-    1/2. Both are two gathers with per-image index maps, without a Python loop over the images.
-    ``generator`` (on any device) makes the draws reproducible.
-    """
-    if shift < 0:
-        raise ValueError(f"shift must be >= 0, got {shift}")
-    if shift == 0 and not flip:
-        return x
-    batch, _, height, width = x.shape
-    draw_device = generator.device if generator is not None else x.device
-    offsets = torch.randint(-shift, shift + 1, (2, batch, 1), generator=generator, device=draw_device).to(x.device)
-    rows = (torch.arange(height, device=x.device) + offsets[0]).clamp_(0, height - 1)  # (B, H) source rows
-    cols = (torch.arange(width, device=x.device) + offsets[1]).clamp_(0, width - 1)  # (B, W) source columns
-    if flip:
-        mirrored = torch.rand(batch, 1, generator=generator, device=draw_device).to(x.device) < 0.5
-        cols = torch.where(mirrored, cols.flip(1), cols)
-    x = x.gather(2, rows[:, None, :, None].expand_as(x))
-    return x.gather(3, cols[:, None, None, :].expand_as(x))
+def _npz_keys(path: Path) -> list[str]:
+    try:
+        with np.load(path) as f:
+            return list(f.files)
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"cannot read .npz data set {path}: {e}") from None

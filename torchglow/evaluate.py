@@ -7,30 +7,40 @@ from pathlib import Path
 
 import torch
 
+from . import preprocess as pp
 from .distributed import all_reduce_sum, rank_and_world
 from .model import Glow
 
 
 @torch.no_grad()
 def evaluate_bpd(model: Glow, images: torch.Tensor, labels: torch.Tensor | None = None,
-                 batch_size: int = 256, n_draws: int = 1, seed: int = 0) -> float:
+                 batch_size: int = 256, n_draws: int = 1, seed: int = 0, fast: bool = False) -> float:
     """Mean bits/dim of uint8 ``images`` (N, C, H, W), averaged over ``n_draws`` seeded
     dequantisation draws. Under torch.distributed each rank scores its share and the result is
-    the mean over the whole set."""
+    the mean over the whole set. ``fast``: a compiled forward (:func:`torchglow.step.fast_forward`)
+    at a fixed batch, the last batch padded with copies of its first images, which are not counted."""
+    from .step import fast_forward, mix_seed
+
     device = model.device
+    n_bits, n_dims = model.config.n_bits, model.config.n_dims
+    forward = fast_forward(model) if fast else model
     rank, world = rank_and_world()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     idx = torch.arange(rank, images.shape[0], world)
     for draw in range(n_draws):
-        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + draw * 7919 + rank)
+        gen = torch.Generator(device=device).manual_seed(mix_seed(seed, draw, rank))
         for start in range(0, len(idx), batch_size):
             i = idx[start : start + batch_size]
+            n = len(i)
+            if fast and n < batch_size:
+                i = torch.cat([i, i[:1].expand(batch_size - n)])
             x = images[i.to(images.device)].to(device, non_blocking=True)
             y = None if labels is None else labels[i.to(labels.device)].to(device)
-            bpd = model.bits_per_dim(x, y, generator=gen)
+            x = pp.dequantize(pp.preprocess(x, n_bits), n_bits, gen)
+            bpd = pp.bits_per_dim_from_log_prob(forward(x, y).log_prob, n_dims, n_bits)[:n]
             total += bpd.double().sum()
-            count += bpd.numel()
+            count += n
     return float(all_reduce_sum(total) / all_reduce_sum(count))
 
 
@@ -51,26 +61,32 @@ def categorical_baseline_bpd(train_uint8: torch.Tensor, test_uint8: torch.Tensor
     return float(nll.mean() / math.log(2))
 
 
-def plot_curves(history: list[dict], path: str | Path, baseline: float | None = None) -> None:
-    """``bpd.png``: train (logged) and test (per epoch) bits/dim against images seen."""
+X_LABELS = {"images": "images seen", "time_s": "seconds of training", "step": "steps"}
+
+
+def plot_curves(history: list[dict], path: str | Path, baseline: float | None = None,
+                x_keys: tuple[str, ...] = ("images",)) -> None:
+    """``bpd.png``: train (logged) and test (per evaluation) bits/dim, one panel per x axis of
+    ``x_keys`` (``images``, ``time_s`` or ``step``: fields of the metrics.jsonl records)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(h["images"], h["train_bpd"]) for h in history if "train_bpd" in h]
-    test = [(h["images"], h["test_bpd"]) for h in history if "test_bpd" in h]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train), label="train", alpha=0.7)
-    if test:
-        ax.plot(*zip(*test), "o-", label="test")
-    if baseline is not None:
-        ax.axhline(baseline, color="grey", ls="--", label="per-pixel baseline")
-    ax.set_xlabel("images seen")
-    ax.set_ylabel("bits/dim")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, len(x_keys), figsize=(6 * len(x_keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], x_keys):
+        train = [(h[key], h["train_bpd"]) for h in history if "train_bpd" in h and key in h]
+        test = [(h[key], h["test_bpd"]) for h in history if "test_bpd" in h and key in h]
+        if train:
+            ax.plot(*zip(*train), label="train", alpha=0.7)
+        if test:
+            ax.plot(*zip(*test), "o-", label="test")
+        if baseline is not None:
+            ax.axhline(baseline, color="grey", ls="--", label="per-pixel baseline")
+        ax.set_xlabel(X_LABELS.get(key, key))
+        ax.set_ylabel("bits/dim")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -27,15 +27,15 @@ Caveats of ``"invertible"``:
   gradients differ slightly from standard backprop. In float64 the difference is ~1e-12 relative;
   in float32 it is around 1e-5..1e-4 relative (norm of the difference over the norm of the
   gradient) on trained-like models, larger on ill-conditioned ones. ``benchmarks`` / the tests
-  measure it; see :func:`gradient_difference`.
+  measure it (``tests/test_memory.py``).
 * ActNorm's data-dependent initialisation mutates parameters during the forward, so it must not
   run inside the Function (the reconstruction would use the new values): whenever grad mode is off
   (``Glow.initialize`` runs under ``torch.no_grad``, as does evaluation) or any ActNorm of the
   level is pending initialisation, the level runs the plain path. The same holds for
   ``"checkpoint"``.
-* The flow steps must be deterministic (they are: no dropout), and their parameters must not be
-  changed in place between forward and backward (autograd's version check cannot see through the
-  Function, which saves no parameter tensors).
+* The flow steps must be deterministic (so no coupling dropout: :func:`check_memory_mode` refuses
+  it), and their parameters must not be changed in place between forward and backward (autograd's
+  version check cannot see through the Function, which saves no parameter tensors).
 * Double backward (gradients of gradients) is not supported.
 * Coupling networks under ``coupling.autocast_dtype`` recompute in the same precision (the module
   sets its own autocast); an outer ``torch.autocast`` region active during the forward is
@@ -52,10 +52,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ConfigError
+from .config import MEMORY_MODES, ConfigError
 from .layers import ActNorm, logdet_dtype
 
-MEMORY_MODES = ("none", "checkpoint", "invertible")
 
 
 def check_memory_mode(mode: str, dropout: float = 0.0) -> str:
@@ -224,7 +223,9 @@ def run_steps(steps, z: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Te
     anyway), when a level has no steps, or while an ActNorm of the level is pending its
     data-dependent initialisation (which must run exactly once, in a plain forward).
     """
-    if mode == "none" or not torch.is_grad_enabled() or len(steps) == 0 or init_pending(steps):
+    if mode == "none":  # first: no Python state read, so a compiled forward has nothing to guard
+        return run_steps_plain(steps, z)
+    if not torch.is_grad_enabled() or len(steps) == 0 or init_pending(steps):
         check_memory_mode(mode)
         return run_steps_plain(steps, z)
     if mode == "checkpoint":
@@ -232,49 +233,3 @@ def run_steps(steps, z: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Te
     if mode == "invertible":
         return run_steps_invertible(steps, z)
     raise ValueError(f"memory mode must be one of {MEMORY_MODES}, got {mode!r}")
-
-
-def gradient_difference(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None,
-                        mode: str = "invertible") -> dict[str, float]:
-    """Compare the gradients of ``-log_prob(x).mean()`` (plus the classification cross-entropy
-    for a class-conditional model) in memory ``mode`` against standard backprop.
-
-    Returns the relative difference ``|g_mode - g_none| / |g_none|`` (Euclidean norms) over all
-    parameter gradients concatenated (``"params"``), the worst such ratio of any single parameter
-    tensor with a non-negligible gradient (``"params_worst"``), and that of the input gradient
-    (``"input"``). The model's memory mode is restored afterwards.
-    """
-    check_memory_mode(mode)
-    previous = getattr(model, "memory", "none")
-
-    def run(m):
-        model.set_memory(m)
-        model.zero_grad(set_to_none=True)
-        xi = x.detach().clone().requires_grad_()
-        out = model(xi, y)
-        loss = -out.log_prob.mean()
-        if out.y_logits is not None and y is not None:
-            loss = loss + torch.nn.functional.cross_entropy(out.y_logits, y)
-        loss.backward()
-        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-        return grads, xi.grad.detach().clone()
-
-    try:
-        ref, ref_x = run("none")
-        got, got_x = run(mode)
-    finally:
-        model.set_memory(previous)
-        model.zero_grad(set_to_none=True)
-    if set(ref) != set(got):
-        raise AssertionError(f"parameters with gradients differ: {sorted(set(ref) ^ set(got))}")
-    flat_ref = torch.cat([ref[n].reshape(-1).double() for n in ref])
-    flat_got = torch.cat([got[n].reshape(-1).double() for n in ref])
-    total = float((flat_got - flat_ref).norm() / flat_ref.norm())
-    scale = flat_ref.abs().max()
-    worst = 0.0
-    for n in ref:
-        r, g = ref[n].double(), got[n].double()
-        if r.norm() > 1e-6 * scale * r.numel() ** 0.5:
-            worst = max(worst, float((g - r).norm() / r.norm()))
-    return {"params": total, "params_worst": worst,
-            "input": float((got_x - ref_x).double().norm() / ref_x.double().norm())}

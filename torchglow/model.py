@@ -172,13 +172,7 @@ class Glow(nn.Module, ModelHubMixin):
 
     # ---------------------------------------------------------------- the flow
     def _run_steps(self, steps: nn.ModuleList, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.memory != "none":
-            return memory.run_steps(steps, z, self.memory)
-        logdet = z.new_zeros(z.shape[0], dtype=logdet_dtype(z))
-        for step in steps:
-            z, ld = step(z)
-            logdet = logdet + ld
-        return z, logdet
+        return memory.run_steps(steps, z, self.memory)
 
     def _encode(self, x: torch.Tensor, y: torch.Tensor | None, standardized: bool):
         if x.dim() != 4 or tuple(x.shape[1:]) != self.config.image_shape:

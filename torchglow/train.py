@@ -1,24 +1,40 @@
-"""Training: ``train(model_config, train_config)`` reads top to bottom.
+"""Training: :func:`train` is a driver that reads top to bottom.
+
+::
+
+    data = load_data(...)        # the training and test images, the per-pixel baseline
+    run = open_run(...)          # the run folder, model, EMA and training step: new or resumed
+    while not run.done:
+        train_epoch(run)         # steps on the device; the host reads it every log_every steps
+        end_of_epoch(run)        # health, test bits/dim, samples, best.pt, last.pt
+    finish(run)                  # the final score, summary.json, model/
 
 One process or many (torchrun): every rank builds the same model, initialises ActNorm from its
-share of the same 256 images (statistics averaged across ranks), takes its share of each global
-batch, and DistributedDataParallel averages the gradients. The dequantisation noise of a step is
-drawn for the whole global batch from a generator seeded by (seed, step), so a resumed run and a
-run on N processes see exactly the noise of an uninterrupted single-process run.
+share of the same images (statistics averaged across ranks), takes its rows of each global batch,
+and the step averages the gradients with one all-reduce. The step (:mod:`torchglow.step`) draws
+its noise from a counter-based hash of (seed, step, element), so a resumed run and a run on N
+processes see exactly the noise of an uninterrupted single-process run.
+
+A run folder holds ``config.json`` (model and training configs), ``metrics.jsonl`` (one JSON line
+per log: ``epoch`` is always the training progress in epochs, ``step / steps_per_epoch``),
+``init/`` (the model right after the data-dependent ActNorm initialisation, before any step),
+``last.pt`` and ``best.pt`` (checkpoints), ``samples/epoch_NNN.png`` (``epoch_NNN_step_SSSSSSS.png``
+for a final evaluation mid-epoch), ``bpd.png``, ``summary.json``
+and ``model/`` (the evaluated weights as a pretrained folder).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
+import shutil
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -26,189 +42,21 @@ from . import distributed as dist_utils
 from . import health
 from . import preprocess as pp
 from .checkpoint import FORMAT, CheckpointError, atomic_save, config_diff, load_checkpoint, load_model, load_state
-from .config import ConfigError, GlowConfig
+from .config import ConfigError, GlowConfig, TrainConfig, train_preset  # noqa: F401 (train_preset: re-exported)
+from .data import DatasetError
 from .evaluate import categorical_baseline_bpd, evaluate_bpd, plot_curves
-from .memory import MEMORY_MODES, check_memory_mode
-from .model import FlowOutput, Glow
-
-OPTIMIZERS = ("adamax", "adam")
-PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How to train.
-
-    Attributes:
-        dataset: a data set name (see ``torchglow.data.DATASETS``) or a folder of images.
-        data_dir: where the data set's files are (default ``~/.cache/torchglow/<dataset>``).
-        download: download the data set when it is missing (torchvision data sets).
-        out: the run folder (default ``runs/<dataset>-<time>``).
-        epochs: passes over the training set.
-        max_steps: stop after this many optimiser steps in all (0: no limit).
-        batch_size: global batch size (split across processes).
-        eval_batch_size: batch size for test bits/dim.
-        lr: peak learning rate, reached linearly after ``warmup_images`` images.
-        warmup_images: images of linear warm-up (official: 10 epochs); 0 for none.
-        optimizer: "adamax" (official) or "adam".
-        beta2: second-moment decay; 0 means the official ``1 - 1/(steps per epoch)``.
-        grad_clip: clip the global gradient norm to this value (0: no clipping).
-        weight_decay: decoupled weight decay (as AdamW): every step multiplies all parameters by
-            ``1 - lr * weight_decay`` (0: none, as the official code; the digits preset uses it).
-        ema: keep an exponential moving average of the weights for evaluation and sampling.
-        ema_decay: its decay; 0 means the official Polyak decay, equal to ``beta2``.
-        init_images: images for the data-dependent ActNorm initialisation.
-        precision: "fp32", or "bf16"/"fp16" autocast for the coupling networks (log-dets, priors
-            and the 1x1 convolutions stay float32; fp16 adds a gradient scaler).
-        compile: torch.compile the model's training forward.
-        memory: "none", "checkpoint" (per-step gradient checkpointing) or "invertible"
-            (activations recomputed through each step's inverse).
-        augment_shift: random translations of up to this many pixels (official code: 0 for CIFAR).
-        augment_flip: random horizontal flips.
-        log_every: steps between lines in metrics.jsonl.
-        checkpoint_every: also write ``last.pt`` every this many steps (0: at epoch ends only).
-        eval_every: epochs between test evaluations (the last epoch is always evaluated).
-        eval_draws: dequantisation draws averaged in each test evaluation.
-        sample_temperatures: temperatures of the per-epoch sample grids.
-        max_bad_steps: consecutive non-finite steps before restoring the last checkpoint.
-        device: "auto", "cpu", "cuda" or "cuda:N".
-        seed: seeds the model initialisation, data order, noise and augmentation.
-        num_workers: data loader workers for data sets not held in memory.
-        init_from: start from trained weights (a run folder, checkpoint or pretrained folder).
-    """
-
-    dataset: str = "digits"
-    data_dir: str | None = None
-    download: bool = False
-    out: str | None = None
-    epochs: int = 10
-    max_steps: int = 0
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    lr: float = 1e-3
-    warmup_images: int = 500_000
-    optimizer: str = "adamax"
-    beta2: float = 0.0
-    grad_clip: float = 0.0
-    weight_decay: float = 0.0
-    ema: bool = True
-    ema_decay: float = 0.0
-    init_images: int = 256
-    precision: str = "fp32"
-    compile: bool = False
-    memory: str = "none"
-    augment_shift: int = 0
-    augment_flip: bool = False
-    log_every: int = 20
-    checkpoint_every: int = 0
-    eval_every: int = 1
-    eval_draws: int = 1
-    sample_temperatures: tuple[float, ...] = (0.0, 0.5, 0.7, 1.0)
-    max_bad_steps: int = 5
-    device: str = "auto"
-    seed: int = 0
-    num_workers: int = 2
-    init_from: str | None = None
-
-    def __post_init__(self) -> None:
-        # types first (values from a YAML file or a Python caller may be anything), then ranges
-        for name in ("dataset", "optimizer", "precision", "memory", "device"):
-            if not isinstance(getattr(self, name), str):
-                raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
-        for name in ("data_dir", "out", "init_from"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise ConfigError(f"{name} must be a path (a string) or None, got {getattr(self, name)!r}")
-        for name in ("download", "ema", "compile", "augment_flip"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("lr", "beta2", "grad_clip", "weight_decay", "ema_decay"):
-            if not _is_number(getattr(self, name)):
-                raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)!r}"
-                                  f"{_yaml_number_hint(getattr(self, name))}")
-        temps = self.sample_temperatures
-        if not (isinstance(temps, (list, tuple)) and temps and all(_is_number(t) and t >= 0 for t in temps)):
-            raise ConfigError(f"sample_temperatures must be a non-empty list of finite numbers >= 0, got {temps!r}")
-        object.__setattr__(self, "sample_temperatures", tuple(float(t) for t in temps))
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except (RuntimeError, ValueError):
-                raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}") from None
-        for name in ("epochs", "batch_size", "eval_batch_size", "init_images", "log_every", "eval_every",
-                     "eval_draws", "max_bad_steps"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("max_steps", "warmup_images", "augment_shift", "checkpoint_every", "num_workers", "seed"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
-        for name, choices in (("optimizer", OPTIMIZERS), ("precision", PRECISIONS), ("memory", MEMORY_MODES)):
-            if getattr(self, name) not in choices:
-                raise ConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
-        for name in ("beta2", "ema_decay"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be in [0, 1) (0: the official default), got {getattr(self, name)!r}")
-        for name in ("grad_clip", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["sample_temperatures"] = list(self.sample_temperatures)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown training option(s) {unknown}")
-        return cls(**d)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _yaml_number_hint(v: Any) -> str:
-    """YAML (1.1) reads ``1e-3`` as a string; say so when a number arrives as such a string."""
-    try:
-        float(v)
-    except (TypeError, ValueError):
-        return ""
-    return " (a string: YAML needs a dot and a signed exponent, e.g. 1.0e-3, for a number)" if isinstance(v, str) else ""
-
-
-# Training defaults of each preset (model presets live in config.PRESETS). The digits run is sized
-# to finish on 2 CPU cores in a few minutes; its higher lr, weight decay and dropout were tuned on
-# its test split (official-style lr 1e-3 without them: 2.24 bits/dim at best, then overfitting).
-TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    "digits": dict(dataset="digits", epochs=60, batch_size=64, lr=2e-3, warmup_images=7_500, weight_decay=0.3,
-                   log_every=20),
-    "mnist": dict(dataset="mnist", epochs=100, batch_size=64, warmup_images=600_000),
-    "cifar10": dict(dataset="cifar10", epochs=2000, batch_size=64, warmup_images=500_000),
-    "imagenet32": dict(dataset="imagenet32", epochs=100, batch_size=64, warmup_images=1_000_000),
-    "imagenet64": dict(dataset="imagenet64", epochs=100, batch_size=32, warmup_images=1_000_000),
-    "celeba64": dict(dataset="celeba", epochs=200, batch_size=64, warmup_images=300_000),
-    "celeba256": dict(dataset="celeba", epochs=200, batch_size=16, warmup_images=300_000),
-}
-
-
-def train_preset(name: str, **overrides: Any) -> TrainConfig:
-    """The training config of a named preset (the defaults ``torchglow train --preset NAME`` uses),
-    with fields overridden."""
-    if name not in TRAIN_PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(TRAIN_PRESETS)}")
-    return TrainConfig(**{**TRAIN_PRESETS[name], **overrides})
-
+from .files import write_json_atomic
+from .memory import check_memory_mode
+from .model import Glow
+from .step import INIT_NOISE, TrainStep, compile_step, dequantization_noise, mix_seed
 
 # The per-pixel baseline of data sets that are not held in memory is fitted on this many images.
 BASELINE_IMAGES = 20_000
+# Training images in the per-epoch health batch (torchglow.health): one small no-grad forward.
+HEALTH_IMAGES = 16
+# What a run writes into its folder (removed by --overwrite before a new run starts there).
+RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "bpd.png")
+RUN_FOLDERS = ("samples", "init", "model", "tb")
 
 
 @dataclass
@@ -223,59 +71,6 @@ class TrainResult:
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss stays non-finite after restoring a checkpoint)."""
-
-
-class EMA:
-    """Exponential moving average of a model's parameters (buffers copied), for evaluation."""
-
-    def __init__(self, model: Glow, decay: float):
-        self.decay = decay
-        self.model = Glow(model.config).to(model.device)
-        self.model.load_state_dict(model.state_dict())
-        self.model.eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: Glow) -> None:
-        ema_params = list(self.model.parameters())
-        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - self.decay)
-        for b_ema, b in zip(self.model.buffers(), model.buffers()):
-            b_ema.copy_(b)
-
-
-def objective(out: FlowOutput, y: torch.Tensor | None, config: GlowConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The official training objective: ``(loss, per-sample bits/dim)``, the loss being the mean
-    bits/dim plus ``weight_y`` times the classifier's bits of y for class-conditional models."""
-    bpd = pp.bits_per_dim_from_log_prob(out.log_prob, config.n_dims, config.n_bits)
-    loss = bpd.mean()
-    if config.num_classes is not None and config.weight_y > 0:
-        loss = loss + config.weight_y * torch.nn.functional.cross_entropy(out.y_logits, y) / math.log(2)
-    return loss, bpd
-
-
-def backward(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-             params: list[torch.Tensor], grad_clip: float, precision: str) -> tuple[torch.Tensor, bool]:
-    """Gradients of ``loss`` (unscaled, clipped to ``grad_clip`` when > 0) and whether the step is
-    finite: the one host sync of a training step, so that a NaN never reaches the weights. fp16
-    leaves inf gradients to the grad scaler, which skips such steps and lowers its scale."""
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf, foreach=True)
-    return grad_norm, bool(torch.isfinite(loss) & (torch.isfinite(grad_norm) | (precision == "fp16")))
-
-
-def apply_step(finite: bool, model: Glow, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               params: list[torch.Tensor], decay: float, ema: EMA | None) -> None:
-    """A finite step: weights times ``1 - decay`` (decoupled weight decay, ``lr·weight_decay``),
-    the optimiser step and the EMA update; a non-finite one only updates the grad scaler."""
-    if finite:
-        if decay:
-            with torch.no_grad():
-                torch._foreach_mul_(params, 1.0 - decay)
-        scaler.step(optimizer)
-    scaler.update()
-    if finite and ema is not None:
-        ema.update(model)
 
 
 class _StopRequest:
@@ -306,17 +101,11 @@ class _StopRequest:
         return self.signal is not None
 
 
-def _step_noise_seed(seed: int, step: int) -> int:
-    return (seed * 1_000_003 + step * 7919 + 17) % (2**63)
 
-
-def _batches_per_epoch(n_train: int, batch_size: int) -> int:
-    return n_train // batch_size
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch)))
 
 
 class _Data:
@@ -355,14 +144,9 @@ class _Data:
         return torch.stack(xs), torch.stack([torch.as_tensor(y) for y in ys])
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
-
 
 def default_run_dir(dataset: str) -> Path:
-    stem = Path(dataset).name if Path(dataset).exists() else dataset
+    stem = Path(dataset).stem if Path(dataset).exists() else dataset
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -378,35 +162,71 @@ def load_run_configs(run_dir: str | Path) -> tuple[GlowConfig, TrainConfig]:
         raise CheckpointError(f"cannot resume: {path} is not a torchglow run config ({e})") from None
 
 
+# --------------------------------------------------------------------------- the driver
 def train(model_config: GlowConfig, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train a Glow; the run summary is also written to ``<out>/summary.json``.
 
     With ``resume=True``, ``cfg.out`` must be an existing run folder; training continues from its
-    ``last.pt`` and ends exactly where an uninterrupted run would have.
+    ``last.pt`` and ends exactly where an uninterrupted run would have (a finished run says so and
+    is left as it is: raise ``epochs`` or ``max_steps`` to extend it). Without it, ``cfg.out`` must
+    not hold a run unless ``cfg.overwrite``.
 
     SIGINT/SIGTERM (once) at any point after this is called stop the run cleanly: ``last.pt`` is
     written at the next step boundary and the summary says ``interrupted_by``; a second signal is
     fatal (the previous ``last.pt`` stays intact, as every checkpoint is written atomically).
     """
     with _StopRequest() as stop:
-        return _train(model_config, cfg, resume, progress, stop)
+        device = _setup(model_config, cfg)
+        data = load_data(model_config, cfg, device)
+        run = open_run(model_config, cfg, resume, data, device, stop, progress)
+        try:
+            if resume and run.done and run.is_main:
+                print(f"{run.out} is finished ({run.state['epoch']} epochs, {run.state['step']} steps); to train "
+                      f"longer: torchglow train --resume {run.out} --epochs N (N > {cfg.epochs}; or a larger "
+                      f"--max-steps / --max-minutes when one of them ended it)", file=sys.stderr)
+            while not run.done and not stop:
+                train_epoch(run)
+                if run.epoch_complete:
+                    end_of_epoch(run)
+            return finish(run)
+        finally:
+            run.close()
 
 
-def _train(model_config: GlowConfig, cfg: TrainConfig, resume: bool, progress: bool, stop: _StopRequest) -> TrainResult:
-    from .data import DatasetError, augment, load_dataset
-    from .images import bin_centres, data_max_level, save_grid, to_display
-    from .sampling import temperature_rows
-
+def _setup(model_config: GlowConfig, cfg: TrainConfig) -> torch.device:
+    """This process's device (joining torchrun's process group), after the checks that need no data."""
     check_memory_mode(cfg.memory, model_config.dropout)
     device = dist_utils.setup(cfg.device)
-    rank, world = dist_utils.rank_and_world()
-    is_main = rank == 0
+    world = dist_utils.rank_and_world()[1]
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
     torch.manual_seed(cfg.seed)
+    return device
 
-    # ---- data
+
+@dataclass
+class TrainingData:
+    """The training set (on the device when it is held in memory), the test images, the per-pixel
+    categorical baseline, the data's top bin (shown as white in sample grids) and a fixed batch of
+    training images at their bin centres for the per-epoch health numbers."""
+
+    train: _Data
+    test_images: torch.Tensor
+    test_labels: torch.Tensor | None
+    baseline: float
+    display_max: int
+    health_x: torch.Tensor
+    health_y: torch.Tensor | None
+    steps_per_epoch: int
+
+
+def load_data(model_config: GlowConfig, cfg: TrainConfig, device: torch.device) -> TrainingData:
+    """The training and test sets of ``cfg.dataset``, checked against the model config."""
+    from .data import load_dataset
+    from .images import bin_centres, display_max_level
+
     c, h, w = model_config.image_shape
+    is_main = dist_utils.rank_and_world()[0] == 0
     train_set = load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir, download=cfg.download and is_main,
                              image_size=h, channels=c, seed=cfg.seed)
     test_set = load_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, download=False,
@@ -426,280 +246,426 @@ def _train(model_config: GlowConfig, cfg: TrainConfig, resume: bool, progress: b
         raise ConfigError(f"data set {train_set.name} has {train_set.num_classes} classes but "
                           f"--num-classes is {model_config.num_classes}")
     train_data, test_data = _Data(train_set, device, cfg.num_workers), _Data(test_set, device, cfg.num_workers)
-    steps_per_epoch = _batches_per_epoch(len(train_data), cfg.batch_size)
     test_images, test_labels = test_data.all()
+    baseline_images, health_y = train_data.all(limit=BASELINE_IMAGES)
+    n_bits = model_config.n_bits
+    health_x = bin_centres(baseline_images[:HEALTH_IMAGES].cpu(), n_bits)
+    return TrainingData(
+        train=train_data, test_images=test_images, test_labels=test_labels if conditional else None,
+        baseline=categorical_baseline_bpd(baseline_images.cpu(), test_images.cpu(), n_bits),
+        display_max=display_max_level(train_set, n_bits), health_x=health_x.to(device),
+        health_y=health_y[:HEALTH_IMAGES].to(device) if conditional else None,
+        steps_per_epoch=len(train_data) // cfg.batch_size)
 
-    # ---- run folder
+
+@dataclass
+class Run:
+    """A training run in progress: its configs, folder, data, model, EMA, step and host state.
+
+    ``state`` (saved in every checkpoint): ``step`` (steps taken, skipped ones included),
+    ``epoch`` (completed epochs), ``images`` (images of applied steps), ``best_bpd``, ``history``
+    (the metrics.jsonl records), ``skipped_steps`` and ``wall_time_s`` (all segments of the run).
+    """
+
+    model_config: GlowConfig
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    data: TrainingData
+    model: Glow
+    ema: Glow | None
+    trainer: TrainStep
+    step_fn: Callable[..., dict[str, torch.Tensor]]
+    state: dict[str, Any]
+    stop: _StopRequest
+    bar: Any
+    metrics_file: Any = None
+    tb: Any = None
+    segment_start: float = 0.0
+    last_read: tuple[int, float] = (0, 0.0)
+    restored_at: int | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.trainer.rank == 0
+
+    @property
+    def max_steps(self) -> int:
+        return min(self.cfg.max_steps or math.inf, self.cfg.epochs * self.data.steps_per_epoch)
+
+    @property
+    def out_of_time(self) -> bool:
+        return bool(self.cfg.max_minutes) and self.wall_time() >= 60 * self.cfg.max_minutes
+
+    @property
+    def done(self) -> bool:
+        return self.state["epoch"] >= self.cfg.epochs or self.state["step"] >= self.max_steps or self.out_of_time
+
+    @property
+    def epoch_complete(self) -> bool:
+        return self.state["step"] == (self.state["epoch"] + 1) * self.data.steps_per_epoch
+
+    @property
+    def eval_model(self) -> Glow:
+        return self.ema if self.ema is not None else self.model
+
+    def epochs_done(self, step: int) -> float:
+        """Training progress in epochs, the ``epoch`` of every metrics.jsonl line."""
+        return round(step / self.data.steps_per_epoch, 4)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.state["history"].append(record)
+        if self.metrics_file:
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
+        if self.tb:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch", "images"):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def wall_time(self) -> float:
+        return self.state["wall_time_s"] + time.time() - self.segment_start
+
+    def checkpoint(self, name: str) -> None:
+        if not self.is_main:
+            return
+        state = {**self.state, "wall_time_s": self.wall_time()}
+        atomic_save({
+            "format": FORMAT, "model_config": self.model_config.to_dict(), "train_config": self.cfg.to_dict(),
+            "model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
+            "trainer": self.trainer.state_dict(), "state": state,
+        }, self.out / name)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.metrics_file:
+            self.metrics_file.close()
+        if self.tb:
+            self.tb.close()
+
+
+def open_run(model_config: GlowConfig, cfg: TrainConfig, resume: bool, data: TrainingData, device: torch.device,
+             stop: _StopRequest, progress: bool = True) -> Run:
+    """The run folder, model, EMA and training step: resumed from ``last.pt``, or new (from
+    ``init_from`` weights or a data-dependent initialisation)."""
+    rank, world = dist_utils.rank_and_world()
+    out = _run_folder(model_config, cfg, resume, rank == 0)
+    model = Glow(model_config).to(device)
+    model.set_memory(cfg.memory)
+    if cfg.precision != "fp32":
+        model.set_autocast(torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
+    state = dict(step=0, epoch=0, images=0, best_bpd=math.inf, history=[], skipped_steps=0, wall_time_s=0.0)
+    ckpt = _resume_checkpoint(out, model_config, device) if resume else None
+    if ckpt is not None:
+        load_state(model, ckpt["model"], source=str(out / "last.pt"))
+        state = {**state, **ckpt["state"]}
+    else:
+        _initialize(model, cfg, data, device, out if rank == 0 else None)
+    ema = None
+    if cfg.ema:
+        ema = Glow(model_config).to(device)
+        ema.load_state_dict(ckpt["ema"] if ckpt is not None and ckpt["ema"] is not None else model.state_dict())
+        ema.eval().requires_grad_(False)
+    beta2 = cfg.beta2 or 1.0 - 1.0 / max(data.steps_per_epoch, 2)
+    trainer = TrainStep(model, cfg, beta2, ema, cfg.ema_decay or beta2, rank, world)
+    if ckpt is not None:
+        _load_trainer(trainer, ckpt, state, str(out / "last.pt"))
+    step_fn = compile_step(trainer, cfg.compile_mode) if cfg.fast else trainer
+    model.train()
+    if rank == 0:
+        where = f"resuming {out} at step {state['step']}" if resume else f"writing the run to {out}"
+        print(f"torchglow train: {where} ({len(data.train)} training images, {data.steps_per_epoch} steps "
+              f"per epoch, {cfg.epochs} epochs)", file=sys.stderr)
+    max_steps = min(cfg.max_steps or math.inf, cfg.epochs * data.steps_per_epoch)
+    bar = _progress(max_steps, state["step"], out.name, progress and rank == 0)
+    return Run(model_config, cfg, out, device, data, model, ema, trainer, step_fn, state, stop, bar,
+               metrics_file=open(out / "metrics.jsonl", "a") if rank == 0 else None,
+               tb=_tensorboard(out) if rank == 0 else None, segment_start=time.time(),
+               last_read=(state["step"], time.time()))
+
+
+def _run_folder(model_config: GlowConfig, cfg: TrainConfig, resume: bool, is_main: bool) -> Path:
+    """``cfg.out`` checked (a resumable run, or no run unless ``overwrite``) with its config.json."""
     out = Path(cfg.out) if cfg.out else default_run_dir(cfg.dataset)
     if resume and not (out / "config.json").is_file():
         raise CheckpointError(f"cannot resume: {out} is not a run folder (no config.json)")
     if resume and not (out / "last.pt").is_file():
         raise CheckpointError(f"cannot resume: {out} has no last.pt (the run stopped before its first "
                               f"checkpoint); start it again without --resume")
+    if not resume and any((out / name).exists() for name in RUN_FILES):
+        if not cfg.overwrite:
+            raise ConfigError(f"{out} already holds a run: continue it with --resume {out}, choose another "
+                              f"--out, or pass --overwrite to replace it")
+        if is_main:
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+            for name in RUN_FOLDERS:
+                shutil.rmtree(out / name, ignore_errors=True)
+    dist_utils.barrier()
     if is_main:
         try:
             (out / "samples").mkdir(parents=True, exist_ok=True)
-            _write_json(out / "config.json", {"model": model_config.to_dict(),
-                                              "train": {**cfg.to_dict(), "out": str(out)}})
+            write_json_atomic(out / "config.json", {"model": model_config.to_dict(),
+                                              "train": {**cfg.to_dict(), "out": str(out), "overwrite": False}})
         except OSError as e:
             raise CheckpointError(f"cannot write to run folder {out}: {e.strerror or e}") from None
+    return out
 
-    # ---- model, optimiser, EMA
-    model = Glow(model_config).to(device)
-    model.set_memory(cfg.memory)
-    if cfg.precision != "fp32":
-        model.set_autocast(torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
-    beta2 = cfg.beta2 or 1.0 - 1.0 / max(steps_per_epoch, 2)
-    opt_cls = torch.optim.Adamax if cfg.optimizer == "adamax" else torch.optim.Adam
-    optimizer = opt_cls(model.parameters(), lr=cfg.lr, betas=(0.9, beta2), foreach=True)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    state = dict(step=0, epoch=0, images=0, best_bpd=math.inf, history=[], skipped_steps=0)
-    baseline_images = train_data.all(limit=BASELINE_IMAGES)[0].cpu()
-    baseline = categorical_baseline_bpd(baseline_images, test_images.cpu(), model_config.n_bits)
-    # sample grids show the data's top bin as white (the digits use bins 0..16 of 32)
-    display_max = data_max_level(baseline_images, model_config.n_bits)
-    ema: EMA | None = None
 
-    def checkpoint(name: str) -> None:
-        if not is_main:
+def _resume_checkpoint(out: Path, model_config: GlowConfig, device: torch.device) -> dict[str, Any]:
+    ckpt = load_checkpoint(out / "last.pt", map_location=device)
+    if ckpt["model_config"] != model_config.to_dict():
+        raise CheckpointError(f"cannot resume: {out / 'last.pt'} was made with another model config "
+                              f"(checkpoint vs run: {config_diff(ckpt['model_config'], model_config.to_dict())})")
+    missing = [k for k in ("state", "ema") if k not in ckpt] + ([] if "trainer" in ckpt or "optimizer" in ckpt
+                                                                 else ["trainer"])
+    if missing:
+        raise CheckpointError(f"cannot resume: {out / 'last.pt'} has no training state ({', '.join(missing)})")
+    return ckpt
+
+
+def _load_trainer(trainer: TrainStep, ckpt: dict[str, Any], state: dict[str, Any], source: str) -> None:
+    """The step's state from a checkpoint; one of an earlier version holds a torch.optim state and
+    no device counters (they come from its host state)."""
+    try:
+        if "trainer" in ckpt:
+            trainer.load_state_dict(ckpt["trainer"], source)
             return
-        atomic_save({
-            "format": FORMAT, "model_config": model_config.to_dict(), "train_config": cfg.to_dict(),
-            "model": model.state_dict(), "ema": ema.model.state_dict() if ema else None,
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "state": state,
-            "rng": {"cpu": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        }, out / name)
+        trainer.load_state_dict(ckpt["optimizer"], source)
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"cannot resume: {source} holds an unusable optimiser state ({e})") from None
+    for name, key in (("steps", "step"), ("images", "images"), ("skipped", "skipped_steps")):
+        trainer.counters[name].fill_(state[key])
 
-    if resume:
-        ckpt = load_checkpoint(out / "last.pt", map_location=device)
-        if ckpt["model_config"] != model_config.to_dict():
-            raise CheckpointError(f"cannot resume: {out / 'last.pt'} was made with another model config "
-                                  f"(checkpoint vs run: {config_diff(ckpt['model_config'], model_config.to_dict())})")
-        missing = [k for k in ("optimizer", "scaler", "state", "rng", "ema") if k not in ckpt]
-        if missing:
-            raise CheckpointError(f"cannot resume: {out / 'last.pt'} has no training state ({', '.join(missing)})")
-        load_state(model, ckpt["model"], source=str(out / "last.pt"))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        state = ckpt["state"]
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if ckpt["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        if cfg.ema:
-            ema = EMA(model, cfg.ema_decay or beta2)
-            if ckpt["ema"] is not None:
-                ema.model.load_state_dict(ckpt["ema"])
-    else:
-        if cfg.init_from:
-            source = load_model(cfg.init_from, device, use_ema=False)
-            try:
-                load_state(model, source.state_dict(), source=f"--init-from {cfg.init_from}")
-            except CheckpointError as e:
-                diff = config_diff(source.config.to_dict(), model_config.to_dict())
-                raise CheckpointError(f"--init-from {cfg.init_from} has another model config (it vs this run: "
-                                      f"{diff})" if diff
-                                      else str(e)) from None
-        # Data-dependent initialisation: every rank draws the same images and noise and takes its share.
-        n_init = min(cfg.init_images, len(train_data))
-        x_init, y_init = next(train_data.batches([_epoch_order(len(train_data), cfg.seed, -1)[:n_init]]))
-        gen = torch.Generator(device=device).manual_seed(_step_noise_seed(cfg.seed, -1))
-        x_init = pp.dequantize(pp.preprocess(x_init, model_config.n_bits), model_config.n_bits, gen)
-        x_init, y_init = x_init[rank::world], y_init[rank::world]
-        model.initialize(x_init, y_init if conditional else None)
-        if cfg.ema:
-            ema = EMA(model, cfg.ema_decay or beta2)
-        if is_main:
-            model.save_pretrained(out / "init")
 
-    train_model = torch.compile(model) if cfg.compile else model
-    if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    params = list(model.parameters())
-    metrics_file = open(out / "metrics.jsonl", "a") if is_main else None
-    # a few fixed training images (bin centres: no random draw) for the per-epoch health numbers
-    health_x, health_y = train_data.all(limit=HEALTH_IMAGES)
-    health_x = bin_centres(health_x[:HEALTH_IMAGES], model_config.n_bits).to(device)
-    health_y = health_y[:HEALTH_IMAGES].to(device)
-    tb = _tensorboard(out) if is_main else None
-
-    def log(record: dict[str, Any]) -> None:
-        state["history"].append(record)
-        if metrics_file:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-        if tb:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch", "images"):
-                    tb.add_scalar(k, v, record["step"])
-
-    def eval_model() -> Glow:
-        return ema.model if ema else model
-
-    def evaluate_and_sample(epoch: int) -> float:
-        m = eval_model()
-        m.eval()
-        test_bpd = evaluate_bpd(m, test_images, test_labels if conditional else None,
-                                cfg.eval_batch_size, cfg.eval_draws, seed=cfg.seed)
-        if is_main:
-            rows = temperature_rows(m, cfg.sample_temperatures, n_per_row=8, seed=cfg.seed)
-            health.check_samples(torch.cat(rows), context=f"samples of {out}")
-            save_grid([to_display(r, model_config.n_bits, display_max) for r in rows],
-                      out / "samples" / f"epoch_{epoch}.png",
-                      row_labels=[f"T={t:g}" for t in cfg.sample_temperatures])
-        model.train()
-        return test_bpd
-
-    def epoch_health() -> dict[str, Any]:
-        """invconv_cond_max and coupling_scale_min of the evaluated model (rank 0, one small batch)."""
-        if not is_main:
-            return {}
-        record = health.health_record(eval_model(), health_x, health_y if conditional else None)
-        for message in health.health_warnings(record):
-            print(f"epoch {state['epoch']}: warning: {message}", file=sys.stderr)
-        return health.json_safe(record)
-
-    def data_error(e: Exception) -> Exception:
-        """A file that cannot be read mid-run: checkpoint at this step boundary, then stop."""
-        message = _last_error_line(str(e))
+def _initialize(model: Glow, cfg: TrainConfig, data: TrainingData, device: torch.device,
+                init_dir: Path | None) -> None:
+    """``init_from`` weights, else the data-dependent ActNorm initialisation: every rank draws the
+    same images and noise and takes its share. Rank 0 saves the result in ``init_dir``."""
+    if cfg.init_from:
+        source = load_model(cfg.init_from, device, use_ema=False)
         try:
-            checkpoint("last.pt")
-            return DatasetError(f"{message}; the run is checkpointed at step {state['step']}: fix or remove "
-                                f"the file, then --resume {out}")
-        except CheckpointError as ce:
-            return DatasetError(f"{message} (and {ce})")
+            load_state(model, source.state_dict(), source=f"--init-from {cfg.init_from}")
+        except CheckpointError as e:
+            diff = config_diff(source.config.to_dict(), model.config.to_dict())
+            raise CheckpointError(f"--init-from {cfg.init_from} has another model config (it vs this run: "
+                                  f"{diff})" if diff else str(e)) from None
+    else:
+        rank, world = dist_utils.rank_and_world()
+        n_init = min(cfg.init_images, len(data.train))
+        x_init, y_init = next(data.train.batches([_epoch_order(len(data.train), cfg.seed, -1)[:n_init]]))
+        rows = torch.arange(n_init, device=x_init.device)
+        noise = dequantization_noise(cfg.seed, INIT_NOISE, torch.zeros((), dtype=torch.long, device=x_init.device),
+                                     rows, model.config.image_shape)
+        x_init = pp.preprocess(x_init, model.config.n_bits) + noise / pp.n_bins(model.config.n_bits)
+        model.initialize(x_init[rank::world], y_init[rank::world] if model.config.num_classes is not None else None)
+    if init_dir is not None:
+        model.save_pretrained(init_dir / "init")  # the model before its first step
 
-    def restore_last_good() -> None:
-        if not (out / "last.pt").is_file():
-            raise TrainingError(f"{cfg.max_bad_steps} consecutive non-finite steps and no checkpoint to "
-                                f"restore; lower --lr or enable --grad-clip")
-        ckpt = load_checkpoint(out / "last.pt", map_location=device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ema and ckpt["ema"] is not None:
-            ema.model.load_state_dict(ckpt["ema"])
 
-    # ---- the loop
-    model.train()
-    max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    start_time, interrupted = time.time(), None
-    bad_in_a_row, restored_since_good = 0, False
-    while state["epoch"] < cfg.epochs and state["step"] < max_steps and not stop:
-        epoch = state["epoch"]
-        order = _epoch_order(len(train_data), cfg.seed, epoch)
-        done_in_epoch = state["step"] - epoch * steps_per_epoch
-        index_batches = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size][rank::world]
-                         for i in range(done_in_epoch, steps_per_epoch)]
-        bar = _progress(len(index_batches), f"epoch {epoch + 1}/{cfg.epochs}", progress and is_main)
-        window_bpd, window_n, window_t = torch.zeros((), device=device), 0, time.time()
-        for x_uint8, y in _reraise_data_errors(train_data.batches(index_batches), DatasetError, data_error):
-            step = state["step"]
-            gen = torch.Generator(device=device).manual_seed(_step_noise_seed(cfg.seed, step))
-            if model_config.dropout:
-                # dropout draws from the global RNG: seeded per (step, rank), a resumed run
-                # draws the masks of an uninterrupted one
-                torch.manual_seed(_step_noise_seed(cfg.seed, step) + 1 + rank)
-            if cfg.augment_shift or cfg.augment_flip:
-                x_uint8 = augment(x_uint8, cfg.augment_shift, cfg.augment_flip, gen)
-            # the same global-batch noise on every rank, each taking its own rows
-            noise = torch.rand((cfg.batch_size, *model_config.image_shape), generator=gen, device=device)
-            x = pp.preprocess(x_uint8, model_config.n_bits) + noise[rank::world] / pp.n_bins(model_config.n_bits)
-            lr = cfg.lr * min(1.0, (state["images"] + cfg.batch_size) / cfg.warmup_images) if cfg.warmup_images else cfg.lr
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-
-            loss, bpd = objective(train_model(x, y if conditional else None), y, model_config)
-            grad_norm, finite = backward(loss, optimizer, scaler, params, cfg.grad_clip, cfg.precision)
-            apply_step(finite, model, optimizer, scaler, params, lr * cfg.weight_decay, ema)
-            state["step"] += 1
-            if finite:
-                bad_in_a_row, restored_since_good = 0, False
-                state["images"] += cfg.batch_size
-                window_bpd += bpd.detach().mean()
-                window_n += 1
-            else:
-                bad_in_a_row += 1
-                state["skipped_steps"] += 1
-                log({"step": state["step"], "epoch": epoch, "images": state["images"],
-                     "event": "non-finite loss or gradient: step skipped"})
-                if bad_in_a_row >= cfg.max_bad_steps:
-                    if restored_since_good:
-                        raise TrainingError(f"training diverged at step {state['step']}: still non-finite after "
-                                            f"restoring {out / 'last.pt'}; lower --lr or set --grad-clip")
-                    restore_last_good()
-                    bad_in_a_row, restored_since_good = 0, True
-                    log({"step": state["step"], "epoch": epoch, "images": state["images"],
-                         "event": f"restored {out / 'last.pt'} after {cfg.max_bad_steps} non-finite steps"})
-            bar.update(1)
-
-            if state["step"] % cfg.log_every == 0 and window_n:
-                train_bpd = float(dist_utils.all_reduce_mean(window_bpd / window_n))
-                rate = window_n * cfg.batch_size / (time.time() - window_t)
-                log({"step": state["step"], "epoch": epoch, "images": state["images"], "train_bpd": train_bpd,
-                     "lr": lr, "grad_norm": float(grad_norm), "images_per_sec": rate})
-                bar.set_postfix(bpd=f"{train_bpd:.3f}", img_s=f"{rate:.0f}")
-                window_bpd, window_n, window_t = torch.zeros((), device=device), 0, time.time()
-            if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
-                checkpoint("last.pt")
-            if stop or state["step"] >= max_steps:
-                break
-        bar.close()
-        if stop:
+def train_epoch(run: Run) -> None:
+    """The current epoch's remaining steps, up to ``max_steps`` or a stop request. The device is read
+    only every ``log_every`` steps and at the end (:func:`read_device`)."""
+    cfg, state, data = run.cfg, run.state, run.data
+    epoch, spe = state["epoch"], data.steps_per_epoch
+    order = _epoch_order(len(data.train), cfg.seed, epoch)
+    if data.train.in_memory:
+        order = order.to(run.device)  # a device permutation: the batches are gathered on the device
+    rank, world = run.trainer.rank, run.trainer.world
+    index_batches = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size][rank::world]
+                     for i in range(state["step"] - epoch * spe, min(spe, run.max_steps - epoch * spe))]
+    batches = _reraise_data_errors(data.train.batches(index_batches), DatasetError, lambda e: _data_error(run, e))
+    for x_uint8, y in batches:
+        if run.model_config.dropout:
+            # dropout draws from the global RNG: seeded per (step, rank), a resumed run draws the masks
+            # of an uninterrupted one
+            torch.manual_seed(mix_seed(cfg.seed, state["step"], rank))
+        run.step_fn(x_uint8, y)
+        state["step"] += 1
+        run.bar.update(1)
+        if state["step"] % cfg.log_every == 0:
+            read_device(run)
+        if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
+            run.checkpoint("last.pt")
+        if run.stop or run.out_of_time:
             break
-        if state["step"] - epoch * steps_per_epoch < steps_per_epoch:  # max_steps reached mid-epoch
-            break
-        state["epoch"] += 1
-        health_record = epoch_health()
-        if state["epoch"] % cfg.eval_every == 0 or state["epoch"] == cfg.epochs:
-            test_bpd = evaluate_and_sample(state["epoch"])
-            log({"step": state["step"], "epoch": state["epoch"], "images": state["images"], "test_bpd": test_bpd,
-                 **health_record})
-            if is_main:
-                print(f"epoch {state['epoch']}: test {test_bpd:.4f} bits/dim (baseline {baseline:.4f})",
-                      file=sys.stderr)
-            if test_bpd < state["best_bpd"]:
-                state["best_bpd"] = test_bpd
-                checkpoint("best.pt")
-            if is_main:
-                plot_curves(state["history"], out / "bpd.png", baseline)
-        elif health_record:
-            log({"step": state["step"], "epoch": state["epoch"], "images": state["images"], **health_record})
-        checkpoint("last.pt")
-    if stop:
-        interrupted = signal.Signals(stop.signal).name
-    checkpoint("last.pt")
+    read_device(run)
 
-    # ---- the end
-    finished = state["epoch"] >= cfg.epochs or state["step"] >= max_steps
+
+def read_device(run: Run) -> None:
+    """Read the step's device counters (the host's one sync per ``log_every`` steps): log each
+    skipped step and the window's train bits/dim, and after ``max_bad_steps`` non-finite steps in
+    a row restore ``last.pt`` (or stop, when all steps since the last restore were non-finite).
+    Skipped steps change nothing on the device, so acting at the read instead of at once loses
+    nothing but the good steps after such a run."""
+    cfg, state = run.cfg, run.state
+    since, since_time = run.last_read
+    c = run.trainer.read_counters()
+    skipped = sorted(since + 1 + (offset - since) % cfg.log_every for offset in c["skipped_offsets"])
+    for step in skipped:
+        run.log({"step": step, "epoch": run.epochs_done(step), "images": c["images"],
+                 "event": "non-finite loss or gradient: step skipped"})
+    state["images"], state["skipped_steps"] = c["images"], c["skipped"]
+    now = time.time()
+    if c["bpd_count"]:
+        train_bpd = float(dist_utils.all_reduce_mean(torch.tensor(c["bpd_sum"] / c["bpd_count"], device=run.device)))
+        rate = (state["step"] - since) * cfg.batch_size / max(now - since_time, 1e-9)
+        run.log({"step": state["step"], "epoch": run.epochs_done(state["step"]), "images": state["images"],
+                 "train_bpd": train_bpd, "lr": c["lr"], "grad_norm": c["grad_norm"], "images_per_sec": rate,
+                 "time_s": round(run.wall_time(), 3)})
+        run.bar.set_postfix(bpd=f"{train_bpd:.3f}", img_s=f"{rate:.0f}")
+    run.last_read = (state["step"], now)
+    if c["worst_run"] >= cfg.max_bad_steps:
+        if run.restored_at is not None and c["bad_run"] >= state["step"] - run.restored_at:
+            raise TrainingError(f"training diverged at step {state['step']}: still non-finite after "
+                                f"restoring {run.out / 'last.pt'}; lower --lr or set --grad-clip")
+        _restore_last_good(run)
+        run.restored_at = state["step"]
+        run.log({"step": state["step"], "epoch": run.epochs_done(state["step"]), "images": state["images"],
+                 "event": f"restored {run.out / 'last.pt'} after {c['worst_run']} non-finite steps in a row"})
+
+
+def _restore_last_good(run: Run) -> None:
+    """Weights, EMA and optimiser moments of ``last.pt``; the step counters go on."""
+    path = run.out / "last.pt"
+    if not path.is_file():
+        raise TrainingError(f"{run.cfg.max_bad_steps} consecutive non-finite steps and no checkpoint to "
+                            f"restore; lower --lr or enable --grad-clip")
+    ckpt = load_checkpoint(path, map_location=run.device)
+    run.model.load_state_dict(ckpt["model"])
+    if run.ema is not None and ckpt["ema"] is not None:
+        run.ema.load_state_dict(ckpt["ema"])
+    counters = {k: v.clone() for k, v in run.trainer.counters.items()}
+    _load_trainer(run.trainer, ckpt, run.state, str(path))
+    for name in ("steps", "images", "skipped"):
+        run.trainer.counters[name].copy_(counters[name])
+    run.trainer.clear_bad_run()
+
+
+def end_of_epoch(run: Run) -> None:
+    """Health numbers, test bits/dim and samples (every ``eval_every`` epochs and the last), then
+    ``last.pt``."""
+    state = run.state
+    state["epoch"] += 1
+    record = _epoch_health(run)
+    if state["epoch"] % run.cfg.eval_every == 0 or state["epoch"] == run.cfg.epochs:
+        score(run, f"epoch {state['epoch']}", record)
+    elif record:
+        run.log({"step": state["step"], "epoch": run.epochs_done(state["step"]), "images": state["images"], **record})
+    run.checkpoint("last.pt")
+
+
+def score(run: Run, label: str, extra: dict[str, Any] | None = None) -> float:
+    """Test bits/dim of the evaluated model and a sample grid, logged and printed; ``best.pt`` when
+    it is the best so far."""
+    from .images import save_grid, to_display
+    from .sampling import temperature_rows
+
+    cfg, state, m = run.cfg, run.state, run.eval_model
+    m.eval()
+    test_bpd = evaluate_bpd(m, run.data.test_images, run.data.test_labels, cfg.eval_batch_size, cfg.eval_draws,
+                            seed=cfg.seed)
+    if run.is_main:
+        rows = temperature_rows(m, cfg.sample_temperatures, n_per_row=8, seed=cfg.seed)
+        health.check_samples(torch.cat(rows), context=f"samples of {run.out}")
+        save_grid([to_display(r, run.model_config.n_bits, run.data.display_max) for r in rows],
+                  run.out / "samples" / f"{_grid_name(run)}.png",
+                  row_labels=[f"T={t:g}" for t in cfg.sample_temperatures])
+    run.model.train()
+    run.log({"step": state["step"], "epoch": run.epochs_done(state["step"]), "images": state["images"],
+             "time_s": round(run.wall_time(), 3), "test_bpd": test_bpd, **(extra or {})})
+    if run.is_main:
+        print(f"{label}: test {test_bpd:.4f} bits/dim (baseline {run.data.baseline:.4f})", file=sys.stderr)
+    if test_bpd < state["best_bpd"]:
+        state["best_bpd"] = test_bpd
+        run.checkpoint("best.pt")
+    if run.is_main:
+        plot_curves(state["history"], run.out / "bpd.png", run.data.baseline)
+    return test_bpd
+
+
+def _grid_name(run: Run) -> str:
+    """``epoch_007`` at the end of epoch 7, ``epoch_007_step_0001234`` mid-epoch (names sort in order)."""
+    state = run.state
+    name = f"epoch_{state['epoch']:03d}"
+    return name if state["step"] == state["epoch"] * run.data.steps_per_epoch else f"{name}_step_{state['step']:07d}"
+
+
+def _epoch_health(run: Run) -> dict[str, Any]:
+    """invconv_cond_max and coupling_scale_min of the evaluated model (rank 0, one small batch)."""
+    if not run.is_main:
+        return {}
+    record = health.health_record(run.eval_model, run.data.health_x, run.data.health_y)
+    for message in health.health_warnings(record):
+        print(f"epoch {run.state['epoch']}: warning: {message}", file=sys.stderr)
+    return health.json_safe(record)
+
+
+def finish(run: Run) -> TrainResult:
+    """``last.pt``; the final score when the run is done (an evaluation of its own when it stopped
+    mid-epoch at ``max_steps``, compared with the best); ``summary.json`` and ``model/``."""
+    state = run.state
+    interrupted = signal.Signals(run.stop.signal).name if run.stop else None
+    finished = run.done and not interrupted
     final_bpd = None
-    if finished and not interrupted:
+    if finished:
         tested = [h for h in state["history"] if "test_bpd" in h]
         final_bpd = tested[-1]["test_bpd"] if tested and tested[-1]["step"] == state["step"] else None
         if final_bpd is None:
-            final_bpd = evaluate_and_sample(state["epoch"])
-            log({"step": state["step"], "epoch": state["epoch"], "images": state["images"], "test_bpd": final_bpd})
+            final_bpd = score(run, f"step {state['step']} (epoch {run.epochs_done(state['step']):.2f})")
+    state["wall_time_s"], run.segment_start = run.wall_time(), time.time()  # the same total in last.pt and summary
+    run.checkpoint("last.pt")
     summary = {
-        "run": str(out), "finished": finished and not interrupted, "interrupted_by": interrupted,
+        "run": str(run.out), "finished": finished, "interrupted_by": interrupted,
         "test_bpd": final_bpd, "best_test_bpd": state["best_bpd"] if math.isfinite(state["best_bpd"]) else None,
-        "baseline_bpd": baseline, "steps": state["step"], "epochs": state["epoch"], "images_seen": state["images"],
-        "skipped_steps": state["skipped_steps"], "wall_time_s": time.time() - start_time,
-        "evaluated_with": "ema" if ema else "weights",
+        "baseline_bpd": run.data.baseline, "steps": state["step"], "epochs": state["epoch"],
+        "images_seen": state["images"], "skipped_steps": state["skipped_steps"], "wall_time_s": state["wall_time_s"],
+        "evaluated_with": "ema" if run.ema is not None else "weights",
+        "samples": str(run.out / "samples" / f"{_grid_name(run)}.png") if final_bpd is not None else None,
     }
-    if is_main:
+    if run.is_main:
         if state["history"]:
-            plot_curves(state["history"], out / "bpd.png", baseline)
-        _write_json(out / "summary.json", summary)
-        eval_model().save_pretrained(out / "model")
-        metrics_file.close()
-        if tb:
-            tb.close()
+            plot_curves(state["history"], run.out / "bpd.png", run.data.baseline)
+        write_json_atomic(run.out / "summary.json", summary)
+        run.eval_model.save_pretrained(run.out / "model")
+        if interrupted:
+            print(f"stopped by {interrupted} at step {state['step']}; resume with: torchglow train --resume {run.out}",
+                  file=sys.stderr)
     dist_utils.barrier()
-    return TrainResult(summary, model, eval_model())
+    return TrainResult(summary, run.model, run.eval_model)
 
 
-# Training images in the per-epoch health batch (torchglow.health): one small no-grad forward.
-HEALTH_IMAGES = 16
+def summary_text(summary: dict[str, Any]) -> str:
+    """The end of ``torchglow train`` for a person: the scores, what bits/dim means, where the
+    pictures are and what to run next."""
+    run = summary["run"]
+    if summary["interrupted_by"]:
+        return f"stopped at step {summary['steps']}; resume with: torchglow train --resume {run}"
+    lines = []
+    if summary["test_bpd"] is not None:
+        best = summary["best_test_bpd"]
+        lines.append(f"test {summary['test_bpd']:.4f} bits/dim" + (f" (best {best:.4f}, in best.pt)" if best is not None else "")
+                     + f" after {summary['epochs']} epochs, {summary['steps']} steps, "
+                       f"{summary['wall_time_s'] / 60:.1f} min")
+    lines += [f"baseline (each pixel on its own, counted from the training images): {summary['baseline_bpd']:.4f} "
+              f"bits/dim",
+              "bits/dim: the code length of a test image per pixel and colour channel under the model; lower is "
+              "better, and below the baseline means the model learned how pixels go together",
+              f"samples: {summary['samples'] or run + '/samples/'} (one grid per evaluation), "
+              f"learning curve: {run}/bpd.png",
+              f"next: torchglow sample {run}   torchglow evaluate {run}"]
+    return "\n".join(lines)
+
+
+def _data_error(run: Run, e: Exception) -> Exception:
+    """A file that cannot be read mid-run: checkpoint at this step boundary, then stop."""
+    message = _last_error_line(str(e))
+    try:
+        run.checkpoint("last.pt")
+        return DatasetError(f"{message}; the run is checkpointed at step {run.state['step']}: fix or remove "
+                            f"the file, then --resume {run.out}")
+    except CheckpointError as ce:
+        return DatasetError(f"{message} (and {ce})")
 
 
 def _reraise_data_errors(batches, error_type: type, convert):
@@ -724,11 +690,13 @@ def _last_error_line(text: str) -> str:
     return re.sub(r"^[\w.]*Error: ", "", line) if len(lines) > 1 else line
 
 
-def _progress(total: int, desc: str, enabled: bool):
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    """One bar for the whole run, with its ETA."""
     from tqdm.auto import tqdm
 
     # disable=None: tqdm stays quiet when stderr is not a terminal
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None if enabled else True)
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, disable=None if enabled else True)
 
 
 def _tensorboard(out: Path):

@@ -1,0 +1,393 @@
+"""The training step: one function from a uint8 batch to updated weights, with no host sync.
+
+:class:`TrainStep` is called once per optimiser step by the trainer and by ``torchglow bench``:
+
+1. dequantisation noise (and augmentation) drawn on the device from a counter-based hash of
+   ``(seed, step, element)`` -- no generator, no RNG state: a resumed run, a run on N processes
+   and a compiled run all see the noise of an uninterrupted eager run;
+2. ``x = preprocess(x_uint8) + u / n_bins``; forward; the objective (:func:`objective`);
+3. gradients (``torch.autograd.grad``), averaged across processes under torch.distributed;
+4. the global gradient norm, clipping, and the finiteness of loss and gradients (a device bool);
+5. the Adamax (or Adam) update, decoupled weight decay and the EMA, *masked*: a non-finite step
+   multiplies every change by zero, so weights, moments and EMA stay bit-identical, and counts
+   itself in a device counter. fp16 adds a dynamic loss scale, updated on the device.
+
+Everything a step produces stays on the device (counters, the running bits/dim sum, the last
+gradient norm, which steps were skipped); the trainer reads it every ``log_every`` steps
+(:meth:`TrainStep.read_counters`). Without host syncs or Python branches on data the step can be
+compiled whole (``torch.compile(step, fullgraph=True)``) and replayed as a CUDA graph; see
+:func:`compile_step`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from . import preprocess as pp
+from .config import ConfigError, GlowConfig, TrainConfig
+from .model import FlowOutput, Glow
+
+MASK32 = 0xFFFFFFFF
+# torch.compile backend of the fast path; "aot_eager" (no code generation) runs the same graphs
+# with eager kernels, e.g. to check the fast path cheaply on a CPU
+COMPILE_BACKEND = "inductor"
+# fp16 loss scale: torch.amp.GradScaler's defaults
+SCALE_INIT, SCALE_GROWTH_INTERVAL = 2.0**16, 2000
+
+
+# --------------------------------------------------------------------------- counter-based random numbers
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x·c mod 2³²`` for int64 ``x`` in [0, 2³²) without overflowing int64: ``x`` in 16-bit halves."""
+    lo, hi = x & 0xFFFF, x >> 16
+    return (lo * c + ((hi * (c & 0xFFFF)) << 16)) & MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash with full avalanche (Wellons' "lowbias32"):
+    ``x ^= x>>16; x *= 0x7feb352d; x ^= x>>15; x *= 0x846ca68b; x ^= x>>16``."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_uniform(seed: int, stream: int, step: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Uniform floats in [0, 1) (24 random bits each) as a pure function of ``(seed, stream, step,
+    index)``: ``u = mix(mix(mix(seed ⊕ stream) ⊕ step) ⊕ index) / 2³²`` (two rounds on the index).
+
+    ``step`` is a 0-d int64 device tensor, ``index`` an int64 tensor of element indices < 2³²; the
+    result has ``index``'s shape and device. Equal on every device, process and compiled or eager
+    run, and needs no RNG state to resume."""
+    base = int(_mix32(torch.tensor((seed * 0x9E3779B1 + stream) & MASK32)))  # on the host: no copy to the device
+    key = _mix32((step & MASK32) ^ base)
+    h = _mix32(_mix32(index ^ key) ^ key)
+    return (h >> 8).to(torch.float32) * (1.0 / 2**24)
+
+
+# streams of counter_uniform: one per kind of draw
+NOISE, AUGMENT, INIT_NOISE = range(3)
+
+
+def rows_of(batch: int, rank: int, world: int, device: torch.device) -> torch.Tensor:
+    """Indices in the global batch of this process's rows (``rank::world``)."""
+    return torch.arange(batch // world, device=device) * world + rank
+
+
+def dequantization_noise(seed: int, stream: int, step: torch.Tensor, rows: torch.Tensor,
+                         image_shape: tuple[int, int, int]) -> torch.Tensor:
+    """``U(0, 1)`` noise of the global-batch ``rows``, shape (len(rows), C, H, W)."""
+    d = math.prod(image_shape)
+    index = rows[:, None] * d + torch.arange(d, device=rows.device)
+    return counter_uniform(seed, stream, step, index).view(len(rows), *image_shape)
+
+
+# --------------------------------------------------------------------------- augmentation
+def shift_and_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, mirrored: torch.Tensor | None) -> torch.Tensor:
+    """Translate each image (B, C, H, W) by its integer offsets ``(dy, dx)`` (shapes (B,)) with the
+    edge pixels repeated (official: Keras' ``fill_mode="nearest"``), and mirror left-right those
+    with ``mirrored``; two gathers with per-image index maps, no loop over the images."""
+    _, _, height, width = x.shape
+    rows = (torch.arange(height, device=x.device) + dy[:, None]).clamp(0, height - 1)  # (B, H) source rows
+    cols = (torch.arange(width, device=x.device) + dx[:, None]).clamp(0, width - 1)  # (B, W) source columns
+    if mirrored is not None:
+        cols = torch.where(mirrored[:, None], cols.flip(1), cols)
+    x = x.gather(2, rows[:, None, :, None].expand_as(x))
+    return x.gather(3, cols[:, None, None, :].expand_as(x))
+
+
+# --------------------------------------------------------------------------- objective
+def objective(out: FlowOutput, y: torch.Tensor | None, config: GlowConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official training objective: ``(loss, per-sample bits/dim)``, the loss being the mean
+    bits/dim plus ``weight_y`` times the classifier's bits of y, ``CE(logits, y) / ln 2``, for
+    class-conditional models."""
+    bpd = pp.bits_per_dim_from_log_prob(out.log_prob, config.n_dims, config.n_bits)
+    loss = bpd.mean()
+    if config.num_classes is not None and config.weight_y > 0:
+        loss = loss + config.weight_y * torch.nn.functional.cross_entropy(out.y_logits, y) / math.log(2)
+    return loss, bpd
+
+
+def warmup_lr(lr: float, warmup_images: int, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Linear warm-up: ``lr · min(1, (images + batch) / warmup_images)`` (``lr`` without warm-up)."""
+    if not warmup_images:
+        return torch.full((), lr, device=images.device)
+    return lr * ((images + batch_size).to(torch.float32) / warmup_images).clamp(max=1.0)
+
+
+# --------------------------------------------------------------------------- the step
+def flatten_parameters(params: list[torch.Tensor]) -> torch.Tensor:
+    """One contiguous vector holding ``params`` in order; each parameter becomes a view of its slice
+    (``p.data``), so in-place changes of the vector are changes of the parameters and back.
+    (Moving the module to another device or dtype afterwards breaks the link.)"""
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for p in params:
+        p.data = flat[offset:offset + p.numel()].view(p.shape)
+        offset += p.numel()
+    return flat
+
+
+class TrainStep:
+    """The whole training step of ``model`` and its state on the model's device.
+
+    Optimiser: Adamax ``m ← β1·m + (1-β1)·g``, ``u ← max(β2·u, |g| + ε)``,
+    ``p ← p·(1 - lr·wd) - lr/(1-β1ᵗ)·m/u``; or Adam ``v ← β2·v + (1-β2)·g²``,
+    ``p ← p·(1 - lr·wd) - lr/(1-β1ᵗ)·m/(√(v/(1-β2ᵗ)) + ε)`` (torch.optim's formulas, ε = 1e-8).
+    EMA: ``e ← e + (1-decay)·(p - e)``. Each change is scaled by the step's finiteness (0 or 1):
+    a skipped step changes nothing.
+
+    Calling it with a uint8 batch (this process's rows of the global batch) and labels returns the
+    step's metrics as device tensors (``loss``, ``bpd`` (B,), ``grad_norm``, ``lr``, ``finite``).
+    """
+
+    def __init__(self, model: Glow, cfg: TrainConfig, beta2: float, ema: Glow | None = None,
+                 ema_decay: float = 0.0, rank: int = 0, world: int = 1):
+        self.model, self.cfg, self.config = model, cfg, model.config
+        self.ema, self.ema_decay = ema, ema_decay
+        self.rank, self.world = rank, world
+        self.beta1, self.beta2, self.eps = 0.9, beta2, 1e-8
+        self.params = list(model.parameters())
+        # parameters, EMA and moments as flat vectors (the parameters become views of theirs): the
+        # update is a few elementwise operations on whole vectors, cheap eager and quick to compile
+        self.flat = flatten_parameters(self.params)
+        self.ema_flat = flatten_parameters(list(ema.parameters())) if ema is not None else None
+        device = self.flat.device
+        self.exp_avg = torch.zeros_like(self.flat)
+        self.exp_avg2 = torch.zeros_like(self.flat)  # Adamax: u (infinity norm); Adam: v
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        # device state: the optimiser's step t, the steps called (the noise counter), images of
+        # applied steps, skipped steps, the current run of non-finite steps, the bits/dim window
+        self.counters = {name: zero.clone() for name in ("opt_steps", "steps", "images", "skipped", "bad_run",
+                                                         "bpd_count", "growth", "worst_run")}
+        self.counters["bpd_sum"] = torch.zeros((), dtype=torch.float64, device=device)
+        self.counters["grad_norm"] = torch.zeros((), device=device)
+        self.counters["lr"] = torch.zeros((), device=device)
+        self.counters["loss_scale"] = torch.full((), SCALE_INIT if cfg.precision == "fp16" else 1.0, device=device)
+        self.skipped_flags = torch.zeros(cfg.log_every, dtype=torch.bool, device=device)
+        self.rows = rows_of(cfg.batch_size, rank, world, device)
+        self.channels_last = False  # set by compile_step on CUDA
+
+    # ---- the parts of a step
+    def _inputs(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        """Augmented, preprocessed and dequantised model inputs of this step."""
+        cfg, step = self.cfg, self.counters["steps"]
+        if cfg.augment_shift or cfg.augment_flip:
+            # three draws per image (its global row): vertical shift, horizontal shift, flip
+            u = counter_uniform(cfg.seed, AUGMENT, step, torch.stack([self.rows + k * cfg.batch_size for k in range(3)]))
+            span = 2 * cfg.augment_shift + 1
+            dy, dx = ((u[:2] * span).long() - cfg.augment_shift).unbind(0)
+            x_uint8 = shift_and_flip(x_uint8, dy, dx, u[2] < 0.5 if cfg.augment_flip else None)
+        noise = dequantization_noise(cfg.seed, NOISE, step, self.rows, self.config.image_shape)
+        x = pp.preprocess(x_uint8, self.config.n_bits) + noise / pp.n_bins(self.config.n_bits)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def _gradients(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(loss, per-sample bpd, flat gradient)``: the gradients of all parameters in one vector,
+        averaged over the processes (one all-reduce of the gradients and the loss) and still
+        multiplied by the fp16 loss scale."""
+        out = self.model(x, y if self.config.num_classes is not None else None)
+        loss, bpd = objective(out, y, self.config)
+        grads = torch.autograd.grad(loss * self.counters["loss_scale"], self.params)
+        flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1)])
+        if self.world > 1:
+            torch.distributed.all_reduce(flat)
+            flat = flat / self.world
+        return flat[-1], bpd.detach(), flat[:-1]
+
+    @torch.no_grad()
+    def _apply(self, loss: torch.Tensor, bpd: torch.Tensor, flat_grad: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Unscale and clip the gradient, then the masked optimiser, weight-decay and EMA updates,
+        and the step's counters; returns the step's metrics."""
+        cfg, c = self.cfg, self.counters
+        flat_grad = flat_grad / c["loss_scale"]
+        grad_norm = torch.linalg.vector_norm(flat_grad)
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        ok = finite.to(torch.float32)
+        coef = (cfg.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0) if cfg.grad_clip else torch.ones_like(grad_norm)
+        # zeroed, not multiplied by 0, when skipped: a non-finite gradient times 0 is NaN
+        flat_grad = torch.where(finite, flat_grad * coef, 0.0)
+        g = flat_grad
+        lr = warmup_lr(cfg.lr, cfg.warmup_images, c["images"], cfg.batch_size)
+        t = (c["opt_steps"] + 1).to(torch.float32)
+        b1, b2 = self.beta1, self.beta2
+        m, v = self.exp_avg, self.exp_avg2
+        m.add_((g - m) * ((1 - b1) * ok))
+        step_size = torch.where(finite, lr / (1 - b1**t), 0.0)
+        if cfg.optimizer == "adamax":
+            # u ← max(β2·u, |g| + ε) when applied; unchanged (β2 → 1, |g| + ε → 0) when skipped
+            v.copy_(torch.maximum(v * torch.where(finite, b2, 1.0), (g.abs() + self.eps) * ok))
+            denom = v.clamp_min(self.eps)  # u ≥ ε once updated; 0 before the first step
+        else:
+            v.add_((g * g - v) * ((1 - b2) * ok))
+            denom = (v / (1 - b2**t)).sqrt() + self.eps
+        if cfg.weight_decay:
+            self.flat.mul_(1.0 - lr * cfg.weight_decay * ok)
+        self.flat.sub_(m / denom * step_size)
+        if self.ema_flat is not None:
+            self.ema_flat.add_((self.flat - self.ema_flat) * ((1.0 - self.ema_decay) * ok))
+        c["opt_steps"] += finite.long()
+        self._count(finite, loss, bpd, grad_norm, lr)
+        return {"loss": loss, "bpd": bpd, "grad_norm": grad_norm, "lr": lr, "finite": finite}
+
+    def _count(self, finite: torch.Tensor, loss: torch.Tensor, bpd: torch.Tensor, grad_norm: torch.Tensor,
+               lr: torch.Tensor) -> None:
+        """The step's counters: a non-finite loss (or, fp32/bf16, gradient) is a bad step; an fp16
+        gradient overflow only halves the loss scale (doubled after 2000 finite steps), as
+        torch.amp.GradScaler does."""
+        c = self.counters
+        bad = ~torch.isfinite(loss) if self.cfg.precision == "fp16" else ~finite
+        if self.cfg.precision == "fp16":
+            grow = finite & (c["growth"] + 1 >= SCALE_GROWTH_INTERVAL)
+            c["loss_scale"].copy_(torch.where(finite, torch.where(grow, 2.0, 1.0), 0.5) * c["loss_scale"])
+            c["growth"].copy_(torch.where(finite & ~grow, c["growth"] + 1, 0))
+        self.skipped_flags[c["steps"] % self.cfg.log_every] = bad
+        c["skipped"] += bad.long()
+        c["bad_run"].copy_(torch.where(bad, c["bad_run"] + 1, 0))
+        c["worst_run"].copy_(torch.maximum(c["worst_run"], c["bad_run"]))
+        c["images"] += finite.long() * self.cfg.batch_size
+        c["bpd_sum"] += torch.where(finite, bpd.mean().double(), 0.0)
+        c["bpd_count"] += finite.long()
+        c["grad_norm"].copy_(grad_norm)
+        c["lr"].copy_(lr)
+        c["steps"] += 1
+
+    def __call__(self, x_uint8: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One training step on this process's rows ``x_uint8`` (B/world, C, H, W) and labels ``y``."""
+        return self._apply(*self._gradients(self._inputs(x_uint8), y))
+
+    # ---- reading and saving the state
+    def read_counters(self) -> dict[str, Any]:
+        """The counters as Python numbers (one device sync), the skipped steps since the last read
+        (as offsets ``step % log_every``); then a new window (bits/dim sum and count, the longest
+        run of non-finite steps ``worst_run``). Call at least every ``log_every`` steps."""
+        c = self.counters
+        flags = torch.nonzero(self.skipped_flags).flatten()
+        names = ("steps", "images", "skipped", "bad_run", "worst_run", "bpd_sum", "bpd_count", "grad_norm", "lr",
+                 "loss_scale")
+        values, flags = torch.stack([c[k].double() for k in names]).tolist(), flags.tolist()
+        out = {k: int(v) if c[k].dtype == torch.int64 else v for k, v in zip(names, values)}
+        out["skipped_offsets"] = flags
+        self.skipped_flags.zero_()
+        for k in ("bpd_sum", "bpd_count", "worst_run"):
+            c[k].zero_()
+        return out
+
+    def clear_bad_run(self) -> None:
+        self.counters["bad_run"].zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimiser moments (flat, in parameter order) and device counters (the model and EMA
+        weights are saved apart)."""
+        return {"optimizer": self.cfg.optimizer, "exp_avg": self.exp_avg, "exp_avg2": self.exp_avg2,
+                "counters": dict(self.counters)}
+
+    def load_state_dict(self, state: dict[str, Any], source: str) -> None:
+        """Restore :meth:`state_dict`; also a ``torch.optim`` Adamax/Adam state of an earlier version
+        (its step count; the noise counter and images then come from ``legacy_counters``)."""
+        if "state" in state and "param_groups" in state:  # torch.optim.Adamax/Adam.state_dict()
+            per_param = [state["state"].get(i, {}) for i in range(len(self.params))]
+            key = "exp_inf" if self.cfg.optimizer == "adamax" else "exp_avg_sq"
+            if not all("exp_avg" in s and key in s for s in per_param):
+                raise ConfigError(f"{source}: the optimiser state does not match --optimizer {self.cfg.optimizer}")
+            state = {"optimizer": self.cfg.optimizer,
+                     "exp_avg": torch.cat([s["exp_avg"].reshape(-1) for s in per_param]),
+                     "exp_avg2": torch.cat([s[key].reshape(-1) for s in per_param]),
+                     "counters": {"opt_steps": torch.as_tensor(per_param[0]["step"]).long()}}
+        if state["optimizer"] != self.cfg.optimizer:
+            raise ConfigError(f"{source} was trained with --optimizer {state['optimizer']}, "
+                              f"not {self.cfg.optimizer}")
+        with torch.no_grad():
+            self.exp_avg.copy_(state["exp_avg"])
+            self.exp_avg2.copy_(state["exp_avg2"])
+            for k, v in state["counters"].items():
+                self.counters[k].copy_(v)
+
+
+def compile_step(step: TrainStep, mode: str = "regional", backend: str | None = None):
+    """The fast path of ``step``: a callable with the same arguments and results.
+
+    ``"whole"``: ``torch.compile(step, fullgraph=True)`` -- forward, backward, optimiser and EMA in
+    one graph (``torch._dynamo.config.trace_autograd_ops`` lets dynamo trace ``autograd.grad``;
+    torch >= 2.11); on CUDA ``mode="reduce-overhead"`` replays it as one CUDA graph. Compile time
+    grows with the number of flow steps. Memory mode "none" only: the invertible backward is a
+    custom autograd Function with its own Python backward, and checkpointing re-runs Python.
+
+    ``"regional"``: each flow step is compiled (forward and backward) once per level shape and its
+    code reused by the K steps of the level; the update (optimiser, weight decay, EMA, counters)
+    is one compiled graph; the rest of the forward (squeezes, splits, priors) and the autograd
+    glue run eagerly. Works with every memory mode.
+    """
+    backend = backend or COMPILE_BACKEND
+    cuda = step.params[0].device.type == "cuda"
+    if cuda:
+        # channels_last activations (cuDNN's fast layout; the weights stay flat views)
+        step.channels_last = True
+        # the state the step updates in place keeps its address, so a CUDA graph can replay it
+        for t in (step.flat, step.exp_avg, step.exp_avg2, *step.counters.values(), step.skipped_flags,
+                  *([step.ema_flat] if step.ema_flat is not None else [])):
+            torch._dynamo.mark_static_address(t)
+    options = dict(backend=backend, mode="reduce-overhead" if cuda and backend == "inductor" else None)
+    if mode == "whole":
+        if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+            raise ConfigError(f"compile_mode 'whole' needs torch >= 2.11 (this is {torch.__version__}): "
+                              f"use compile_mode 'regional'")
+        compiled = torch.compile(step.__call__, fullgraph=True, **options)
+
+        def whole(x_uint8: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+            with torch._dynamo.config.patch(trace_autograd_ops=True):
+                return compiled(x_uint8, y)
+
+        return whole
+    if mode != "regional":
+        raise ValueError(f"compile mode must be 'regional' or 'whole', got {mode!r}")
+    # regional: no CUDA graphs per region (the eager glue between regions would re-enter them)
+    for flow_step in step.model.flow_steps():
+        flow_step.compile(backend=backend)
+    inputs = torch.compile(step._inputs, fullgraph=True, backend=backend)
+    apply = torch.compile(step._apply, fullgraph=True, backend=backend)
+
+    def regional_step(x_uint8: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return apply(*step._gradients(inputs(x_uint8), y))
+
+    return regional_step
+
+
+def mix_seed(*values: int) -> int:
+    """One 63-bit seed from a run's seed and the integers that name a use of it (an epoch, a step,
+    a draw, a rank), so that every use draws its own stream: ``h ← h·1000003 + v`` over the values."""
+    h = 0x5EED
+    for v in values:
+        h = (h * 1_000_003 + int(v)) % 2**63
+    return h
+
+
+def fast_sampler(model: Glow, batch: int):
+    """``model.sample`` through a compiled decode, for a fixed ``batch`` (static shapes; replayed as
+    a CUDA graph on CUDA): ``sample(n=batch, temperature=1.0, y=None, generator=None)``, the same
+    arguments and results. The 1x1 convolutions' cached inverses are Python state, so the decode
+    is compiled with graph breaks allowed (not fullgraph)."""
+    device = model.device
+    decode = torch.compile(model.decode, dynamic=False, backend=COMPILE_BACKEND,
+                           mode="reduce-overhead" if device.type == "cuda" and COMPILE_BACKEND == "inductor" else None)
+
+    @torch.no_grad()
+    def sample(n: int = batch, temperature: float = 1.0, y: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        if n != batch:
+            raise ValueError(f"this sampler is compiled for batches of {batch}, got {n}")
+        eps = [torch.randn((n, *s), generator=generator, device=device) * temperature for s in model.latent_shapes]
+        return decode(eps, y, standardized=True).clone()  # a CUDA graph's output is overwritten by the next replay
+
+    return sample
+
+
+def fast_forward(model: Glow):
+    """``model``'s forward compiled for evaluation (static shapes; a CUDA graph on CUDA: use each
+    output before the next call)."""
+    device = model.device
+    return torch.compile(model, dynamic=False, backend=COMPILE_BACKEND,
+                         mode="reduce-overhead" if device.type == "cuda" and COMPILE_BACKEND == "inductor" else None)
