@@ -211,7 +211,10 @@ def test_fullgraph_compile_of_the_whole_step_equals_eager():
         torch.testing.assert_close(b["loss"], a["loss"], atol=1e-6, rtol=0)
     for p, q in zip((eager.flat, eager.ema_flat), (compiled.flat, compiled.ema_flat)):
         torch.testing.assert_close(q, p, atol=1e-6, rtol=0)
-    assert compiled.read_counters() == pytest.approx(eager.read_counters())
+    got, want = compiled.read_counters(), eager.read_counters()
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == (value if isinstance(value, list) else pytest.approx(value)), key
 
 
 @pytest.mark.parametrize("memory", ["none", "checkpoint", "invertible"])
