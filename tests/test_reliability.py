@@ -676,7 +676,7 @@ def test_min_coupling_scale():
     assert 0 < scale < 1e-80 and len(coupling_scales(model, x)) == 4
     assert any("coupling scale" in w for w in health_warnings(health_record(model, x)))
     model.set_memory("invertible")  # the check uses the plain forward and restores the mode
-    assert min_coupling_scale(model, x) == scale and model.memory == "invertible"
+    assert min_coupling_scale(model, x) == scale and model.memory_mode == "invertible"
     assert min_coupling_scale(Glow(preset("digits", coupling="additive")), x) is None
 
 
