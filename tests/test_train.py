@@ -393,6 +393,7 @@ def _ddp_worker(rank, world, port, out, result_dir):
         distributed.teardown()
 
 
+@pytest.mark.slow  # two spawned processes that each import torch
 def test_ddp_two_processes_match_single_process(tmp_path):
     """2 processes on gloo: ActNorm init and parameters identical on both ranks after several steps,
     and equal to one process with the same global batch."""
