@@ -1,8 +1,14 @@
+import contextlib
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
-from torchglow import Glow, GlowConfig
+from torchglow import Glow, GlowConfig, preset
 from torchglow.cli import main
+from torchglow.config import TrainConfig
+from torchglow.train import train
 
 from flow_checks import perturb
 from tool_checks import make_model
@@ -13,14 +19,52 @@ def _seed():
     torch.manual_seed(0)
 
 
+@contextlib.contextmanager
+def _single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models: thread start-up and contention cost more than the work, so one intra-op thread
     is faster and steadier (modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with _single_thread():
+        yield
+
+
+# The tiny training runs: a 2-step digits model on the CPU, a run of 2 epochs.
+TINY = ["--n-steps", "2", "--hidden-channels", "16", "--device", "cpu", "--num-workers", "0"]
+
+
+def tiny_model_config(**overrides):
+    return preset("digits", **{"n_steps": 2, "hidden_channels": 16, **overrides})
+
+
+def tiny_train_config(out, **overrides) -> TrainConfig:
+    fields = dict(dataset="digits", out=str(out), epochs=2, batch_size=32, eval_batch_size=300,
+                  warmup_images=500, init_images=64, log_every=5, device="cpu", num_workers=0,
+                  sample_temperatures=(0.0, 1.0))
+    return TrainConfig(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A run folder of a tiny digits model after 3 steps (config.json, last.pt, init/, model/); read it,
+    do not change it (every module that asks shares it)."""
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    with _single_thread():
+        train(tiny_model_config(), tiny_train_config(out, max_steps=3), progress=False)
+    return out
+
+
+# TORCHGLOW_FUZZ_EXAMPLES raises the number of examples of the fuzz tests for a longer local search.
+FUZZ = settings(max_examples=int(os.environ.get("TORCHGLOW_FUZZ_EXAMPLES", "50")), deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @pytest.fixture(scope="module")

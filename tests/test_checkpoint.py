@@ -12,7 +12,9 @@ from torchglow import Glow
 from torchglow.checkpoint import (FORMAT, CheckpointError, atomic_save, config_diff, load_checkpoint, load_model,
                                   model_from_checkpoint)
 
-from conftest import tiny_config
+from conftest import TINY, assert_one_error_line, cli, tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def a_checkpoint(**config_overrides):
@@ -172,3 +174,48 @@ def test_config_diff():
     a, b = tiny_config().to_dict(), tiny_config(hidden_channels=16, n_steps=3).to_dict()
     assert config_diff(a, b) == "hidden_channels 8 vs 16, n_steps 2 vs 3"
     assert config_diff(a, a) == ""
+
+
+# ---------------------------------------------------------------- bad checkpoints given to the commands
+@pytest.fixture(scope="module")
+def bad_checkpoints(tiny_run, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    good = (tiny_run / "last.pt").read_bytes()
+    (root / "truncated.pt").write_bytes(good[: len(good) // 3])
+    (root / "text.pt").write_text("not a checkpoint\n")
+    torch.save({"weights": torch.zeros(3)}, root / "foreign.pt")
+    ckpt = torch.load(tiny_run / "last.pt", weights_only=True)
+    ckpt["model_config"]["hidden_channels"] = 8  # weights of width 16 under a config of width 8
+    torch.save(ckpt, root / "mismatch.pt")
+    return root
+
+
+@pytest.mark.parametrize("command", ["evaluate", "sample"])
+@pytest.mark.parametrize("name,phrase", [
+    ("truncated.pt", "truncated, corrupt or not a torch file"),
+    ("text.pt", "truncated, corrupt or not a torch file"),
+    ("foreign.pt", "is not a torchglow checkpoint"),
+    ("mismatch.pt", "does not match the model config"),
+    ("missing.pt", "does not exist"),
+])
+def test_evaluate_and_sample_bad_checkpoints(capsys, tmp_path, bad_checkpoints, command, name, phrase):
+    extra = ["--out", tmp_path / "o"] if command == "sample" else []
+    rc, _, err = cli(capsys, command, bad_checkpoints / name, *extra)
+    assert rc == 1
+    assert_one_error_line(rc, err, bad_checkpoints / name, phrase)
+
+
+@pytest.mark.parametrize("name,phrase", [
+    ("truncated.pt", "truncated, corrupt or not a torch file"),
+    ("text.pt", "truncated, corrupt or not a torch file"),
+    ("foreign.pt", "is not a torchglow checkpoint"),
+])
+def test_init_from_bad_checkpoints(capsys, tmp_path, bad_checkpoints, name, phrase):
+    rc, _, err = cli(capsys, "train", "--init-from", bad_checkpoints / name, "--out", tmp_path / "run", *TINY)
+    assert_one_error_line(rc, err, bad_checkpoints / name, phrase)
+
+
+def test_init_from_another_model_config(capsys, tmp_path, tiny_run):
+    rc, _, err = cli(capsys, "train", "--init-from", tiny_run, "--out", tmp_path / "run",
+                     "--n-steps", "2", "--hidden-channels", "8", "--device", "cpu")
+    assert_one_error_line(rc, err, f"--init-from {tiny_run}", "another model config", "hidden_channels 16 vs 8")

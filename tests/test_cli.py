@@ -13,7 +13,7 @@ from PIL import Image
 
 from torchglow import cli, preset
 
-from conftest import cli as call
+from conftest import assert_one_error_line, cli as call
 from tool_checks import open_png
 
 
@@ -250,6 +250,50 @@ def test_config_file_with_unknown_key(capsys, tmp_path):
     code, _, err = call(capsys, "train", "--config", cfg, "--out", tmp_path / "r")
     assert code == 2 and "learning_rat" in err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("args,option", [
+    (["--n-steps", "abc"], "--n-steps"),
+    (["--lr", "fast"], "--lr"),
+    (["--preset", "cifar100"], "--preset"),
+    (["--depth", "3"], "--depth"),
+    (["--precision", "fp8"], "--precision"),
+])
+def test_argparse_errors_name_the_option(capsys, args, option):
+    rc, _, err = call(capsys, "train", *args)
+    assert rc == 2 and "Traceback" not in err
+    assert option in err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("text,field", [
+    ('n_steps: "abc"\n', "n_steps"),
+    ("n_levels: 2.5\n", "n_levels"),
+    ("model:\n  image_shape: 5\n", "image_shape"),
+    ("train:\n  lr: 1e-3\n", "YAML needs a dot"),  # YAML 1.1 reads 1e-3 as a string
+    ("train:\n  sample_temperatures: hot\n", "sample_temperatures"),
+    ("ema: maybe\n", "ema"),
+    ("dataset: [digits]\n", "dataset"),
+    ("preset: [cifar10]\n", "unknown preset"),
+    ("preset: cifar100\n", "unknown preset 'cifar100'"),
+    ("depth: 3\n", "unknown option(s) depth"),
+    ("model: 3\n", "must hold mappings"),
+    ("1: 2\n", "option names must be strings"),
+    ("[1, 2]\n", "must hold a mapping"),
+    ("n_steps: [\n", "not valid YAML"),
+])
+def test_config_file_errors(capsys, tmp_path, text, field):
+    (tmp_path / "c.yaml").write_text(text)
+    rc, _, err = call(capsys, "train", "--config", tmp_path / "c.yaml", "--out", tmp_path / "run")
+    assert rc == 2
+    assert_one_error_line(rc, err, field)
+
+
+def test_config_file_that_is_missing_or_binary(capsys, tmp_path):
+    rc, _, err = call(capsys, "train", "--config", tmp_path / "none.yaml")
+    assert_one_error_line(rc, err, "none.yaml")
+    (tmp_path / "bin.yaml").write_bytes(bytes(range(256)))
+    rc, _, err = call(capsys, "train", "--config", tmp_path / "bin.yaml")
+    assert_one_error_line(rc, err, "bin.yaml")
 
 
 def test_too_many_levels_for_8x8(capsys, tmp_path):

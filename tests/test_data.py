@@ -1,12 +1,17 @@
 """Data sets: each loader reads small files written here in the real on-disk format."""
 
 import gzip
+import io
+import json
+import os
 import pickle
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
 from torchglow.data import (
@@ -18,6 +23,11 @@ from torchglow.data import (
     load_dataset,
     pick_indices,
 )
+
+from conftest import FUZZ, assert_one_error_line, cli
+from tool_checks import image_folder, write_image
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 RNG = np.random.RandomState(0)
 
@@ -241,11 +251,6 @@ def test_celeba_attributes_partitions_and_centre_crop(tmp_path):
 # --------------------------------------------------------------------------- image folders
 
 
-def write_image(path, size=(12, 10), value=0, fmt=None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((size[1], size[0], 3), value, np.uint8)).save(path, format=fmt)
-
-
 def test_image_folder_classes_split_and_corrupt_file(tmp_path):
     for i in range(30):
         write_image(tmp_path / "cat" / f"{i:02d}.png", value=10)
@@ -295,6 +300,139 @@ def test_image_folder_errors(tmp_path):
     assert len(load_dataset(str(tmp_path / "small"), "test", image_size=8)) == 1
     with pytest.raises(DatasetError, match="does not exist"):
         load_dataset(f"folder:{tmp_path / 'missing'}", image_size=8)
+
+
+# The model of the training runs on image folders (through the CLI): 3x8x8, tiny, one epoch.
+FOLDER_MODEL = ["--image-shape", "3", "8", "8", "--n-levels", "2", "--n-steps", "1", "--hidden-channels", "8",
+                "--batch-size", "8", "--epochs", "1", "--init-images", "8", "--eval-batch-size", "64",
+                "--sample-temperatures", "0", "1", "--device", "cpu", "--num-workers", "0"]
+
+
+def test_training_on_an_empty_folder(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    rc, _, err = cli(capsys, "train", "--dataset", tmp_path / "empty", "--out", tmp_path / "run", *FOLDER_MODEL)
+    assert_one_error_line(rc, err, tmp_path / "empty", "holds no images")
+
+
+def test_training_on_a_folder_of_unreadable_files_only(capsys, tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"x{i}.png").write_bytes(b"")
+    with pytest.warns(UserWarning, match="skipped 3 unreadable"):
+        rc, _, err = cli(capsys, "train", "--dataset", folder, "--out", tmp_path / "run", *FOLDER_MODEL)
+    assert_one_error_line(rc, err, folder, "no readable images")
+
+
+def test_unreadable_files_are_skipped_with_one_warning(capsys, tmp_path):
+    """Empty, non-image and garbage files (with image extensions) are skipped with one warning that
+    counts them; grey, RGBA and palette images of any size are converted to RGB and cropped/resized
+    to the model's 8x8; the run finishes."""
+    folder = image_folder(tmp_path / "imgs", 24)
+    write_image(folder / "grey.png", size=(13, 9), mode="L")
+    write_image(folder / "rgba.png", size=(40, 17), mode="RGBA")
+    write_image(folder / "pal.gif", size=(5, 5), mode="P")
+    write_image(folder / "big.jpg", size=(64, 64), fmt="JPEG")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.jpg").write_text("not an image")
+    (folder / "noise.webp").write_bytes(os.urandom(500))
+    (folder / "README.txt").write_text("ignored: not an image extension")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc, out, err = cli(capsys, "train", "--dataset", folder, "--out", tmp_path / "run", *FOLDER_MODEL)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["finished"]
+    assert "bits/dim" in out and f"torchglow sample {tmp_path / 'run'}" in out
+    skipped = [str(w.message) for w in caught if "unreadable" in str(w.message)]
+    assert skipped and all("skipped" in m for m in skipped)
+    assert sum(int(m.split("skipped ")[1].split()[0]) for m in skipped) == 3  # over the train and test splits
+
+
+def test_grey_and_odd_sized_images_are_converted(tmp_path):
+    """Grey images become RGB (the grey plane repeated); any size is centre-cropped to a square
+    and resized (Lanczos) to the model's size."""
+    folder = tmp_path / "imgs"
+    write_image(folder / "grey.png", size=(13, 9), mode="L")
+    write_image(folder / "wide.png", size=(40, 17), mode="RGBA")
+    data = load_dataset(str(folder), "train", image_size=8, channels=3)
+    assert len(data) == 2
+    for i in range(len(data)):
+        x, _ = data[i]
+        assert x.shape == (3, 8, 8) and x.dtype == torch.uint8
+    grey = data[[p.name for p in data.paths].index("grey.png")][0]
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
+
+
+def test_truncated_image_is_named(capsys, tmp_path):
+    """A truncated PNG passes PIL's header check; decoding it fails, and the error names the file
+    (image folders are decoded once at start-up, for the per-pixel baseline)."""
+    folder = image_folder(tmp_path / "imgs", 24)
+    buf = io.BytesIO()
+    Image.fromarray(np.random.RandomState(0).randint(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    (folder / "zz_truncated.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    rc, _, err = cli(capsys, "train", "--dataset", folder, "--out", tmp_path / "run", *FOLDER_MODEL)
+    assert_one_error_line(rc, err, folder / "zz_truncated.png", "truncated")
+
+
+def test_data_set_smaller_than_the_batch(capsys, tmp_path):
+    folder = image_folder(tmp_path / "imgs", 21)  # 20 training images, 1 test image
+    rc, _, err = cli(capsys, "train", "--dataset", folder, "--out", tmp_path / "run", *FOLDER_MODEL,
+                     "--batch-size", "32")
+    assert_one_error_line(rc, err, "has 20 images, fewer than --batch-size 32")
+    # under 20 images the 5% test split is empty
+    small = image_folder(tmp_path / "small", 5)
+    rc, _, err = cli(capsys, "train", "--dataset", small, "--out", tmp_path / "run", *FOLDER_MODEL)
+    assert_one_error_line(rc, err, small, "no readable images in its test split")
+
+
+def test_num_classes_without_class_subfolders(capsys, tmp_path):
+    folder = image_folder(tmp_path / "imgs", 24)
+    rc, _, err = cli(capsys, "train", "--dataset", folder, "--out", tmp_path / "run", *FOLDER_MODEL,
+                     "--num-classes", "3")
+    assert_one_error_line(rc, err, "--num-classes 3", "has no labels")
+
+
+def test_training_on_an_unknown_data_set(capsys, tmp_path):
+    rc, _, err = cli(capsys, "train", "--dataset", tmp_path / "nowhere", "--out", tmp_path / "run")
+    assert_one_error_line(rc, err, "nowhere")
+
+
+def _image_bytes(kind, seed, cut):
+    buf = io.BytesIO()
+    rng = np.random.RandomState(seed)
+    Image.fromarray(rng.randint(0, 256, (9, 7, 3), dtype=np.uint8)).save(buf, kind)
+    data = buf.getvalue()
+    return data[: int(len(data) * cut)]
+
+
+FILE_CONTENT = st.one_of(
+    st.binary(max_size=300),
+    st.builds(_image_bytes, st.sampled_from(["PNG", "JPEG", "GIF", "BMP", "WEBP"]), st.integers(0, 9),
+              st.floats(0.0, 1.0)),
+)
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from([".png", ".jpg", ".gif", ".bmp", ".webp"]), FILE_CONTENT),
+                min_size=1, max_size=6))
+def test_fuzz_image_folders(tmp_path_factory, files):
+    """Random bytes and truncated images of every format: loading and iterating a folder raises
+    nothing but DatasetError (and warns about skipped files); what it yields is well-formed."""
+    folder = tmp_path_factory.mktemp("imgs")
+    for i, (ext, content) in enumerate(files):
+        (folder / f"f{i}{ext}").write_bytes(content)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            data = load_dataset(str(folder), "train", image_size=8)
+        except DatasetError:
+            return
+        for i in range(len(data)):
+            try:
+                x, y = data[i]
+            except DatasetError:
+                continue
+            assert x.shape == (3, 8, 8) and x.dtype == torch.uint8 and int(y) == -1
 
 
 # --------------------------------------------------------------------------- missing files, downloads

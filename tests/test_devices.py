@@ -77,3 +77,9 @@ def test_bad_device_is_one_line_and_exit_2(capsys, pretrained, command, name, wo
     rc, out, err = cli(capsys, *commands(pretrained)[command], "--device", name)
     line = assert_one_error_line(rc, err, f"torchglow {command}: error: --device {name}: {words}")
     assert rc == 2 and out == "" and err == line + "\n"
+
+
+@pytest.mark.skipif(not NO_GPU, reason="needs a machine without a GPU")
+def test_train_on_cuda_without_a_gpu_is_one_line(capsys, tmp_path):
+    rc, _, err = cli(capsys, "train", "--device", "cuda", "--out", tmp_path / "run", "--n-steps", "1")
+    assert_one_error_line(rc, err, "--device cuda", "no CUDA GPU")

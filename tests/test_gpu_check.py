@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
@@ -26,6 +27,7 @@ def write_jpeg_npz(path, n_train=40, n_test=12, seed=0):
              split=np.array([0] * n_train + [1] * n_test, dtype=np.uint8))
 
 
+@pytest.mark.slow  # 22 s on 2 busy cores: a subprocess that imports torch and trains
 def test_gpu_check_smoke(tmp_path):
     write_jpeg_npz(tmp_path / "small.npz")
     out = tmp_path / "out"

@@ -175,7 +175,7 @@ def test_initialize_runs_the_plain_path(mode):
     model = Glow(tiny_config())
     model.set_memory(mode)
     model.initialize(x)
-    assert model.initialized and model.memory == mode
+    assert model.initialized and model.memory_mode == mode
     for (name, a), b in zip(ref.state_dict().items(), model.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
 
@@ -246,8 +246,8 @@ def test_mode_is_validated():
     model = Glow(tiny_config())
     with pytest.raises(ValueError, match="'none', 'checkpoint', 'invertible'"):
         model.set_memory("reversible")
-    assert model.memory == "none"
-    model.memory = "bogus"  # set directly: refused at the next forward
+    assert model.memory_mode == "none"
+    model.memory_mode = "bogus"  # set directly: refused at the next forward
     with pytest.raises(ValueError, match="bogus"):
         model.log_prob(torch.rand(2, 1, 4, 4) - 0.5)
 

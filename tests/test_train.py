@@ -1,31 +1,43 @@
+"""Training: the run folder, resuming, the end of a run, and the faults a run survives (non-finite
+steps, SIGTERM, interrupts and full disks while writing checkpoints, files that go bad mid-run)
+without losing what it had done.
+
+The subprocess test that SIGTERMs a CLI run at random points is marked ``slow``; it interrupts
+``TORCHGLOW_SIGTERM_ROUNDS`` (default 3) times.
+"""
+
 import dataclasses
+import errno
+import io
 import json
 import math
 import os
+import random
+import re
 import signal
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from torchglow import Glow, preset
+from torchglow import Glow, GlowConfig
+from torchglow import checkpoint as ckpt_module
+from torchglow import train as train_module
 from torchglow.checkpoint import CheckpointError, load_checkpoint
 from torchglow import ConfigError
-from torchglow.config import TrainConfig, train_preset
+from torchglow.config import train_preset
+from torchglow.data import DatasetError
+from torchglow.health import invconv_condition_numbers
 from torchglow.train import TrainingError, train
 
+from conftest import TINY, assert_one_error_line, cli, tiny_model_config, tiny_train_config
+from tool_checks import image_folder
 
-def tiny_model_config(**overrides):
-    return preset("digits", **{"n_steps": 2, "hidden_channels": 16, **overrides})
-
-
-def tiny_train_config(out, **overrides):
-    fields = dict(dataset="digits", out=str(out), epochs=2, batch_size=32, eval_batch_size=300,
-                  warmup_images=500, init_images=64, log_every=5, device="cpu", num_workers=0,
-                  sample_temperatures=(0.0, 1.0))
-    fields.update(overrides)
-    return TrainConfig(**fields)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def state_dicts_equal(a, b):
@@ -72,19 +84,60 @@ def test_resume_refuses_another_model_config(tmp_path):
         train(tiny_model_config(hidden_channels=8), dataclasses.replace(cfg, max_steps=6), resume=True, progress=False)
 
 
-def test_non_finite_steps_are_skipped(tmp_path, monkeypatch):
-    forward = Glow.forward
-    calls = {"n": 0}
-    poisoned = {3, 7}
+def test_resume_errors(capsys, tmp_path, tiny_run):
+    rc, _, err = cli(capsys, "train", "--resume", tmp_path / "nowhere")
+    assert_one_error_line(rc, err, tmp_path / "nowhere")
+    # a run made by another preset: its config is its own, so a preset or model option is refused
+    rc, _, err = cli(capsys, "train", "--resume", tiny_run, "--preset", "mnist")
+    assert_one_error_line(rc, err, "--resume continues a run with its own config")
+    # a run folder whose last.pt comes from another model
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text((tiny_run / "config.json").read_text())
+    ckpt = torch.load(tiny_run / "last.pt", weights_only=True)
+    ckpt["model_config"]["n_steps"] = 3
+    torch.save(ckpt, other / "last.pt")
+    rc, _, err = cli(capsys, "train", "--resume", other)
+    assert_one_error_line(rc, err, other / "last.pt", "another model config", "n_steps 3 vs 2")
+    # stopped before its first checkpoint
+    (other / "last.pt").unlink()
+    rc, _, err = cli(capsys, "train", "--resume", other)
+    assert_one_error_line(rc, err, "no last.pt", "without --resume")
+    # a config.json that is not one
+    (other / "config.json").write_text("{not json")
+    rc, _, err = cli(capsys, "train", "--resume", other)
+    assert_one_error_line(rc, err, other / "config.json")
 
-    def flaky_forward(self, x, y=None):
+
+def _poisoning_forward(monkeypatch, poisoned: dict[int, str]):
+    """Glow.forward returning a NaN/inf loss, or a finite loss with an inf gradient, at the given
+    training calls (1-based)."""
+    forward = Glow.forward
+    calls = {"n": 0, "hook": None}
+
+    def flaky(self, x, y=None):
         out = forward(self, x, y)
-        calls["n"] += 1 if self.training and torch.is_grad_enabled() else 0
-        if self.training and torch.is_grad_enabled() and calls["n"] in poisoned:
+        if not (self.training and torch.is_grad_enabled()):
+            return out
+        if calls["hook"] is not None:
+            calls["hook"].remove()
+            calls["hook"] = None
+        calls["n"] += 1
+        kind = poisoned.get(calls["n"])
+        if kind == "nan":
             return out._replace(log_prob=out.log_prob * float("nan"))
+        if kind == "inf":
+            return out._replace(log_prob=out.log_prob + float("inf"))
+        if kind == "grad":  # finite loss, infinite gradient
+            p = next(self.parameters())
+            calls["hook"] = p.register_hook(lambda g: torch.full_like(g, float("inf")))
         return out
 
-    monkeypatch.setattr(Glow, "forward", flaky_forward)
+    monkeypatch.setattr(Glow, "forward", flaky)
+
+
+def test_non_finite_steps_are_skipped(tmp_path, monkeypatch):
+    _poisoning_forward(monkeypatch, {3: "nan", 7: "nan"})
     result = train(tiny_model_config(), tiny_train_config(tmp_path / "nan", epochs=1), progress=False)
     assert result.summary["finished"] and result.summary["skipped_steps"] == 2
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
@@ -100,6 +153,225 @@ def test_persistent_non_finite_loss_restores_then_stops(tmp_path, monkeypatch):
         log_prob=forward(self, x, y).log_prob * float("inf")))
     with pytest.raises(TrainingError, match="still non-finite after restoring"):
         train(tiny_model_config(), dataclasses.replace(cfg, max_steps=30, max_bad_steps=2), resume=True, progress=False)
+
+
+def test_nan_and_inf_at_random_steps(tmp_path, monkeypatch):
+    """Skipped steps at random (seeded) points, and one run of max_bad_steps in a row, which restores
+    the last checkpoint: the run finishes with finite weights and logs the health numbers."""
+    rng = random.Random(1234)
+    # within the first of the run's two epochs (46 steps each), so every poisoned call happens: the
+    # skipped-step count below then checks that each was skipped
+    poisoned = {s: rng.choice(["nan", "inf", "grad"]) for s in rng.sample(range(1, 46), 12)}
+    poisoned.update({s: "nan" for s in range(30, 35)})  # 5 in a row: restore last.pt (step 25)
+    _poisoning_forward(monkeypatch, poisoned)
+    cfg = tiny_train_config(tmp_path / "run", max_bad_steps=5, checkpoint_every=5)
+    result = train(tiny_model_config(), cfg, progress=False)
+    assert result.summary["finished"] and result.summary["skipped_steps"] == len(poisoned)
+    for m in (result.model, result.eval_model):
+        assert all(torch.isfinite(p).all() for p in m.parameters())
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum("restored" in r.get("event", "") for r in records) == 1
+    epochs = [r for r in records if "test_bpd" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    # the last epoch's health numbers are the final evaluation model's
+    assert epochs[-1]["invconv_cond_max"] == pytest.approx(max(invconv_condition_numbers(result.eval_model)),
+                                                           rel=1e-6)
+    assert all(0.0 < r["coupling_scale_min"] < 1.0 and r["test_bpd"] == r["test_bpd"] for r in epochs)
+
+
+def test_sigterm_during_evaluation_then_resume(tmp_path, monkeypatch):
+    """SIGTERM while the first epoch's test set is being evaluated: the evaluation finishes, the
+    run checkpoints and stops; --resume then ends where an uninterrupted run ends."""
+    real_evaluate = train_module.evaluate_bpd
+    calls = {"n": 0}
+
+    def signalled(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate_bpd", signalled)
+    cfg = tiny_train_config(tmp_path / "run", checkpoint_every=5)
+    stopped = train(tiny_model_config(), cfg, progress=False)
+    monkeypatch.undo()
+    assert stopped.summary["interrupted_by"] == "SIGTERM" and not stopped.summary["finished"]
+    resumed = train(tiny_model_config(), cfg, resume=True, progress=False)
+    reference = train(tiny_model_config(), tiny_train_config(tmp_path / "ref", checkpoint_every=5), progress=False)
+    # stopped after the first of two equal epochs
+    assert 2 * stopped.summary["steps"] == reference.summary["steps"] == resumed.summary["steps"]
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["state"]["step"] == resumed.summary["steps"]
+    assert resumed.summary["finished"]
+    assert resumed.summary["test_bpd"] == pytest.approx(reference.summary["test_bpd"], abs=1e-6)
+    ref_state = reference.model.state_dict()
+    for name, v in resumed.model.state_dict().items():
+        torch.testing.assert_close(v, ref_state[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_sigterm_during_a_checkpoint_write(tmp_path, monkeypatch):
+    """SIGTERM arrives half-way through writing last.pt: the write completes, the run stops at the
+    next step boundary with a loadable last.pt, and the signal handlers are put back."""
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def slow_save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        buf = io.BytesIO()
+        real_save(obj, buf, *args, **kwargs)
+        data = buf.getvalue()
+        f.write(data[: len(data) // 2])
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+        f.write(data[len(data) // 2:])
+
+    handler = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(torch, "save", slow_save)
+    result = train(tiny_model_config(), tiny_train_config(tmp_path / "run", checkpoint_every=5), progress=False)
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGTERM) == handler
+    assert result.summary["interrupted_by"] == "SIGTERM" and not result.summary["finished"]
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["state"]["step"] == result.summary["steps"] == 10  # signalled while writing the second (every 5)
+
+
+def test_interrupt_mid_checkpoint_keeps_the_previous_one_and_resumes(tmp_path, monkeypatch):
+    """A fatal interrupt while last.pt is being rewritten: the previous last.pt survives and the run
+    resumes from it."""
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def dying_save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            buf = io.BytesIO()
+            real_save(obj, buf, *args, **kwargs)
+            f.write(buf.getvalue()[:1000])
+            raise KeyboardInterrupt
+        real_save(obj, f, *args, **kwargs)
+
+    cfg = tiny_train_config(tmp_path / "run", max_steps=20, checkpoint_every=5)
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model_config(), cfg, progress=False)
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["state"]["step"] == 5
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
+    result = train(tiny_model_config(), cfg, resume=True, progress=False)
+    assert result.summary["finished"] and result.summary["steps"] == 20
+
+
+def test_full_disk_during_a_run(capsys, tmp_path, monkeypatch):
+    """os.replace fails with ENOSPC on the second last.pt: one error line naming the file, exit 1,
+    and the first last.pt intact."""
+    real_replace = os.replace
+    calls = {"n": 0}
+
+    def replace(src, dst, *args, **kwargs):
+        if str(dst).endswith("last.pt"):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_module.os, "replace", replace)
+    rc, _, err = cli(capsys, "train", "--out", tmp_path / "run", *TINY, "--epochs", "1", "--batch-size", "32",
+                     "--init-images", "64", "--checkpoint-every", "5", "--max-steps", "20")
+    monkeypatch.undo()
+    assert rc == 1
+    assert_one_error_line(rc, err, tmp_path / "run" / "last.pt", "No space left on device")
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["state"]["step"] == 5
+
+
+def test_unwritable_run_folder(capsys, tmp_path):
+    (tmp_path / "file").write_text("a file, not a folder")
+    rc, _, err = cli(capsys, "train", "--out", tmp_path / "file" / "run", *TINY, "--max-steps", "1")
+    assert_one_error_line(rc, err, tmp_path / "file" / "run", "cannot write to run folder")
+
+
+def test_unreadable_file_mid_run_checkpoints_first(tmp_path, monkeypatch):
+    """Image files that go bad mid-run (an image folder is decoded once at start-up, then again on
+    access by a DataLoader worker, which wraps the error in its traceback): the run checkpoints at
+    that step boundary and raises one line naming the file."""
+    folder = image_folder(tmp_path / "imgs", 40)  # 38 training images: 9 batches of 4
+    batches = train_module._Data.batches
+
+    def truncating(self, index_batches):
+        for i, batch in enumerate(batches(self, index_batches)):
+            if i == 2:  # the worker has read a few batches ahead; it reads the later ones truncated
+                for path in folder.iterdir():
+                    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+            yield batch
+
+    monkeypatch.setattr(train_module._Data, "batches", truncating)
+    cfg = tiny_train_config(tmp_path / "run", dataset=str(folder), epochs=1, batch_size=4, init_images=8,
+                            num_workers=1)
+    with pytest.raises(DatasetError) as info:
+        train(GlowConfig(image_shape=(3, 8, 8), n_levels=2, n_steps=1, hidden_channels=8), cfg, progress=False)
+    message = str(info.value)
+    assert "\n" not in message and "Traceback" not in message and "worker" not in message, message
+    assert message.startswith(f"cannot read image {folder}{os.sep}img") and "truncated" in message, message
+    step = int(re.search(r"checkpointed at step (\d+)", message).group(1))
+    assert 3 <= step < 9 and f"--resume {tmp_path / 'run'}" in message
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["state"]["step"] == step
+
+
+# ---------------------------------------------------------------- SIGTERM at random points (subprocess)
+RUN = [sys.executable, "-c", "import sys, torch; torch.set_num_threads(1); from torchglow.cli import main; "
+       "sys.exit(main(sys.argv[1:]))"]
+RUN_ARGS = ["train", "--n-steps", "2", "--hidden-channels", "16", "--epochs", "2", "--batch-size", "32",
+            "--init-images", "64", "--checkpoint-every", "5", "--device", "cpu", "--num-workers", "0"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _launch(*args):
+    return subprocess.Popen([*RUN, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=ENV)
+
+
+@pytest.mark.slow
+def test_sigterm_at_random_points_then_resume_equals_uninterrupted(tmp_path):
+    rounds = int(os.environ.get("TORCHGLOW_SIGTERM_ROUNDS", "3"))
+    rng = random.Random(int(os.environ.get("TORCHGLOW_SIGTERM_SEED", "0")))
+    ref = _launch(*RUN_ARGS, "--out", tmp_path / "ref")
+    out, err = ref.communicate(timeout=300)
+    assert ref.returncode == 0, err
+    run = tmp_path / "run"
+    stops = []
+    for i in range(rounds):
+        launched = time.time_ns()
+        p = _launch(*RUN_ARGS, "--out", run) if i == 0 else _launch("train", "--resume", run)
+        # train() rewrites config.json first thing: from then on SIGTERM is a clean stop
+        while p.poll() is None and not ((run / "config.json").is_file()
+                                        and (run / "config.json").stat().st_mtime_ns >= launched):
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 4.0))
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=300)
+        assert "Traceback" not in err
+        if p.returncode == -signal.SIGTERM:
+            # train() had returned (handlers restored) and the process was exiting: the run is
+            # complete on disk (summary.json written by this process); nothing was lost
+            assert (run / "summary.json").stat().st_mtime_ns >= launched, err
+        else:
+            # 143 = 128 + SIGTERM: stopped cleanly (resumable); 0: it had finished
+            assert p.returncode in (0, 143), err
+            assert (p.returncode == 143) == ("resume with: torchglow train --resume" in out), out
+        summary = json.loads((run / "summary.json").read_text())
+        stops.append(summary["steps"])
+        assert summary["interrupted_by"] in ("SIGTERM", None)
+        assert load_checkpoint(run / "last.pt")["state"]["step"] == summary["steps"]
+    p = _launch("train", "--resume", run)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0 and json.loads((run / "summary.json").read_text())["finished"], err
+    a, b = load_checkpoint(tmp_path / "ref" / "last.pt"), load_checkpoint(run / "last.pt")
+    assert a["state"]["step"] == b["state"]["step"] == json.loads((tmp_path / "ref" / "summary.json").read_text())["steps"]
+    for key in ("model", "ema"):
+        for name, v in a[key].items():
+            torch.testing.assert_close(b[key][name], v, atol=1e-6, rtol=0, msg=f"{key}.{name} (stops at {stops})")
+    print(f"stopped at steps {stops}")
 
 
 def _free_port() -> int:
@@ -121,6 +393,7 @@ def _ddp_worker(rank, world, port, out, result_dir):
         distributed.teardown()
 
 
+@pytest.mark.slow  # two spawned processes that each import torch
 def test_ddp_two_processes_match_single_process(tmp_path):
     """2 processes on gloo: ActNorm init and parameters identical on both ranks after several steps,
     and equal to one process with the same global batch."""

@@ -1,6 +1,7 @@
-"""Shared helpers of the tool tests (sampling, latent, OOD, images, CLI): digits-like images, a
-small perturbed model, PNG reading."""
+"""Shared helpers of the tool tests (sampling, latent, OOD, images, CLI, data): digits-like images, a
+small perturbed model, PNG reading and writing."""
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -38,3 +39,19 @@ def grid_shape(img, h=8, scale=4, pad=2):
     """(rows, columns) of a grid of h x h images upscaled by `scale` with `pad` px padding."""
     cell = h * scale + pad
     return (img.height - pad) // cell, (img.width - pad) // cell
+
+
+def write_image(path, size=(12, 10), value=None, mode="RGB", seed=0, fmt=None):
+    """An image file of ``size`` (width, height): every pixel ``value``, or seeded noise when it is None."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shape = (size[1], size[0]) + ((3,) if mode == "RGB" else ())
+    pixels = np.random.RandomState(seed).randint(0, 256, shape, dtype=np.uint8) if value is None else \
+        np.full(shape, value, np.uint8)
+    Image.fromarray(pixels).convert(mode).save(path, format=fmt)
+
+
+def image_folder(root, n, **kwargs):
+    """A folder of ``n`` noise PNGs (img000.png, ...), each of another seed."""
+    for i in range(n):
+        write_image(root / f"img{i:03d}.png", seed=i, **kwargs)
+    return root

@@ -77,12 +77,12 @@ def coupling_scales(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | N
         return record
 
     handles = [c.nn.register_forward_hook(hook(i)) for i, c in enumerate(couplings)]
-    memory = getattr(model, "memory", "none")
+    mode = getattr(model, "memory_mode", "none")
     try:
-        model.memory = "none"  # the plain forward: the hooks see every coupling once
+        model.memory_mode = "none"  # the plain forward: the hooks see every coupling once
         model.encode(x, y)
     finally:
-        model.memory = memory
+        model.memory_mode = mode
         for handle in handles:
             handle.remove()
     return [_sigmoid(h_min[i] + 2.0) if i in h_min else math.nan for i in range(len(couplings))]

@@ -123,7 +123,7 @@ class Glow(nn.Module, ModelHubMixin):
         if self.classifier is not None:
             nn.init.zeros_(self.classifier.weight)
             nn.init.zeros_(self.classifier.bias)
-        self.memory = "none"  # backward memory mode, see set_memory / torchglow.memory
+        self.memory_mode = "none"  # backward memory mode, see set_memory / torchglow.memory
 
     # ---------------------------------------------------------------- construction and state
     @classmethod
@@ -164,7 +164,7 @@ class Glow(nn.Module, ModelHubMixin):
         """How the flow steps keep activations for backward (:mod:`torchglow.memory`): ``"none"``
         (standard autograd), ``"checkpoint"`` (per-step gradient checkpointing) or ``"invertible"``
         (inputs reconstructed by inversion; activation memory independent of K)."""
-        self.memory = memory.check_memory_mode(mode, self.config.dropout)
+        self.memory_mode = memory.check_memory_mode(mode, self.config.dropout)
 
     def flow_steps(self):
         for steps in self.levels:
@@ -172,7 +172,7 @@ class Glow(nn.Module, ModelHubMixin):
 
     # ---------------------------------------------------------------- the flow
     def _run_steps(self, steps: nn.ModuleList, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return memory.run_steps(steps, z, self.memory)
+        return memory.run_steps(steps, z, self.memory_mode)
 
     def _encode(self, x: torch.Tensor, y: torch.Tensor | None, standardized: bool):
         if x.dim() != 4 or tuple(x.shape[1:]) != self.config.image_shape:
