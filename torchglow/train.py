@@ -3,7 +3,7 @@
 ::
 
     data = load_data(...)        # the training and test images, the per-pixel baseline
-    run = open_run(...)          # the run folder, model, EMA and training step: new or resumed
+    run = start_run(...)         # the run folder, model, EMA and training step: new or resumed
     while not run.done:
         train_epoch(run)         # steps on the device; the host reads it every log_every steps
         end_of_epoch(run)        # health, test bits/dim, samples, best.pt, last.pt
@@ -178,7 +178,7 @@ def train(model_config: GlowConfig, cfg: TrainConfig, resume: bool = False, prog
     with _StopRequest() as stop:
         device = _setup(model_config, cfg)
         data = load_data(model_config, cfg, device)
-        run = open_run(model_config, cfg, resume, data, device, stop, progress)
+        run = start_run(model_config, cfg, resume, data, device, stop, progress)
         try:
             if resume and run.done and run.is_main:
                 print(f"{run.out} is finished ({run.state['epoch']} epochs, {run.state['step']} steps); to train "
@@ -259,7 +259,7 @@ def load_data(model_config: GlowConfig, cfg: TrainConfig, device: torch.device) 
 
 
 @dataclass
-class Run:
+class TrainingRun:
     """A training run in progress: its configs, folder, data, model, EMA, step and host state.
 
     ``state`` (saved in every checkpoint): ``step`` (steps taken, skipped ones included),
@@ -344,8 +344,8 @@ class Run:
             self.tb.close()
 
 
-def open_run(model_config: GlowConfig, cfg: TrainConfig, resume: bool, data: TrainingData, device: torch.device,
-             stop: _StopRequest, progress: bool = True) -> Run:
+def start_run(model_config: GlowConfig, cfg: TrainConfig, resume: bool, data: TrainingData, device: torch.device,
+             stop: _StopRequest, progress: bool = True) -> TrainingRun:
     """The run folder, model, EMA and training step: resumed from ``last.pt``, or new (from
     ``init_from`` weights or a data-dependent initialisation)."""
     rank, world = dist_utils.rank_and_world()
@@ -378,7 +378,7 @@ def open_run(model_config: GlowConfig, cfg: TrainConfig, resume: bool, data: Tra
               f"per epoch, {cfg.epochs} epochs)", file=sys.stderr)
     max_steps = min(cfg.max_steps or math.inf, cfg.epochs * data.steps_per_epoch)
     bar = _progress(max_steps, state["step"], out.name, progress and rank == 0)
-    return Run(model_config, cfg, out, device, data, model, ema, trainer, step_fn, state, stop, bar,
+    return TrainingRun(model_config, cfg, out, device, data, model, ema, trainer, step_fn, state, stop, bar,
                metrics_file=open(out / "metrics.jsonl", "a") if rank == 0 else None,
                tb=_tensorboard(out) if rank == 0 else None, segment_start=time.time(),
                last_read=(state["step"], time.time()))
@@ -463,7 +463,7 @@ def _initialize(model: Glow, cfg: TrainConfig, data: TrainingData, device: torch
         model.save_pretrained(init_dir / "init")  # the model before its first step
 
 
-def train_epoch(run: Run) -> None:
+def train_epoch(run: TrainingRun) -> None:
     """The current epoch's remaining steps, up to ``max_steps`` or a stop request. The device is read
     only every ``log_every`` steps and at the end (:func:`read_device`)."""
     cfg, state, data = run.cfg, run.state, run.data
@@ -492,7 +492,7 @@ def train_epoch(run: Run) -> None:
     read_device(run)
 
 
-def read_device(run: Run) -> None:
+def read_device(run: TrainingRun) -> None:
     """Read the step's device counters (the host's one sync per ``log_every`` steps): log each
     skipped step and the window's train bits/dim, and after ``max_bad_steps`` non-finite steps in
     a row restore ``last.pt`` (or stop, when all steps since the last restore were non-finite).
@@ -525,7 +525,7 @@ def read_device(run: Run) -> None:
                  "event": f"restored {run.out / 'last.pt'} after {c['worst_run']} non-finite steps in a row"})
 
 
-def _restore_last_good(run: Run) -> None:
+def _restore_last_good(run: TrainingRun) -> None:
     """Weights, EMA and optimiser moments of ``last.pt``; the step counters go on."""
     path = run.out / "last.pt"
     if not path.is_file():
@@ -542,7 +542,7 @@ def _restore_last_good(run: Run) -> None:
     run.trainer.clear_bad_run()
 
 
-def end_of_epoch(run: Run) -> None:
+def end_of_epoch(run: TrainingRun) -> None:
     """Health numbers, test bits/dim and samples (every ``eval_every`` epochs and the last), then
     ``last.pt``."""
     state = run.state
@@ -555,7 +555,7 @@ def end_of_epoch(run: Run) -> None:
     run.checkpoint("last.pt")
 
 
-def score(run: Run, label: str, extra: dict[str, Any] | None = None) -> float:
+def score(run: TrainingRun, label: str, extra: dict[str, Any] | None = None) -> float:
     """Test bits/dim of the evaluated model and a sample grid, logged and printed; ``best.pt`` when
     it is the best so far."""
     from .images import save_grid, to_display
@@ -584,14 +584,14 @@ def score(run: Run, label: str, extra: dict[str, Any] | None = None) -> float:
     return test_bpd
 
 
-def _grid_name(run: Run) -> str:
+def _grid_name(run: TrainingRun) -> str:
     """``epoch_007`` at the end of epoch 7, ``epoch_007_step_0001234`` mid-epoch (names sort in order)."""
     state = run.state
     name = f"epoch_{state['epoch']:03d}"
     return name if state["step"] == state["epoch"] * run.data.steps_per_epoch else f"{name}_step_{state['step']:07d}"
 
 
-def _epoch_health(run: Run) -> dict[str, Any]:
+def _epoch_health(run: TrainingRun) -> dict[str, Any]:
     """invconv_cond_max and coupling_scale_min of the evaluated model (rank 0, one small batch)."""
     if not run.is_main:
         return {}
@@ -601,7 +601,7 @@ def _epoch_health(run: Run) -> dict[str, Any]:
     return health.json_safe(record)
 
 
-def finish(run: Run) -> TrainResult:
+def finish(run: TrainingRun) -> TrainResult:
     """``last.pt``; the final score when the run is done (an evaluation of its own when it stopped
     mid-epoch at ``max_steps``, compared with the best); ``summary.json`` and ``model/``."""
     state = run.state
@@ -657,7 +657,7 @@ def summary_text(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _data_error(run: Run, e: Exception) -> Exception:
+def _data_error(run: TrainingRun, e: Exception) -> Exception:
     """A file that cannot be read mid-run: checkpoint at this step boundary, then stop."""
     message = _last_error_line(str(e))
     try:
