@@ -311,8 +311,6 @@ def test_every_option_of_every_subcommand_has_help_without_markup():
     """Help for every option, without reStructuredText markup, and every default that means something
     shown as it would be typed (not a Python list)."""
     for name, sub in subcommands().items():
-        if name == "bench":
-            continue  # bench's options are its own (torchglow.bench)
         shown = cli.HelpFormatter(name)
         for action in sub._actions:
             assert action.help, f"{name} {action.option_strings or action.dest}"

@@ -376,16 +376,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .config import PRESETS
     from .memory import MEMORY_MODES
 
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cifar10")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cifar10", help="model architecture")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per iteration")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="fp32, or bf16/fp16 autocast of the coupling networks")
     parser.add_argument("--n-steps", type=int, help="override K, steps per level")
     parser.add_argument("--n-levels", type=int, help="override L, levels")
     parser.add_argument("--hidden-channels", type=int, help="override the coupling width")
-    parser.add_argument("--set", dest="overrides", type=_parse_override, action="append", default=[],
+    parser.add_argument("--set", dest="overrides", type=_parse_override, action="append", default=None,
                         metavar="KEY=VALUE", help="override any model config field (JSON value), repeatable")
-    parser.add_argument("--memory", choices=MEMORY_MODES, default="none")
+    parser.add_argument("--memory", choices=MEMORY_MODES, default="none",
+                        help="none, checkpoint (per-step gradient checkpointing) or invertible (recompute through "
+                             "each step's inverse)")
     parser.add_argument("--fast", action="store_true",
                         help="time the fast path (compiled step; CUDA graphs and channels_last on CUDA)")
     parser.add_argument("--compare", action="store_true",
@@ -394,13 +397,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how --fast compiles the training step")
     parser.add_argument("--fast-precision", choices=PRECISIONS,
                         help="precision of the fast training step (default: --precision), e.g. bf16 against eager fp32")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first (compilation, caches)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed iterations; the median is reported")
+    parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="what to time")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's, one per core)")
     parser.add_argument("--no-isolate", dest="isolate", action="store_false", default=None,
                         help="run the phases in this process (CPU peak RSS is then the process peak)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the model and the images")
     parser.add_argument("--name", help="result name (default: derived from the options)")
     parser.add_argument("--out", "--out-dir", dest="out_dir", metavar="DIR",
                         help="also write the full result to DIR/<name>.json (default: print only)")
@@ -429,7 +432,7 @@ def _default_name(args: argparse.Namespace, overrides: dict[str, Any], device: s
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run :func:`run_benchmark` from parsed :func:`add_arguments` options, print a summary and,
     with ``--out DIR``, write the full result to ``DIR/<name>.json``."""
-    overrides = dict(args.overrides)
+    overrides = dict(args.overrides or [])
     for key in ("n_steps", "n_levels", "hidden_channels"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)

@@ -606,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import bench  # after the loop: bench has its own --threads
     p = command("bench", bench.cmd_bench, "training, sampling and evaluation images/s and peak memory",
-                bench.__doc__.split("\n\n")[0] + " Writes benchmarks/results/<name>.json.")
+                bench.__doc__.split("\n\n")[0] + " Prints a summary; --out DIR also writes the full JSON.")
     bench.add_arguments(p)
     return parser
 
