@@ -67,6 +67,7 @@ def temperature_rows(model: Glow, temperatures: Sequence[float] = DEFAULT_TEMPER
 
 
 def _decoder(model: Glow, fast: bool) -> Callable[..., torch.Tensor]:
+    """The decode the rows go through: compiled (``fast``) or the model's own."""
     return fast_decode(model) if fast else model.decode
 
 
