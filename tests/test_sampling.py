@@ -11,6 +11,7 @@ import torch
 from torchglow import sampling
 from torchglow.health import NumericalHealthWarning
 
+from conftest import cli
 from tool_checks import open_png
 
 
@@ -114,3 +115,36 @@ def test_bad_options(model, cond_model, tmp_path):
         sampling.sample_grid(model, tmp_path, temperatures=(-1.0,))
     with pytest.raises(ValueError, match="labels must be in 0..2"):
         sampling.sample_grid(cond_model, tmp_path, classes=[3])
+
+
+# ---------------------------------------------------------------- the fast path
+def test_fast_temperature_rows_equal_eager(model, cond_model, aot_eager):
+    """The compiled decode gives the eager decode's rows to float rounding (atol 1e-5 in model
+    space, where pixels span [-0.5, 0.5)), the conditional model's labels included."""
+    for m in (model, cond_model):
+        eager = sampling.temperature_rows(m, (0.0, 0.7, 1.0), n_per_row=4, seed=3)
+        assert not aot_eager
+        fast = sampling.temperature_rows(m, (0.0, 0.7, 1.0), n_per_row=4, seed=3, fast=True)
+        assert aot_eager  # compiled, not an eager fallback
+        aot_eager.clear()
+        for a, b in zip(eager, fast):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
+def test_sample_fast_command_draws_the_eager_grid(model, cond_model, tmp_path, capsys, aot_eager):
+    """``torchglow sample --fast`` writes the grids of the eager command, pixel for pixel to one
+    display level (a value on a bin edge may round either way): one grid, or one per temperature."""
+    for m in (model, cond_model):
+        pre = tmp_path / f"classes{m.config.num_classes}"
+        m.save_pretrained(pre)
+        summaries = []
+        for flags in ((), ("--fast",)):
+            code, out, err = cli(capsys, "sample", pre, "--device", "cpu", "--n", 3, "--temperatures", 0, 0.8,
+                                 "--name", "fast" if flags else "eager", *flags)
+            assert code == 0, err
+            summaries.append(json.loads(out))
+        assert [s["fast"] for s in summaries] == [False, True]
+        assert len(summaries[1]["files"]) == (2 if m.config.num_classes else 1)
+        for a, b in zip(*(s["files"] for s in summaries)):
+            diff = np.asarray(open_png(a), dtype=int) - np.asarray(open_png(b), dtype=int)
+            assert np.abs(diff).max() <= 9  # one of the 32 bins shown: 255 / 31 ≈ 8.2 grey levels

@@ -315,9 +315,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     run = _open(args)
     picked = run.pick(args.split, 0, args.seed, args.dataset, args.data_dir)
-    bpd = evaluate_bpd(run.model, picked.images, picked.y, args.batch_size, args.draws, args.seed)
+    bpd = evaluate_bpd(run.model, picked.images, picked.y, args.batch_size, args.draws, args.seed, args.fast)
     result = {"checkpoint": args.run, "dataset": picked.data.name, "images": int(picked.images.shape[0]),
-              "draws": args.draws, "seed": args.seed, "bits_per_dim": bpd, "torch": torch.__version__}
+              "draws": args.draws, "seed": args.seed, "fast": args.fast, "bits_per_dim": bpd, "torch": torch.__version__}
     if args.out:
         write_json_atomic(args.out, result)
     return _print(result)
@@ -330,7 +330,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     run = _open(args)
     max_level = run.display_max_level() if args.max_level is None else args.max_level
     return _print(sample_grid(run.model, _out(args, run, "samples"), temperatures=args.temperatures, n_per_row=args.n,
-                              seed=args.seed, max_level=max_level, name=args.name))
+                              seed=args.seed, max_level=max_level, name=args.name, fast=args.fast))
 
 
 @_user_errors
@@ -515,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common_options(p, "evaluate", "test")
     p.add_argument("--draws", type=_count(1), default=1, help="dequantisation noise draws averaged per image")
     p.add_argument("--out", help="also write the result to this JSON file")
+    p.add_argument("--fast", action="store_true",
+                   help="compiled forward at a fixed batch (a CUDA graph on CUDA); same bits/dim up to float rounding")
 
     p = command("sample", cmd_sample, "image grids at one or more temperatures",
                 "Sample image grids, one row per temperature (one grid per temperature for a class-conditional "
@@ -525,6 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one row (or grid, class-conditional) per temperature")
     p.add_argument("--n", type=_count(1), default=8, help="samples per row")
     p.add_argument("--name", help="file name stem (default: samples_T<temperatures>_n<n>_seed<seed>)")
+    p.add_argument("--fast", action="store_true",
+                   help="compiled decode (a CUDA graph on CUDA); same images up to float rounding")
 
     p = command("reconstruct", cmd_reconstruct, "test images next to decode(encode(x)), with the largest error",
                 "Encode n seeded test images at their bin centres and decode them back; writes "

@@ -18,7 +18,9 @@ def evaluate_bpd(model: Glow, images: torch.Tensor, labels: torch.Tensor | None 
     """Mean bits/dim of uint8 ``images`` (N, C, H, W), averaged over ``n_draws`` seeded
     dequantisation draws. Under torch.distributed each rank scores its share and the result is
     the mean over the whole set. ``fast``: a compiled forward (:func:`torchglow.step.fast_forward`)
-    at a fixed batch, the last batch padded with copies of its first images, which are not counted."""
+    at a fixed batch (``batch_size``, or fewer when the set is smaller), the last batch padded with
+    copies of its first images, which are not counted; equal to the eager forward up to the
+    compiler's float rounding."""
     from .step import fast_forward, mix_seed
 
     device = model.device
@@ -28,6 +30,7 @@ def evaluate_bpd(model: Glow, images: torch.Tensor, labels: torch.Tensor | None 
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     idx = torch.arange(rank, images.shape[0], world)
+    batch_size = min(batch_size, len(idx)) if fast else batch_size  # a small set is not padded to a big batch
     for draw in range(n_draws):
         gen = torch.Generator(device=device).manual_seed(mix_seed(seed, draw, rank))
         for start in range(0, len(idx), batch_size):

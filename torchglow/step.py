@@ -365,14 +365,28 @@ def mix_seed(*values: int) -> int:
     return h
 
 
+def _graph_mode(device: torch.device) -> str | None:
+    """``torch.compile``'s mode for the fast decode and forward: CUDA graphs on CUDA under inductor."""
+    return "reduce-overhead" if device.type == "cuda" and COMPILE_BACKEND == "inductor" else None
+
+
+def fast_decode(model: Glow):
+    """``model.decode`` compiled (static shapes: one graph per batch size; replayed as a CUDA graph
+    on CUDA), the same arguments and results. The 1x1 convolutions' cached inverses are Python
+    state, so the decode is compiled with graph breaks allowed (not fullgraph)."""
+    decode = torch.compile(model.decode, dynamic=False, backend=COMPILE_BACKEND, mode=_graph_mode(model.device))
+
+    def fast(z: list[torch.Tensor], y: torch.Tensor | None = None, standardized: bool = False) -> torch.Tensor:
+        return decode(z, y, standardized=standardized).clone()  # a CUDA graph's output is overwritten by the next replay
+
+    return fast
+
+
 def fast_sampler(model: Glow, batch: int):
-    """``model.sample`` through a compiled decode, for a fixed ``batch`` (static shapes; replayed as
-    a CUDA graph on CUDA): ``sample(n=batch, temperature=1.0, y=None, generator=None)``, the same
-    arguments and results. The 1x1 convolutions' cached inverses are Python state, so the decode
-    is compiled with graph breaks allowed (not fullgraph)."""
+    """``model.sample`` through :func:`fast_decode`, for a fixed ``batch``:
+    ``sample(n=batch, temperature=1.0, y=None, generator=None)``, the same arguments and results."""
     device = model.device
-    decode = torch.compile(model.decode, dynamic=False, backend=COMPILE_BACKEND,
-                           mode="reduce-overhead" if device.type == "cuda" and COMPILE_BACKEND == "inductor" else None)
+    decode = fast_decode(model)
 
     @torch.no_grad()
     def sample(n: int = batch, temperature: float = 1.0, y: torch.Tensor | None = None,
@@ -380,7 +394,7 @@ def fast_sampler(model: Glow, batch: int):
         if n != batch:
             raise ValueError(f"this sampler is compiled for batches of {batch}, got {n}")
         eps = [torch.randn((n, *s), generator=generator, device=device) * temperature for s in model.latent_shapes]
-        return decode(eps, y, standardized=True).clone()  # a CUDA graph's output is overwritten by the next replay
+        return decode(eps, y, standardized=True)
 
     return sample
 
@@ -388,6 +402,4 @@ def fast_sampler(model: Glow, batch: int):
 def fast_forward(model: Glow):
     """``model``'s forward compiled for evaluation (static shapes; a CUDA graph on CUDA: use each
     output before the next call)."""
-    device = model.device
-    return torch.compile(model, dynamic=False, backend=COMPILE_BACKEND,
-                         mode="reduce-overhead" if device.type == "cuda" and COMPILE_BACKEND == "inductor" else None)
+    return torch.compile(model, dynamic=False, backend=COMPILE_BACKEND, mode=_graph_mode(model.device))
