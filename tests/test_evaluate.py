@@ -30,6 +30,20 @@ def test_fast_bpd_equals_eager(model, cond_model, aot_eager):
             assert fast == pytest.approx(eager, rel=1e-6)
 
 
+def test_evaluate_bpd_in_the_models_dtype(model):
+    """A float64 model is scored in float64: the images are preprocessed and noised in the model's
+    dtype, as ``Glow.bits_per_dim`` does with the same generator."""
+    import copy
+
+    from torchglow.step import mix_seed
+
+    images = digits_like(6, seed=3)
+    m64 = copy.deepcopy(model).double()
+    got = evaluate_bpd(m64, images, batch_size=8, seed=1)
+    want = m64.bits_per_dim(images, generator=torch.Generator().manual_seed(mix_seed(1, 0, 0))).mean()
+    assert got == pytest.approx(float(want), rel=1e-12)
+
+
 def test_evaluate_fast_command(model, tmp_path, capsys, aot_eager):
     """``torchglow evaluate --fast`` prints the eager command's bits/dim and says it ran fast."""
     model.save_pretrained(tmp_path / "pre")

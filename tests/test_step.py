@@ -103,6 +103,18 @@ def test_step_matches_torch_optim(optimizer):
     assert (c["steps"], c["images"], c["skipped"], c["bpd_count"]) == (3, 24, 0, 3)
 
 
+def test_eager_step_makes_no_host_sync():
+    """No operator of a step (with augmentation, clipping, weight decay and EMA) reads a device
+    value on the host: ``aten::item``/``_local_scalar_dense`` is what a sync costs on a GPU."""
+    step, x_uint8 = make_step(augment_shift=1, augment_flip=True, grad_clip=1.0, weight_decay=0.1)
+    step(x_uint8)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step(x_uint8)
+    names = {event.name for event in prof.events()}
+    assert "aten::convolution" in names  # the profile saw the step
+    assert not names & {"aten::item", "aten::_local_scalar_dense"}
+
+
 def test_warmup_lr():
     step, x_uint8 = make_step(warmup_images=32)
     lrs = [step(x_uint8)["lr"].item() for _ in range(5)]

@@ -40,7 +40,7 @@ def evaluate_bpd(model: Glow, images: torch.Tensor, labels: torch.Tensor | None 
                 i = torch.cat([i, i[:1].expand(batch_size - n)])
             x = images[i.to(images.device)].to(device, non_blocking=True)
             y = None if labels is None else labels[i.to(labels.device)].to(device)
-            x = pp.dequantize(pp.preprocess(x, n_bits), n_bits, gen)
+            x = pp.dequantize(pp.preprocess(x, n_bits, model.dtype), n_bits, gen)
             bpd = pp.bits_per_dim_from_log_prob(forward(x, y).log_prob, n_dims, n_bits)[:n]
             total += bpd.double().sum()
             count += n

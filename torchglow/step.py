@@ -39,13 +39,13 @@ SCALE_INIT, SCALE_GROWTH_INTERVAL = 2.0**16, 2000
 
 
 # --------------------------------------------------------------------------- counter-based random numbers
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+def _mul32(x: torch.Tensor | int, c: int) -> torch.Tensor | int:
     """``x·c mod 2³²`` for int64 ``x`` in [0, 2³²) without overflowing int64: ``x`` in 16-bit halves."""
     lo, hi = x & 0xFFFF, x >> 16
     return (lo * c + ((hi * (c & 0xFFFF)) << 16)) & MASK32
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
+def _mix32(x: torch.Tensor | int) -> torch.Tensor | int:
     """A 32-bit integer hash with full avalanche (Wellons' "lowbias32"):
     ``x ^= x>>16; x *= 0x7feb352d; x ^= x>>15; x *= 0x846ca68b; x ^= x>>16``."""
     x = x ^ (x >> 16)
@@ -62,7 +62,7 @@ def counter_uniform(seed: int, stream: int, step: torch.Tensor, index: torch.Ten
     ``step`` is a 0-d int64 device tensor, ``index`` an int64 tensor of element indices < 2³²; the
     result has ``index``'s shape and device. Equal on every device, process and compiled or eager
     run, and needs no RNG state to resume."""
-    base = int(_mix32(torch.tensor((seed * 0x9E3779B1 + stream) & MASK32)))  # on the host: no copy to the device
+    base = _mix32((seed * 0x9E3779B1 + stream) & MASK32)  # a Python int: nothing to copy to the device
     key = _mix32((step & MASK32) ^ base)
     h = _mix32(_mix32(index ^ key) ^ key)
     return (h >> 8).to(torch.float32) * (1.0 / 2**24)
@@ -203,14 +203,13 @@ class TrainStep:
         """Unscale and clip the gradient, then the masked optimiser, weight-decay and EMA updates,
         and the step's counters; returns the step's metrics."""
         cfg, c = self.cfg, self.counters
-        flat_grad = flat_grad / c["loss_scale"]
-        grad_norm = torch.linalg.vector_norm(flat_grad)
+        # unscaling and clipping folded into one scalar: a single pass over the gradient vector
+        grad_norm = torch.linalg.vector_norm(flat_grad) / c["loss_scale"]
         finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
         ok = finite.to(torch.float32)
-        coef = (cfg.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0) if cfg.grad_clip else torch.ones_like(grad_norm)
+        coef = (cfg.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0) if cfg.grad_clip else 1.0
         # zeroed, not multiplied by 0, when skipped: a non-finite gradient times 0 is NaN
-        flat_grad = torch.where(finite, flat_grad * coef, 0.0)
-        g = flat_grad
+        g = torch.where(finite, flat_grad * (coef / c["loss_scale"]), 0.0)
         lr = warmup_lr(cfg.lr, cfg.warmup_images, c["images"], cfg.batch_size)
         t = (c["opt_steps"] + 1).to(torch.float32)
         b1, b2 = self.beta1, self.beta2
@@ -244,7 +243,7 @@ class TrainStep:
             grow = finite & (c["growth"] + 1 >= SCALE_GROWTH_INTERVAL)
             c["loss_scale"].copy_(torch.where(finite, torch.where(grow, 2.0, 1.0), 0.5) * c["loss_scale"])
             c["growth"].copy_(torch.where(finite & ~grow, c["growth"] + 1, 0))
-        self.skipped_flags[c["steps"] % self.cfg.log_every] = bad
+        self.skipped_flags[(c["steps"] % self.cfg.log_every).view(1)] = bad  # a tensor index: no .item()
         c["skipped"] += bad.long()
         c["bad_run"].copy_(torch.where(bad, c["bad_run"] + 1, 0))
         c["worst_run"].copy_(torch.maximum(c["worst_run"], c["bad_run"]))
