@@ -172,7 +172,7 @@ def test_edited_adds_each_direction_times_alpha():
 def test_encode_reconstructs_the_model_input_exactly(session):
     r = session.encode_test(3)
     assert np.array_equal(decode_url(r["input"]), decode_url(r["reconstruction"]))
-    assert r["readout"]["bpd"] == r["bpd"] and r["readout"]["verdict"] in ("typical", "unusual", "atypical")
+    assert r["readout"]["bpd"] == r["bpd"]  # the verdict itself: test_readout_against_hand_counts
     info = session.info()
     assert info["n_test"] == 40 and len(info["gallery"]) == 16 and sum(info["histogram"]["counts"]) == 40
     assert info["directions"] == ["class a", "class b", "class c", "class d"]
@@ -210,7 +210,7 @@ def test_mix_ends_are_the_two_images(session):
     strip = decode_url(session.mix(a["token"], b["token"], None, steps=5))
     assert strip.shape == (1 + 32 + 1, 1 + 5 * 33)
     cells = [strip[1:33, 1 + 33 * i : 33 * (i + 1)] for i in range(5)]
-    assert np.array_equal(cells[0], decode_url(a["reconstruction"])[:, :, ...])
+    assert np.array_equal(cells[0], decode_url(a["reconstruction"]))
     assert not np.array_equal(cells[2], cells[0]) and not np.array_equal(cells[2], cells[4])
     with pytest.raises(ValueError, match="t must be in"):
         session.mix(a["token"], b["token"], 1.5)

@@ -66,7 +66,7 @@ def test_min_coupling_scale():
 def test_collapsed_scales_make_sampling_non_finite_and_it_is_reported(tmp_path):
     """The inverse divides by the coupling scales: collapsed scales overflow float32. Glow.sample
     returns the inf/NaN as is; check_samples/sample_checked warn once, to_uint8 maps them to valid
-    pixels, sample_grid counts them in samples.json."""
+    pixels, sample_grid counts them in its JSON summary."""
     model = Glow(preset("digits", n_steps=2, hidden_channels=8))
     x = torch.rand(8, 1, 8, 8) - 0.5
     model.initialize(x)

@@ -362,8 +362,6 @@ def cmd_manipulate(args: argparse.Namespace) -> int:
     from .latent import attribute_directions, labels_for, load_directions, manipulate_all, save_directions
     from .latent import select_attributes
 
-    if args.directions and (args.class_attribute is not None or args.labels_csv):
-        raise CLIError("--directions reuses saved directions: drop --class-attribute and --labels-csv")
     run = _open(args)
     if args.directions:
         directions = load_directions(args.directions)
@@ -630,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CLIError, ConfigError, CheckpointError, DatasetError, TrainingError) as e:
-        print(f"{prefix}: error: {e.cli_message if isinstance(e, DatasetError) else e}", file=sys.stderr)
+        print(f"{prefix}: error: {getattr(e, 'cli_message', e)}", file=sys.stderr)
         return EXIT_USAGE if isinstance(e, (CLIError, ConfigError)) else 1
     finally:
         warnings.formatwarning = formatwarning

@@ -497,7 +497,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except (ValueError, DatasetError) as e:
         print(f"torchglow demo: no histogram or gallery: no test images ({e})", file=sys.stderr)
     session = DemoSession(opened.model, name=run, test_images=test_x, test_labels=test_y, class_names=class_names,
-                          directions=directions, direction_source=source, n_samples=args.samples, seed=args.seed)
+                          directions=directions, direction_source=source, max_level=opened.display_max_level(),
+                          n_samples=args.samples, seed=args.seed)
     try:
         demo_server.serve(session, args.host, args.port, max_upload_bytes=int(args.max_upload_mb * 2**20))
     except OSError as e:  # the address is taken or not this machine's

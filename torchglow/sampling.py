@@ -109,8 +109,6 @@ def sample_grid(model: Glow, out_dir: str | Path, temperatures: Sequence[float] 
     :class:`~torchglow.health.NumericalHealthWarning`. ``fast``: as in :func:`temperature_rows`,
     one compiled decode for the whole grid.
     """
-    if n_per_row < 1:
-        raise ValueError(f"n_per_row must be >= 1, got {n_per_row}")
     temperatures = [float(t) for t in temperatures]
     if not temperatures:
         raise ValueError("give at least one temperature")
