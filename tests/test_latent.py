@@ -283,13 +283,20 @@ def test_image_ids():
     assert latent.image_ids([10, 20, 30]) == ["0", "1", "2"]
 
 
-def test_manipulate_all_and_directions_file_errors(model, tmp_path):
+def test_manipulate_all_and_directions_file_errors(model, tmp_path, monkeypatch):
     x = digits_like(2, seed=18)
     dirs = {"up": [torch.full(s, 0.5) for s in model.latent_shapes], "down": [torch.full(s, -0.5) for s in model.latent_shapes]}
     summary = latent.manipulate_all(model, x, dirs, tmp_path, alphas=(0.0, 1.0), info={"from": "test"})
     assert list(summary["attributes"]) == ["up", "down"] and summary["from"] == "test"
     assert summary["files"] == [str(tmp_path / "manipulate_up.png"), str(tmp_path / "manipulate_down.png")]
     assert json.loads((tmp_path / "manipulate.json").read_text()) == summary
+    calls = []
+    encode = latent.encode_eps
+    monkeypatch.setattr(latent, "encode_eps", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    again = latent.manipulate_all(model, x, dirs, tmp_path / "again", alphas=(0.0, 1.0))["attributes"]
+    assert [{k: v for k, v in s.items() if k != "files"} for s in again.values()] == \
+        [{k: v for k, v in s.items() if k != "files"} for s in summary["attributes"].values()]
+    assert len(calls) == 1  # one encode for both directions
     with pytest.raises(ValueError, match="does not exist"):
         latent.load_directions(tmp_path / "none.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"junk")

@@ -268,7 +268,7 @@ def run_benchmark(preset: str, batch_size: int, device: str, precision: str = "f
         batch_size: images per iteration, in every phase.
         device: "cpu", "cuda", "cuda:N" (or "auto").
         precision: "fp32", or "bf16"/"fp16" autocast of the coupling networks
-            (``model.set_autocast``; channels_last on CUDA). fp16 adds a GradScaler as training does.
+            (``model.set_autocast``; channels_last on CUDA). fp16 adds the step's loss scale, as training does.
         overrides: model config fields replacing the preset's.
         memory: the backward memory mode (``model.set_memory``): "none", "checkpoint", "invertible".
         fast: time the fast path (``TrainConfig.fast``: the compiled step; a compiled decode and
@@ -278,7 +278,7 @@ def run_benchmark(preset: str, batch_size: int, device: str, precision: str = "f
         threads: ``torch.set_num_threads`` (default: leave torch's default).
         isolate: run each phase in a fresh subprocess so that CPU peak RSS is per phase;
             None means True on CPU and False on CUDA.
-        seed: seeds the model, the images and the noise.
+        seed: seeds the model and the images.
         compare: time the eager and the fast path side by side, interleaved (``speedup``).
         compile_mode: "regional" or "whole" (:func:`torchglow.step.compile_step`).
         fast_precision: the precision of the fast training step (default ``precision``), e.g. an

@@ -496,12 +496,14 @@ def load_directions(path: str | Path) -> dict[str, list[torch.Tensor]]:
 @torch.no_grad()
 def manipulate(model: Glow, x_uint8: torch.Tensor, direction: Sequence[torch.Tensor], out_dir: str | Path,
                alphas: Sequence[float] = (-1.0, -0.5, 0.0, 0.5, 1.0), y=None, name: str = "direction",
-               batch_size: int = 256, max_level: int | None = None) -> dict[str, Any]:
+               batch_size: int = 256, max_level: int | None = None,
+               eps: Sequence[torch.Tensor] | None = None) -> dict[str, Any]:
     """Edit images along a direction (per-level list, e.g. from :func:`attribute_directions`):
     ``ε + α · direction`` at every level, decoded, as the official demo's ``manipulate``
     (α in [-1, 1]). Writes ``manipulate_{name}.png`` (one row per image, one column per α) and
     ``manipulate_{name}.json``; the summary reports, for α = 0 when given, the model-space error
-    against the image and whether the ``n_bits`` image comes back exactly.
+    against the image and whether the ``n_bits`` image comes back exactly. ``eps``: the images'
+    :func:`encode_eps` when the caller has it already (:func:`manipulate_all` encodes once).
     """
     _check_images(model, x_uint8)
     if len(direction) != len(model.latent_shapes):
@@ -515,7 +517,7 @@ def manipulate(model: Glow, x_uint8: torch.Tensor, direction: Sequence[torch.Ten
     n_bits = model.config.n_bits
     device, dtype = model.device, model.dtype
     dirs = [d.reshape(1, *s).to(device=device, dtype=dtype) for d, s in zip(direction, model.latent_shapes)]
-    eps = encode_eps(model, x_uint8, y, batch_size)
+    eps = encode_eps(model, x_uint8, y, batch_size) if eps is None else eps
     cols = []
     summary_extra: dict[str, Any] = {}
     for a in alphas:
@@ -543,9 +545,12 @@ def manipulate_all(model: Glow, x_uint8: torch.Tensor, directions: dict[str, Seq
                    batch_size: int = 256, max_level: int | None = None, info: dict[str, Any] | None = None
                    ) -> dict[str, Any]:
     """:func:`manipulate` along each of ``directions`` (``{name: per-level direction}``); writes
-    ``manipulate.json``, the summaries per attribute with ``info`` added, and returns it."""
+    ``manipulate.json``, the summaries per attribute with ``info`` added, and returns it. The
+    images are encoded once for all directions."""
+    eps = encode_eps(model, x_uint8, y, batch_size)
     per_attribute = {name: manipulate(model, x_uint8, d, out_dir, alphas=alphas, y=y, name=name,
-                                      batch_size=batch_size, max_level=max_level) for name, d in directions.items()}
+                                      batch_size=batch_size, max_level=max_level, eps=eps)
+                     for name, d in directions.items()}
     summary = {"tool": "manipulate", "alphas": [float(a) for a in alphas], **(info or {}),
                "attributes": per_attribute, "files": [f for s in per_attribute.values() for f in s["files"]]}
     write_json_atomic(Path(out_dir) / "manipulate.json", summary)

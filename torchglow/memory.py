@@ -56,7 +56,6 @@ from .config import MEMORY_MODES, ConfigError
 from .layers import ActNorm, logdet_dtype
 
 
-
 def check_memory_mode(mode: str, dropout: float = 0.0) -> str:
     """Return ``mode`` if it is one of :data:`MEMORY_MODES` and works with the coupling ``dropout``,
     else raise ValueError (ConfigError for the dropout conflict)."""

@@ -101,9 +101,6 @@ class _StopRequest:
         return self.signal is not None
 
 
-
-
-
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch)))
 
@@ -142,7 +139,6 @@ class _Data:
         n = len(self.dataset) if limit is None else min(limit, len(self.dataset))
         xs, ys = zip(*(self.dataset[i] for i in range(n)))
         return torch.stack(xs), torch.stack([torch.as_tensor(y) for y in ys])
-
 
 
 def default_run_dir(dataset: str) -> Path:
@@ -291,7 +287,7 @@ class TrainingRun:
 
     @property
     def max_steps(self) -> int:
-        return min(self.cfg.max_steps or math.inf, self.cfg.epochs * self.data.steps_per_epoch)
+        return _max_steps(self.cfg, self.data.steps_per_epoch)
 
     @property
     def out_of_time(self) -> bool:
@@ -376,12 +372,16 @@ def start_run(model_config: GlowConfig, cfg: TrainConfig, resume: bool, data: Tr
         where = f"resuming {out} at step {state['step']}" if resume else f"writing the run to {out}"
         print(f"torchglow train: {where} ({len(data.train)} training images, {data.steps_per_epoch} steps "
               f"per epoch, {cfg.epochs} epochs)", file=sys.stderr)
-    max_steps = min(cfg.max_steps or math.inf, cfg.epochs * data.steps_per_epoch)
-    bar = _progress(max_steps, state["step"], out.name, progress and rank == 0)
+    bar = _progress(_max_steps(cfg, data.steps_per_epoch), state["step"], out.name, progress and rank == 0)
     return TrainingRun(model_config, cfg, out, device, data, model, ema, trainer, step_fn, state, stop, bar,
                metrics_file=open(out / "metrics.jsonl", "a") if rank == 0 else None,
                tb=_tensorboard(out) if rank == 0 else None, segment_start=time.time(),
                last_read=(state["step"], time.time()))
+
+
+def _max_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Where the run ends: ``epochs`` full epochs, or ``max_steps`` when that comes first."""
+    return min(cfg.max_steps or math.inf, cfg.epochs * steps_per_epoch)
 
 
 def _run_folder(model_config: GlowConfig, cfg: TrainConfig, resume: bool, is_main: bool) -> Path:
@@ -688,7 +688,6 @@ def _last_error_line(text: str) -> str:
         return text
     line = lines[-1] if len(lines) > 1 else lines[0]
     return re.sub(r"^[\w.]*Error: ", "", line) if len(lines) > 1 else line
-
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):
