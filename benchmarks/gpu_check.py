@@ -75,24 +75,12 @@ def decode_jpeg_npz(src: Path, dst: Path, max_train: int | None = None, max_test
             "decode_seconds": time.perf_counter() - t0}
 
 
-def time_train(s: dict, batch: int, compile_mode: str = "regional") -> dict:
-    """Eager fp32 against the fast path in bf16, interleaved, at one batch size."""
-    dev = torch.device(s["device"])
-    fns = {}
-    for name, precision, fast in (("eager_fp32", "fp32", False), ("fast_bf16", "bf16", True)):
-        model, _, x_uint8, y = bench._build("cifar10", s["overrides"], batch, dev, precision, "none", 0)
-        fns[name] = bench._train_step_fn(model, x_uint8, y, precision, "none", fast, compile_mode)
-    times = bench._time(fns, dev, s["warmup"], s["repeats"])
-    out = {name: bench._stats(batch, t) for name, t in times.items()}
-    out["speedup"] = out["eager_fp32"]["seconds_median"] / out["fast_bf16"]["seconds_median"]
-    out["compile_seconds"] = out["fast_bf16"]["warmup_seconds"][0] - out["fast_bf16"]["seconds_median"]
-    return out
-
-
-def time_phase(s: dict, phase: str, batch: int) -> dict:
-    """Sampling or evaluation, eager against fast (fp32), interleaved."""
+def time_phase(s: dict, phase: str, batch: int, compile_mode: str = "regional") -> dict:
+    """Eager fp32 against the fast path, interleaved (``torchglow bench --compare``): training with
+    the fast step in bf16, sampling and evaluation in fp32."""
     r = bench._run_phase(phase, "cifar10", s["overrides"], batch, s["device"], "fp32", "none", False,
-                         s["warmup"], s["repeats"], 0, compare=True)
+                         s["warmup"], s["repeats"], 0, compare=True, compile_mode=compile_mode,
+                         fast_precision="bf16" if phase == "train" else None)
     return {k: r[k] for k in ("eager", "fast", "speedup", "compile_seconds")}
 
 
@@ -184,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     npz = work / "cifar10_jpegq75.npz"
     part("data", decode_jpeg_npz, Path(args.npz), npz, s["max_train"], s["max_test"])
     for batch in s["train_batches"]:
-        part(f"train_b{batch}", time_train, s, batch)
+        part(f"train_b{batch}", time_phase, s, "train", batch)
     part(f"sample_b{s['sample_batch']}", time_phase, s, "sample", s["sample_batch"])
     part(f"eval_b{s['eval_batch']}", time_phase, s, "eval", s["eval_batch"])
     for memory in ("none", "invertible"):
@@ -194,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         if "run" in report:
             part("curve", plot_curve, out / "run", out / "curve.png")
     if not args.smoke and time.perf_counter() - started < args.whole_after:
-        part("train_whole_b64", time_train, s, 64, "whole")
+        part("train_whole_b64", time_phase, s, "train", 64, "whole")
     report["total_seconds"] = time.perf_counter() - started
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k in ("errors", "total_seconds")}, indent=2))

@@ -38,10 +38,10 @@ def test_gpu_check_smoke(tmp_path):
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["errors"] == {}
     assert report["data"] == {**report["data"], "images": 52, "train": 40, "test": 12}
-    for batch in (4, 8):
-        r = report[f"train_b{batch}"]
-        assert r["speedup"] == r["eager_fp32"]["seconds_median"] / r["fast_bf16"]["seconds_median"]
-    assert set(report["sample_b8"]) == {"eager", "fast", "speedup", "compile_seconds"}
+    for part in ("train_b4", "train_b8", "sample_b8"):
+        r = report[part]
+        assert set(r) == {"eager", "fast", "speedup", "compile_seconds"}
+        assert r["speedup"] == r["eager"]["seconds_median"] / r["fast"]["seconds_median"]
     summary = report["run"]["summary"]
     assert summary["finished"] and summary["test_bpd"] is not None and summary["steps"] > 0
     assert report["run"]["train_config"]["fast"] and report["run"]["train_config"]["precision"] == "bf16"
