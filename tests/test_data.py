@@ -264,7 +264,7 @@ def test_image_folder_classes_split_and_corrupt_file(tmp_path):
         test = load_dataset(f"folder:{tmp_path}", "test", image_size=8)
     assert len(caught) == 1 and "1 unreadable" in str(caught[0].message) and "broken.png" in str(caught[0].message)
     assert isinstance(train, ImageFileDataset) and train.class_names == ["cat", "dog"]
-    assert len(train) + len(test) == 60 and len(test) in (2, 3)  # 61 files: 3 in test, before dropping broken.png
+    assert len(train) + len(test) == 60 and len(test) in (5, 6)  # 61 files: 6 in test, before dropping broken.png
     assert set(train.paths).isdisjoint(test.paths)
     for dataset in (train, test):
         for index in range(len(dataset)):
@@ -278,7 +278,7 @@ def test_flat_image_folder_is_unlabelled_and_reads_all_formats(tmp_path):
     for i, fmt in enumerate(["png", "jpeg", "bmp", "webp", "gif"] * 4):
         write_image(tmp_path / f"{i:02d}.{fmt}", size=(20, 12), value=100, fmt=fmt)
     train = load_dataset(str(tmp_path), image_size=6, channels=1)
-    assert_image_dataset(train, 19, (1, 6, 6), [-1] * 19)
+    assert_image_dataset(train, 18, (1, 6, 6), [-1] * 18)  # 20 files, 10% of them in the test split
     assert train.num_classes is None and train.class_names is None
     assert all(train[i][0].float().mean().item() == pytest.approx(100, abs=3) for i in range(len(train)))
 
@@ -289,16 +289,14 @@ def test_image_folder_errors(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"")
     with pytest.warns(UserWarning), pytest.raises(DatasetError, match="no readable images"):
         load_dataset(str(tmp_path), image_size=8)
-    with pytest.raises(DatasetError, match="image_size is required"):
-        load_dataset(str(tmp_path))
-    for i in range(19):  # too few files for a test split (5%, rounded down)
+    for i in range(9):  # too few files for a test split (10%, rounded down)
         write_image(tmp_path / "small" / f"{i}.png")
-    assert len(load_dataset(str(tmp_path / "small"), "train", image_size=8)) == 19
-    with pytest.raises(DatasetError, match="test split.*it has 19, at least 20 are needed"):
+    assert len(load_dataset(str(tmp_path / "small"), "train", image_size=8)) == 9
+    with pytest.raises(DatasetError, match="test split.*10% of its images .seed 0.* it has 9, at least 10 are needed"):
         load_dataset(str(tmp_path / "small"), "test", image_size=8)
-    write_image(tmp_path / "small" / "19.png")
+    write_image(tmp_path / "small" / "9.png")
     assert len(load_dataset(str(tmp_path / "small"), "test", image_size=8)) == 1
-    with pytest.raises(DatasetError, match="does not exist"):
+    with pytest.raises(DatasetError, match="no such folder .*missing"):
         load_dataset(f"folder:{tmp_path / 'missing'}", image_size=8)
 
 
@@ -375,11 +373,11 @@ def test_truncated_image_is_named(capsys, tmp_path):
 
 
 def test_data_set_smaller_than_the_batch(capsys, tmp_path):
-    folder = image_folder(tmp_path / "imgs", 21)  # 20 training images, 1 test image
+    folder = image_folder(tmp_path / "imgs", 21)  # 19 training images, 2 test images
     rc, _, err = cli(capsys, "train", "--dataset", folder, "--out", tmp_path / "run", *FOLDER_MODEL,
                      "--batch-size", "32")
-    assert_one_error_line(rc, err, "has 20 images, fewer than --batch-size 32")
-    # under 20 images the 5% test split is empty
+    assert_one_error_line(rc, err, "has 19 images, fewer than --batch-size 32")
+    # under 10 images the 10% test split is empty
     small = image_folder(tmp_path / "small", 5)
     rc, _, err = cli(capsys, "train", "--dataset", small, "--out", tmp_path / "run", *FOLDER_MODEL)
     assert_one_error_line(rc, err, small, "no readable images in its test split")
@@ -499,7 +497,7 @@ def test_failed_download_leaves_no_folder(tmp_path, monkeypatch):
 
 
 def test_unknown_name():
-    with pytest.raises(DatasetError, match="unknown data set 'no-such-set': choose one of digits, mnist"):
+    with pytest.raises(DatasetError, match=r"unknown data set 'no-such-set' \(and no such folder\): choose one of digits, mnist"):
         load_dataset("no-such-set")
     with pytest.raises(DatasetError, match="did you mean 'fashion-mnist'"):
         check_dataset_name("fashion_mnist")
@@ -521,7 +519,7 @@ def test_pick_indices_and_take(tmp_path):
     assert torch.equal(images, digits.images[[4, 0]]) and torch.equal(labels, digits.labels[[4, 0]])
     for i in range(3):
         write_image(tmp_path / f"{i}.png", value=50 * i)
-    folder = load_dataset(str(tmp_path), image_size=4)
+    folder = load_dataset(str(tmp_path), "all", image_size=4)
     images, labels = folder.take([2, 0])
     assert images.shape == (2, 3, 4, 4) and images[0, 0, 0, 0] == 100 and images[1, 0, 0, 0] == 0
     assert labels.tolist() == [-1, -1]

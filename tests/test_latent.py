@@ -211,7 +211,8 @@ def test_attribute_labels_from_a_dataset():
 
 def test_cli_sample_warns_about_non_finite_pixels(capsys, tmp_path, monkeypatch):
     """`sample --temperatures 5 50`: a NumericalHealthWarning counting the inf/NaN values of the
-    row that overflowed (the same count as samples.json), none for the finite row."""
+    row that overflowed (the same count as samples.json); the finite row, mostly clipped, one
+    saying so."""
     from torchglow import health
 
     monkeypatch.setattr(health, "_warned", set())
@@ -222,8 +223,10 @@ def test_cli_sample_warns_about_non_finite_pixels(capsys, tmp_path, monkeypatch)
     assert rc == 0
     per_t = json.loads((tmp_path / "s" / "grid.json").read_text())["per_temperature"]
     assert per_t["5"]["nonfinite"] == 0 and per_t["50"]["nonfinite"] > 0
-    assert [str(w.message).split(":")[0] for w in record] == ["samples at T=50"]
-    assert f"{per_t['50']['nonfinite']} of 128 values are inf/NaN" in str(record[0].message)
+    assert per_t["5"]["clipped_fraction"] > 0.5
+    assert [str(w.message).split(":")[0] for w in record] == ["samples at T=5", "samples at T=50"]
+    assert "of the values lie outside the image range and are clipped" in str(record[0].message)
+    assert f"{per_t['50']['nonfinite']} of 128 values are inf/NaN" in str(record[1].message)
 
 
 class _Data:

@@ -102,7 +102,9 @@ def test_resume_errors(capsys, tmp_path, tiny_run):
     # stopped before its first checkpoint
     (other / "last.pt").unlink()
     rc, _, err = cli(capsys, "train", "--resume", other)
-    assert_one_error_line(rc, err, "no last.pt", "without --resume")
+    assert_one_error_line(rc, err, "no last.pt", f"--out {other} --overwrite")
+    rc, _, err = cli(capsys, "train", "--out", other)  # and without --resume: the message says how
+    assert_one_error_line(rc, err, "before its first checkpoint", "--overwrite")
     # a config.json that is not one
     (other / "config.json").write_text("{not json")
     rc, _, err = cli(capsys, "train", "--resume", other)
@@ -494,7 +496,8 @@ def test_ctrl_c_exits_130_with_the_resume_command(tmp_path, capsys, monkeypatch)
     rc = cli.main(["train", "--n-steps", "2", "--hidden-channels", "16", "--epochs", "1", "--batch-size", "32",
                    "--init-images", "64", "--device", "cpu", "--num-workers", "0", "--out", str(run)])
     assert rc == 130
-    assert f"resume with: torchglow train --resume {run}" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert (captured.out + captured.err).count(f"resume with: torchglow train --resume {run}") == 1
     assert load_checkpoint(run / "last.pt")["state"]["step"] == 3
 
 

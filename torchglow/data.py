@@ -764,7 +764,7 @@ def infer_image_shape(folder: str | Path, headers: Sequence[tuple[tuple[int, int
         raise DatasetError(f"image folder {folder} has no readable images")
     sizes = Counter(size for size, _ in readable)
     (width, height), count = sizes.most_common(1)[0]
-    channels = 1 if all(mode in GREY_MODES for _, mode in readable) else 3
+    channels = _channels(readable)
     if width != height or 2 * count <= len(readable):
         found = (f"{len(sizes)} image sizes, the most common {width}x{height} in {count} of {len(readable)} images"
                  if len(sizes) > 1 else f"every image is {width}x{height}, not square")
@@ -774,6 +774,11 @@ def infer_image_shape(folder: str | Path, headers: Sequence[tuple[tuple[int, int
             f"image folder {folder}: cannot infer the image size ({found}); pass --image-shape {channels} S S "
             f"to centre-crop and resize every image to S x S")
     return channels, width, width
+
+
+def _channels(headers: Sequence[tuple[tuple[int, int], str]]) -> int:
+    """1 when every image is grey, else 3 (grey images repeat into RGB without loss)."""
+    return 1 if headers and all(mode in GREY_MODES for _, mode in headers) else 3
 
 
 def _load_image_folder(
@@ -792,10 +797,13 @@ def _load_image_folder(
     labels = torch.cat([layout.labels[s] for s in splits])
     n_files = len(paths)
     headers = _headers(paths)
-    if image_size is None or channels is None:
+    if image_size is None or channels is None:  # read from every image of the folder, so all splits agree
         all_headers = headers if split == "all" else _headers([p for s in layout.read_order() for p in layout.files[s]])
-        inferred_c, inferred_size, _ = infer_image_shape(folder, all_headers)
-        image_size, channels = image_size or inferred_size, channels or inferred_c
+        if image_size is None:
+            inferred_channels, image_size, _ = infer_image_shape(folder, all_headers)
+        else:
+            inferred_channels = _channels([h for h in all_headers if h is not None])
+        channels = channels or inferred_channels
     readable = [h is not None for h in headers]
     unreadable = [path for path, ok in zip(paths, readable) if not ok]
     if unreadable:

@@ -367,7 +367,7 @@ def select_attributes(names: Sequence[str], wanted: Sequence[str] | None, where:
 
 def _class_index(dataset, cls: int | str) -> int:
     """The label of class ``cls`` of ``dataset``: a class name, or its index (an int or digits)."""
-    names = dataset.class_names or []
+    names = getattr(dataset, "class_names", None) or []
     if isinstance(cls, str) and cls in names:
         return names.index(cls)
     if isinstance(cls, int) or str(cls).isdigit():
@@ -416,7 +416,8 @@ def labels_for(dataset, index, classes: Sequence[int | str] | None = None, csv_p
         indices = [_class_index(dataset, c) for c in classes]
         labels = torch.as_tensor(dataset.labels)[index]
         columns = [binary_labels_from_classes(labels, c)[0] for c in dict.fromkeys(indices)]
-        names = [f"class_{dataset.class_names[c] if dataset.class_names else c}" for c in dict.fromkeys(indices)]
+        class_names = getattr(dataset, "class_names", None)
+        names = [f"class_{class_names[c] if class_names else c}" for c in dict.fromkeys(indices)]
         return torch.cat(columns, 1), names, f"classes of {dataset.name}"
     if csv_path is not None:
         labels, names = labels_from_csv(csv_path, image_ids(dataset))
@@ -604,7 +605,5 @@ def manipulate_all(model: Glow, x_uint8: torch.Tensor, directions: dict[str, Seq
                      for name, d in directions.items()}
     summary = {"tool": "manipulate", "alphas": [float(a) for a in alphas], **(info or {}),
                "attributes": per_attribute, "files": [f for s in per_attribute.values() for f in s["files"]]}
-    json_path = Path(out_dir) / f"manipulate{suffix}.json"
-    summary["files"].append(str(json_path))
-    write_json_atomic(json_path, summary)
+    write_json_atomic(Path(out_dir) / f"manipulate{suffix}.json", summary)
     return summary
