@@ -318,9 +318,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from .train import load_run_configs, summary_text, train
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config", "resume", "preset", "threads")}
-    command = shlex.join(["torchglow", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("torchglow", "__main__.py") \
-        else None
+    given = {k: v for k, v in vars(args).items()
+             if k not in ("command", "func", "config", "resume", "preset", "threads", "argv")}
+    command = shlex.join(["torchglow", *args.argv])
     if args.resume:
         model_config, train_config = load_run_configs(args.resume)
         if args.preset or args.config or any(k in {f.name for f in dataclasses.fields(GlowConfig)} for k in given):
@@ -705,7 +705,9 @@ def main(argv: list[str] | None = None) -> int:
     from .train import TrainingError
 
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # the command line, for the run's config.json and model card
     if args.command != "bench":  # bench sets its own threads (and records them)
         set_threads(args.threads)
     prefix = f"torchglow {args.command}"

@@ -792,6 +792,11 @@ def _load_image_folder(
     layout = folder_layout(folder)
     if split not in layout.files and split != "all":
         raise DatasetError(f"image folder {folder} has no {split} split (no {split}/ subfolder)")
+    if layout.ignored:
+        read = sorted({files[0].relative_to(folder).parts[0] + "/" for files in layout.files.values() if files})
+        warnings.warn(f"image folder {folder}: read as the splits {', '.join(read)}; "
+                      f"not read: {', '.join(layout.ignored[:5])}{', ...' if len(layout.ignored) > 5 else ''}",
+                      stacklevel=3)
     splits = layout.read_order() if split == "all" else [split]
     paths = [path for s in splits for path in layout.files[s]]
     labels = torch.cat([layout.labels[s] for s in splits])

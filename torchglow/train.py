@@ -251,8 +251,9 @@ def load_data(model_config: GlowConfig, cfg: TrainConfig, device: torch.device) 
         raise ConfigError(f"--num-classes {model_config.num_classes} makes the model class-conditional, "
                           f"but data set {train_set.name} has no labels")
     if conditional and train_set.num_classes != model_config.num_classes:
-        raise ConfigError(f"data set {train_set.name} has {train_set.num_classes} classes "
-                          f"({_class_list(train_set.class_names)}) but --num-classes is {model_config.num_classes}: "
+        found = _class_list(train_set.class_names) if train_set.class_names else \
+            plural(train_set.num_classes, "class", "classes")
+        raise ConfigError(f"data set {train_set.name} has {found}, but --num-classes is {model_config.num_classes}: "
                           f"pass --num-classes {train_set.num_classes}")
     train_data, test_data = _Data(train_set, device, cfg.num_workers), _Data(test_set, device, cfg.num_workers)
     test_images, test_labels = test_data.all()
