@@ -14,7 +14,10 @@ svhn            (3, 32, 32)  ``train_32x32.mat``, ``test_32x32.mat``
 celeba          (3, 64, 64)  ``celeba/img_align_celeba/``, ``list_attr_celeba.txt``,
                              ``list_eval_partition.txt`` (loaded lazily, 40 binary attributes)
 imagenet32/64   (3, s, s)    ``*train_data_batch_*.npz`` and ``val_data.npz`` anywhere below
-a folder path   (3, s, s)    any images below it (loaded lazily); ``image_size`` is required
+a folder path   (c, s, s)    any images below it (loaded lazily): ``train/``, ``test/``, ``val/``
+                             subfolders are splits, the subfolders below them (or of a flat
+                             folder) classes (:class:`FolderLayout`); the shape is read from the
+                             images unless given (:func:`infer_image_shape`)
 =============== ============ ======================================================================
 
 Where the files are: ``data_dir``, or by default ``~/.cache/torchglow/<name>``; the environment
@@ -30,7 +33,8 @@ torchvision download, other layouts of the same files (a Debian package, gzip-co
 and the small files the tests write.
 
 Sets that fit in memory are :class:`TensorImageDataset` (the trainer moves ``.images`` to the GPU);
-CelebA and image folders are :class:`ImageFileDataset`, which decodes one file per item.
+CelebA and image folders are :class:`ImageFileDataset`, which decodes one file per item. Every data
+set gives images and labels with :meth:`ImageDataset.take`.
 """
 
 from __future__ import annotations

@@ -143,7 +143,8 @@ class _Data:
 
 
 def default_run_dir(dataset: str) -> Path:
-    stem = Path(dataset).stem if Path(dataset).exists() else dataset
+    path = Path(dataset.removeprefix("folder:"))
+    stem = path.stem if path.exists() else dataset
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
