@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .config import PRESETS, ConfigError, GlowConfig
+from .config import PRESETS, ConfigError, GlowConfig, TrainConfig
 from .threads import add_threads_option, set_threads
 
 EXIT_USAGE = 2
@@ -193,14 +193,14 @@ OWN_DATA_TRAIN = dict(epochs=100, lr=1e-3, weight_decay=0.0)
 OWN_DATA_WARMUP_EPOCHS = 10  # the official warm-up: 10 epochs of the data set's training images
 
 
-def build_configs(values: dict[str, Any], preset_name: str | None) -> tuple[GlowConfig, Any, str]:
+def build_configs(values: dict[str, Any], preset_name: str | None) -> tuple[GlowConfig, TrainConfig, str]:
     """Split option values between the model and training configs, over the defaults: the preset's,
     or for a folder or ``.npz`` data set without a preset, the digits model with
     :data:`OWN_DATA_MODEL` and :data:`OWN_DATA_TRAIN`, the image shape read from the data
     (:func:`torchglow.data.infer_image_shape`) unless given. Returns the configs and a line saying
     where they come from. CLIError for a data source that cannot work with them
     (:func:`check_data_source`)."""
-    from .config import TRAIN_PRESETS, TrainConfig
+    from .config import TRAIN_PRESETS
 
     model_fields = {f.name for f in dataclasses.fields(GlowConfig)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -248,7 +248,6 @@ def _own_data_defaults(dataset: str, values: dict[str, Any], model_fields: set[s
                        ) -> tuple[dict[str, Any], dict[str, Any], str]:
     """Model and training values for a folder or ``.npz`` file without a preset, and the words for
     them: the image shape from the data unless given, the warm-up 10 epochs of its training images."""
-    from .config import TRAIN_PRESETS
     from .data import DatasetError, folder_layout, infer_image_shape, load_npz
 
     try:
@@ -261,16 +260,15 @@ def _own_data_defaults(dataset: str, values: dict[str, Any], model_fields: set[s
             shape = infer_image_shape(folder) if "image_shape" not in values else None
     except DatasetError as e:
         raise CLIError(f"--dataset: {e.cli_message}") from None
-    digits = TRAIN_PRESETS["digits"]
     model_values = {**PRESETS["digits"], **OWN_DATA_MODEL, **({"image_shape": shape} if shape else {}),
                     **{k: v for k, v in values.items() if k in model_fields}}
-    train_values = {"batch_size": digits["batch_size"], **OWN_DATA_TRAIN,
-                    "warmup_images": OWN_DATA_WARMUP_EPOCHS * n_train,
+    train_values = {**OWN_DATA_TRAIN, "warmup_images": OWN_DATA_WARMUP_EPOCHS * n_train,
                     **{k: v for k, v in values.items() if k in train_fields}}
-    given = "image_shape" in values
-    how = "image shape given" if given else "image shape read from the images (--image-shape to change it)"
-    defaults = (f"{how}; defaults for your own images: the digits preset's model (L=2, K=12, width 64) at 8 bits, "
-                f"no dropout or weight decay, lr 1e-3, warm-up {OWN_DATA_WARMUP_EPOCHS} epochs, "
+    how = "image shape given" if "image_shape" in values else "image shape read from the images (--image-shape to change it)"
+    digits = PRESETS["digits"]
+    defaults = (f"{how}; defaults for your own images: the digits preset's model (L={digits['n_levels']}, "
+                f"K={digits['n_steps']}, width {digits['hidden_channels']}) at {OWN_DATA_MODEL['n_bits']} bits, "
+                f"no dropout or weight decay, lr {OWN_DATA_TRAIN['lr']:g}, warm-up {OWN_DATA_WARMUP_EPOCHS} epochs, "
                 f"{OWN_DATA_TRAIN['epochs']} epochs (--preset NAME for a preset's, e.g. --preset digits for its "
                 f"regularisers)")
     return model_values, train_values, defaults
@@ -584,7 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("train", cmd_train, "train a Glow (default: the digits preset on scikit-learn's digits, CPU)",
                 "Train a Glow. Precedence: defaults < --preset < --config < flags. The defaults shown are the "
-                "digits preset's; --preset NAME brings its own.")
+                "digits preset's; --preset NAME brings its own. A folder of images or an .npz file without --preset: "
+                "the digits model at 8 bits without its dropout and weight decay, lr 1e-3, 100 epochs, the image "
+                "shape read from the images; the run's first line says what applies.")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="model and training defaults (digits)")
     p.add_argument("--config", help="YAML or JSON file of options (flat, or under model:/train:)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")

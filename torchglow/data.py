@@ -358,7 +358,7 @@ def check_dataset_name(name: str) -> str:
         return name
     close = difflib.get_close_matches(name.lower(), DATASETS, n=1)
     path_like = name.startswith((".", "~")) or os.sep in name or "/" in name
-    if path_like or (not close and missing_folder_error(name).args[0].endswith("?")):
+    if path_like or (not close and _closest_folder(Path(name).expanduser()) is not None):
         raise missing_folder_error(name)
     hint = f"did you mean {close[0]!r}? " if close else ""
     raise DatasetError(f"unknown data set {name!r} (and no such folder): {hint}choose one of {', '.join(DATASETS)}, "
@@ -743,12 +743,18 @@ def _class_folder(root: Path, path: Path) -> str | None:
 def missing_folder_error(folder: str | Path) -> DatasetError:
     """"no such folder", with the closest folder beside it (difflib) when there is one."""
     folder = Path(folder).expanduser()
+    close = _closest_folder(folder)
+    hint = f": did you mean {str(close)!r}?" if close else ("" if folder.parent.is_dir() else
+                                                            f" (nor is there a folder {folder.parent})")
+    return DatasetError(f"no such folder {str(folder)!r}{hint}")
+
+
+def _closest_folder(folder: Path) -> Path | None:
+    """The folder beside ``folder`` whose name is closest to its name (difflib), if any is close."""
     parent = folder.parent
     siblings = [p.name for p in parent.iterdir() if p.is_dir()] if parent.is_dir() else []
     close = difflib.get_close_matches(folder.name, siblings, n=1, cutoff=0.6)
-    hint = f": did you mean {str(parent / close[0])!r}?" if close else ("" if parent.is_dir() else
-                                                                         f" (nor is there a folder {parent})")
-    return DatasetError(f"no such folder {str(folder)!r}{hint}")
+    return parent / close[0] if close else None
 
 
 def infer_image_shape(folder: str | Path, headers: Sequence[tuple[tuple[int, int], str] | None] | None = None
@@ -881,7 +887,7 @@ def load_npz(path: str | Path, split: str = "train", seed: int = 0) -> TensorIma
 
     The split: the file's ``split`` array (0 train, 1 test) when it has one; else, for
     ``NAME_train.npz``, the test set is ``NAME_test.npz`` beside it; else a seeded 95/5 split
-    (:func:`_split_indices`, as image folders)."""
+    (:func:`_split_indices` with ``seed``, :data:`NPZ_TEST_FRACTION` in the test split)."""
     path = Path(path).expanduser()
     keys = _npz_keys(path)
     if split == "test" and "split" not in keys and path.stem.endswith("_train"):

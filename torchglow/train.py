@@ -407,6 +407,7 @@ def plural(n: int, word: str, many: str | None = None) -> str:
 
 
 def _class_list(names: list[str] | None, limit: int = 10) -> str:
+    """``2 classes: cat, ship`` (the first ``limit`` names), or ``unlabelled``."""
     if not names:
         return "unlabelled"
     shown = ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
