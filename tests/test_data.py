@@ -598,7 +598,8 @@ def test_failed_download_leaves_no_folder(tmp_path, monkeypatch):
 
 
 def test_unknown_name():
-    with pytest.raises(DatasetError, match=r"unknown data set 'no-such-set' \(and no such folder\): choose one of digits, mnist"):
+    with pytest.raises(DatasetError,
+                       match=r"unknown data set 'no-such-set' \(and no such folder\): choose one of digits, mnist"):
         load_dataset("no-such-set")
     with pytest.raises(DatasetError, match="did you mean 'fashion-mnist'"):
         check_dataset_name("fashion_mnist")

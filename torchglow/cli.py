@@ -264,7 +264,8 @@ def _own_data_defaults(dataset: str, values: dict[str, Any], model_fields: set[s
                     **{k: v for k, v in values.items() if k in model_fields}}
     train_values = {**OWN_DATA_TRAIN, "warmup_images": OWN_DATA_WARMUP_EPOCHS * n_train,
                     **{k: v for k, v in values.items() if k in train_fields}}
-    how = "image shape given" if "image_shape" in values else "image shape read from the images (--image-shape to change it)"
+    how = ("image shape given" if "image_shape" in values
+           else "image shape read from the images (--image-shape to change it)")
     digits = PRESETS["digits"]
     defaults = (f"{how}; defaults for your own images: the digits preset's model (L={digits['n_levels']}, "
                 f"K={digits['n_steps']}, width {digits['hidden_channels']}) at {OWN_DATA_MODEL['n_bits']} bits, "

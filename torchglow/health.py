@@ -167,7 +167,8 @@ def frame_stats(x: torch.Tensor) -> dict[str, Any]:
     broken = ~finite.all(1)
     clipped = ((flat < -0.5) | (flat >= 0.5)) & finite
     mostly_clipped = (clipped.float().mean(1) > CLIP_WARN) & ~broken
-    return {"frames": int(x.shape[0]), "nonfinite_frames": int(broken.sum()), "clipped_frames": int(mostly_clipped.sum())}
+    return {"frames": int(x.shape[0]), "nonfinite_frames": int(broken.sum()),
+            "clipped_frames": int(mostly_clipped.sum())}
 
 
 def check_frames(x: torch.Tensor, context: str) -> dict[str, Any]:

@@ -284,7 +284,8 @@ def _table(rows: list[tuple[str, str, dict[str, float]]], few: set[tuple[str, st
     lines = [f"{'OOD set':<{w1}}  {'score':<{w2}}  {'AUROC':>6}  {'AUPR':>6}  {'FPR@95':>6}"]
     for name, score, m in rows:
         mark = "  *" if (name, score) in few else ""
-        lines.append(f"{name:<{w1}}  {score:<{w2}}  {m['auroc']:6.3f}  {m['aupr']:6.3f}  {m['fpr_at_95_tpr']:6.3f}{mark}")
+        lines.append(f"{name:<{w1}}  {score:<{w2}}  {m['auroc']:6.3f}  {m['aupr']:6.3f}  "
+                     f"{m['fpr_at_95_tpr']:6.3f}{mark}")
     if few:
         lines.append(f"* from fewer than {MIN_SCORES} scores on one side (images, or batches of M for typicality): "
                      f"noisy; score more images (--in-split all, --max-images 0)")
