@@ -137,10 +137,11 @@ def sample_stats(x: torch.Tensor) -> dict[str, Any]:
 _warned: set[str] = set()
 
 
-def check_samples(x: torch.Tensor, context: str = "samples") -> dict[str, Any]:
+def check_samples(x: torch.Tensor, context: str = "samples", warn_clipped: bool = False) -> dict[str, Any]:
     """:func:`sample_stats` of ``x``; warns once per ``context`` (a :class:`NumericalHealthWarning`)
-    when some values are inf or NaN, which ``to_uint8`` would silently turn into black or white, and
-    when more than :data:`CLIP_WARN` of the values are clipped (a temperature too high)."""
+    when some values are inf or NaN, which ``to_uint8`` would silently turn into black or white, and,
+    with ``warn_clipped`` (the sample grids a person asked for), when more than :data:`CLIP_WARN` of
+    the values are clipped (a temperature too high)."""
     stats = sample_stats(x)
     if stats["nonfinite"] and context not in _warned:
         _warned.add(context)
@@ -149,7 +150,7 @@ def check_samples(x: torch.Tensor, context: str = "samples") -> dict[str, Any]:
             f"temperature, or the model's coupling scales have collapsed); they show as black/white pixels",
             NumericalHealthWarning, stacklevel=2,
         )
-    elif stats["clipped_fraction"] > CLIP_WARN and context + " clipped" not in _warned:
+    elif warn_clipped and stats["clipped_fraction"] > CLIP_WARN and context + " clipped" not in _warned:
         _warned.add(context + " clipped")
         warnings.warn(
             f"{context}: {stats['clipped_fraction']:.0%} of the values lie outside the image range and are clipped "
