@@ -219,3 +219,30 @@ def test_init_from_another_model_config(capsys, tmp_path, tiny_run):
     rc, _, err = cli(capsys, "train", "--init-from", tiny_run, "--out", tmp_path / "run",
                      "--n-steps", "2", "--hidden-channels", "8", "--device", "cpu")
     assert_one_error_line(rc, err, f"--init-from {tiny_run}", "another model config", "hidden_channels 16 vs 8")
+
+
+def test_atomic_writes_honour_the_umask(tmp_path):
+    """mkstemp makes 0600 files; a checkpoint and a JSON file get 0o666 & ~umask, as open() gives."""
+    import os
+
+    from torchglow.checkpoint import atomic_save
+    from torchglow.files import default_file_mode, write_json_atomic
+
+    old = os.umask(0o027)
+    try:
+        assert default_file_mode() == 0o640
+        atomic_save({"a": 1}, tmp_path / "c.pt")
+        write_json_atomic(tmp_path / "s.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert os.umask(old) == old  # default_file_mode left the umask as it was
+    for name in ("c.pt", "s.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
+
+
+def test_brief_messages_end_on_a_whole_word():
+    from torchglow.checkpoint import _brief
+
+    text = _brief(RuntimeError("word " * 60), limit=50)
+    assert len(text) <= 50 and text.endswith("word...")
+    assert _brief(ValueError("First sentence. Second one.")) == "First sentence"

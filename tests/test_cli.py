@@ -429,8 +429,9 @@ def test_skipped_images_are_one_warning_line(run, tmp_path):
                            "--typicality-m", "2", "--device", "cpu", "--out", tmp_path / "o"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    (line,) = proc.stderr.strip().splitlines()
-    assert line.startswith(f"torchglow ood: warning: image folder {folder}: skipped 1 unreadable"), line
+    lines = proc.stderr.strip().splitlines()  # the skipped file, then the caveat of 4 OOD images
+    assert len(lines) == 2 and all(line.startswith("torchglow ood: warning: ") for line in lines), lines
+    assert lines[0].startswith(f"torchglow ood: warning: image folder {folder}: skipped 1 unreadable"), lines
 
 
 def test_missing_data_set_names_the_download_option(run, capsys, tmp_path):
@@ -475,3 +476,142 @@ def test_bench_subcommand_writes_json(tmp_path, capsys):
     r = json.loads((tmp_path / "tiny.json").read_text())
     assert r["sample_images_per_s"] > 0 and r["config"]["n_steps"] == 2 and "train" not in r
     assert str(tmp_path / "tiny.json") in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ your own images: a folder run
+TINY_FOLDER = ["--n-steps", "1", "--hidden-channels", "8", "--epochs", "1", "--batch-size", "8", "--init-images", "8",
+               "--sample-temperatures", "0", "1", "--device", "cpu", "--num-workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory, one_thread):
+    """A tiny run on ``cats_and_ships/{train,test}/{cat,ship}/`` (8x8 PNGs and JPEGs), started from
+    the folder's parent with relative paths, as a user would; (run, folder, stderr of the run)."""
+    import os
+
+    from tool_checks import split_folder
+
+    root = tmp_path_factory.mktemp("own")
+    split_folder(root / "cats_and_ships")
+    cwd = os.getcwd()
+    os.chdir(root)
+    old_umask = os.umask(0o022)
+    try:
+        import contextlib
+        import io
+
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()) as out:
+            rc = cli.main(["train", "--dataset", "cats_and_ships", "--out", "run", *TINY_FOLDER])
+    finally:
+        os.umask(old_umask)
+        os.chdir(cwd)
+    assert rc == 0, err.getvalue()
+    return root / "run", root / "cats_and_ships", err.getvalue(), out.getvalue()
+
+
+def test_a_folder_run_says_what_it_trains_on(folder_run):
+    """The first line: data, shape read from the images, bits, classes, images per split and the
+    defaults for own images, which are not the digits preset's regularisers."""
+    run, folder, err, out = folder_run
+    first = err.splitlines()[0]
+    for part in (f"data {folder}:", "3x8x8 images at 8 bits", "2 classes: cat, ship", "24 train / 8 test images",
+                 "image shape read from the images", "no dropout or weight decay", "--preset digits"):
+        assert part in first, (part, first)
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["n_bits"] == 8 and config["model"]["dropout"] == 0.0
+    assert config["train"]["weight_decay"] == 0.0 and config["train"]["lr"] == 1e-3
+    assert config["train"]["warmup_images"] == 10 * 24 and config["train"]["dataset"] == str(folder)
+    assert config["command"].startswith("torchglow train --dataset cats_and_ships --out run")
+    assert "3 steps per epoch, 1 epoch)" in err and "after 1 epoch, 3 steps" in out
+    assert "scored with the EMA of the weights" in out
+
+
+def test_own_data_defaults_and_presets(tmp_path):
+    """--preset digits asks for the digits preset as it is; --image-shape is kept; an .npz file gets
+    the own-data defaults too; a shape that does not fit the levels names --image-shape."""
+    from tool_checks import split_folder
+
+    folder = str(split_folder(tmp_path / "cs"))
+    model, train, defaults = cli.build_configs({"dataset": folder}, "digits")
+    assert (model.n_bits, model.dropout, train.weight_decay, model.image_shape) == (5, 0.2, 0.3, (1, 8, 8))
+    assert defaults == "defaults: the digits preset's"
+    model, train, _ = cli.build_configs({"dataset": folder, "image_shape": (1, 16, 16)}, None)
+    assert model.image_shape == (1, 16, 16) and model.n_bits == 8 and train.epochs == 100
+    import numpy as np
+
+    np.savez(tmp_path / "a.npz", x=np.zeros((40, 4, 4), dtype=np.uint8), y=np.zeros(40))
+    model, train, _ = cli.build_configs({"dataset": str(tmp_path / "a.npz")}, None)
+    assert model.image_shape == (1, 4, 4) and train.warmup_images == 10 * 38 and model.dropout == 0.0
+    with pytest.raises(cli.CLIError, match="read from the images of .*pass --image-shape"):
+        cli.build_configs({"dataset": folder, "n_levels": 4}, None)
+
+
+def test_a_folder_run_files_card_and_modes(folder_run):
+    """Files 0644 under umask 022 (atomic writes and safetensors make 0600); the model card names
+    the data set, the test bits/dim and the command."""
+    run, folder, _, _ = folder_run
+    for name in ("config.json", "summary.json", "last.pt", "best.pt", "model/model.safetensors", "model/config.json",
+                 "init/model.safetensors"):
+        assert (run / name).stat().st_mode & 0o777 == 0o644, name
+    card = (run / "model" / "README.md").read_text()
+    test_bpd = json.loads((run / "summary.json").read_text())["test_bpd"]
+    assert str(folder) in card and f"{test_bpd:.4f}" in card and "torchglow train --dataset cats_and_ships" in card
+
+
+def test_tools_on_a_folder_run_from_another_directory(folder_run, capsys, tmp_path, monkeypatch):
+    """The run stores the folder's absolute path: the tools work from anywhere; --split all scores
+    every image (with the caveat of fewer than 100); a moved folder says so."""
+    run, folder, _, _ = folder_run
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match="rests on 8 image.*fewer than 100"):
+        code, out, _ = call(capsys, "evaluate", run, "--device", "cpu")
+    assert code == 0 and json.loads(out)["images"] == 8 and "caveat" in json.loads(out)
+    with pytest.warns(UserWarning, match="rests on 32 image"):
+        code, out, _ = call(capsys, "evaluate", run, "--device", "cpu", "--split", "all")
+    assert json.loads(out)["images"] == 32
+    code, out, _ = call(capsys, "evaluate", run, "--device", "cpu", "--dataset", folder / "test", "--split", "all")
+    assert json.loads(out)["images"] == 8  # test/ given as a folder of its own: its classes, all of it
+    moved = folder.with_name("moved")
+    folder.rename(moved)
+    try:
+        code, _, err = call(capsys, "evaluate", run, "--device", "cpu")
+        assert_one_error_line(code, err, f"trained on {folder}", "not there any more", "--dataset NEW_PATH")
+        code, out, _ = call(capsys, "evaluate", run, "--device", "cpu", "--dataset", moved)
+        assert code == 0 and json.loads(out)["images"] == 8
+    finally:
+        moved.rename(folder)
+
+
+def test_num_classes_must_match_the_folder(folder_run, capsys, tmp_path):
+    _, folder, _, _ = folder_run
+    code, _, err = call(capsys, "train", "--dataset", folder, "--out", tmp_path / "r", "--num-classes", "3",
+                        *TINY_FOLDER)
+    assert_one_error_line(code, err, "has 2 classes: cat, ship, but --num-classes is 3: pass --num-classes 2")
+
+
+def test_manipulate_by_class_name_keeps_earlier_files(folder_run, capsys, tmp_path):
+    run, _, _, _ = folder_run
+    for i in range(2):
+        code, out, _ = call(capsys, "manipulate", run, "--device", "cpu", "--class-attribute", "cat", "--n", "2",
+                            "--out", tmp_path)
+        assert code == 0
+        assert json.loads(out)["files"] == [str(tmp_path / f"manipulate_class_cat{'-2' if i else ''}.png")]
+    assert (tmp_path / "manipulate.json").is_file() and (tmp_path / "manipulate-2.json").is_file()
+    summary = json.loads((tmp_path / "manipulate-2.json").read_text())["attributes"]["class_cat"]
+    assert summary["frames"] == 2 * 5 and "nonfinite_frames" in summary and "clipped_frames" in summary
+    code, _, err = call(capsys, "manipulate", run, "--device", "cpu", "--class-attribute", "dog", "--out", tmp_path)
+    assert_one_error_line(code, err, "--class-attribute dog is not a class of", "cat, ship")
+
+
+def test_fast_on_the_cpu_says_when_it_pays(run, capsys, tmp_path, monkeypatch):
+    """One note line; the compile itself is replaced by the eager model here (it takes half a minute)."""
+    from torchglow import sampling, step
+
+    monkeypatch.setattr(sampling, "fast_decode", lambda model: model.decode)
+    monkeypatch.setattr(step, "fast_forward", lambda model: model)
+    for command in (["sample", run, "--temperatures", "0", "--out", tmp_path], ["evaluate", run]):
+        code, _, err = call(capsys, *command, "--device", "cpu", "--fast")
+        assert code == 0
+        notes = [line for line in err.splitlines() if "--fast" in line]
+        assert len(notes) == 1 and "pays off only for long jobs or on a GPU" in notes[0], err

@@ -20,12 +20,14 @@ from torchglow.data import (
     ImageFileDataset,
     TensorImageDataset,
     check_dataset_name,
+    folder_layout,
+    infer_image_shape,
     load_dataset,
     pick_indices,
 )
 
 from conftest import FUZZ, assert_one_error_line, cli
-from tool_checks import image_folder, write_image
+from tool_checks import image_folder, split_folder, write_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -264,7 +266,7 @@ def test_image_folder_classes_split_and_corrupt_file(tmp_path):
         test = load_dataset(f"folder:{tmp_path}", "test", image_size=8)
     assert len(caught) == 1 and "1 unreadable" in str(caught[0].message) and "broken.png" in str(caught[0].message)
     assert isinstance(train, ImageFileDataset) and train.class_names == ["cat", "dog"]
-    assert len(train) + len(test) == 60 and len(test) in (2, 3)  # 61 files: 3 in test, before dropping broken.png
+    assert len(train) + len(test) == 60 and len(test) in (5, 6)  # 61 files: 6 in test, before dropping broken.png
     assert set(train.paths).isdisjoint(test.paths)
     for dataset in (train, test):
         for index in range(len(dataset)):
@@ -278,7 +280,7 @@ def test_flat_image_folder_is_unlabelled_and_reads_all_formats(tmp_path):
     for i, fmt in enumerate(["png", "jpeg", "bmp", "webp", "gif"] * 4):
         write_image(tmp_path / f"{i:02d}.{fmt}", size=(20, 12), value=100, fmt=fmt)
     train = load_dataset(str(tmp_path), image_size=6, channels=1)
-    assert_image_dataset(train, 19, (1, 6, 6), [-1] * 19)
+    assert_image_dataset(train, 18, (1, 6, 6), [-1] * 18)  # 20 files, 10% of them in the test split
     assert train.num_classes is None and train.class_names is None
     assert all(train[i][0].float().mean().item() == pytest.approx(100, abs=3) for i in range(len(train)))
 
@@ -289,17 +291,114 @@ def test_image_folder_errors(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"")
     with pytest.warns(UserWarning), pytest.raises(DatasetError, match="no readable images"):
         load_dataset(str(tmp_path), image_size=8)
-    with pytest.raises(DatasetError, match="image_size is required"):
-        load_dataset(str(tmp_path))
-    for i in range(19):  # too few files for a test split (5%, rounded down)
+    for i in range(9):  # too few files for a test split (10%, rounded down)
         write_image(tmp_path / "small" / f"{i}.png")
-    assert len(load_dataset(str(tmp_path / "small"), "train", image_size=8)) == 19
-    with pytest.raises(DatasetError, match="test split.*it has 19, at least 20 are needed"):
+    assert len(load_dataset(str(tmp_path / "small"), "train", image_size=8)) == 9
+    with pytest.raises(DatasetError, match="test split.*10% of its images .seed 0.* it has 9, at least 10 are needed"):
         load_dataset(str(tmp_path / "small"), "test", image_size=8)
-    write_image(tmp_path / "small" / "19.png")
+    write_image(tmp_path / "small" / "9.png")
     assert len(load_dataset(str(tmp_path / "small"), "test", image_size=8)) == 1
-    with pytest.raises(DatasetError, match="does not exist"):
+    with pytest.raises(DatasetError, match="no such folder .*missing"):
         load_dataset(f"folder:{tmp_path / 'missing'}", image_size=8)
+
+
+def test_split_folders_are_splits_and_their_subfolders_the_classes(tmp_path):
+    """train/ and test/ are the splits (never classes), cat/ and ship/ below them the classes; the
+    shape is read from the images (8x8 RGB PNGs and JPEGs); "all" is every image."""
+    folder = split_folder(tmp_path / "cats_and_ships")
+    layout = folder_layout(folder)
+    assert layout.split_folders and layout.test_from == "test/" and layout.counts() == {"train": 24, "test": 8}
+    train, test, every = (load_dataset(str(folder), split) for split in ("train", "test", "all"))
+    assert train.class_names == test.class_names == ["cat", "ship"]
+    assert_image_dataset(train, 24, (3, 8, 8), [0] * 12 + [1] * 12)
+    assert_image_dataset(test, 8, (3, 8, 8), [0] * 4 + [1] * 4)
+    assert len(every) == 32 and set(every.paths) == set(train.paths) | set(test.paths)
+    assert all(p.parts[-3] == "test" and p.suffix == ".jpg" for p in test.paths)
+    images, labels = test.take(range(len(test)))
+    assert images.shape == (8, 3, 8, 8)
+    for image, label in zip(images, labels):  # JPEG: close to the written grey value
+        assert image.float().mean().item() == pytest.approx(40 + 150 * label.item(), abs=4)
+    with pytest.raises(DatasetError, match="no val split"):
+        load_dataset(str(folder), "val")
+
+
+def test_val_folder_or_a_share_of_train_is_the_test_split(tmp_path):
+    for i in range(20):
+        write_image(tmp_path / "tv" / "train" / f"{i}.png", size=(8, 8), seed=i)
+    for i in range(3):
+        write_image(tmp_path / "tv" / "val" / f"{i}.png", size=(8, 8), seed=100 + i)
+    layout = folder_layout(tmp_path / "tv")
+    assert layout.test_from == "val/" and layout.class_names is None
+    assert load_dataset(str(tmp_path / "tv"), "test").paths == load_dataset(str(tmp_path / "tv"), "val").paths
+    assert len(load_dataset(str(tmp_path / "tv"), "all")) == 23  # val/ counted once
+    (tmp_path / "tv" / "val").rename(tmp_path / "tv" / "other")  # train/ alone: 10% of it; other/ not read
+    layout = folder_layout(tmp_path / "tv")
+    assert layout.test_from == "10% of train/ (seed 0)" and layout.counts() == {"train": 18, "test": 2}
+    assert layout.ignored == ["other/"]
+    with pytest.warns(UserWarning, match="read as the splits train/; not read: other/"):
+        load_dataset(str(tmp_path / "tv"), "train")
+
+
+def test_flat_folder_is_split_with_a_fixed_seed_and_share(tmp_path):
+    """A folder of class subfolders without split folders: 10% of its files (rounded down) are the
+    test split, drawn with seed 0 whatever the seed asked for."""
+    for name in ("cat", "ship"):
+        for i in range(20):
+            write_image(tmp_path / "flat" / name / f"{i:02d}.png", size=(8, 8), seed=i)
+    layout = folder_layout(tmp_path / "flat")
+    assert not layout.split_folders and layout.test_from == "10% of its images (seed 0)"
+    assert layout.counts() == {"train": 36, "test": 4} and layout.class_names == ["cat", "ship"]
+    tests = [load_dataset(str(tmp_path / "flat"), "test", seed=seed).paths for seed in (0, 7)]
+    assert tests[0] == tests[1] == layout.files["test"]
+
+
+def test_image_shape_is_read_from_the_images(tmp_path):
+    """The most common size when square and shared by most images; grey only when every image is."""
+    for i in range(6):
+        write_image(tmp_path / "mixed" / f"a{i}.jpg", size=(16, 16), seed=i, fmt="JPEG")
+    write_image(tmp_path / "mixed" / "wide.png", size=(30, 12))
+    write_image(tmp_path / "mixed" / "grey.png", size=(9, 9), mode="L")
+    assert infer_image_shape(tmp_path / "mixed") == (3, 16, 16)
+    data = load_dataset(str(tmp_path / "mixed"), "all")
+    assert data.image_shape == (3, 16, 16) and data.take([0])[0].shape == (1, 3, 16, 16)
+    for i in range(3):
+        write_image(tmp_path / "grey" / f"{i}.png", size=(12, 12), mode="L")
+    assert load_dataset(str(tmp_path / "grey"), "all").image_shape == (1, 12, 12)
+    assert load_dataset(str(tmp_path / "grey"), "all", image_shape=(3, 8, 8)).image_shape == (3, 8, 8)
+    with pytest.raises(DatasetError, match="contradicts"):
+        load_dataset(str(tmp_path / "grey"), "all", image_shape=(3, 8, 8), image_size=16)
+    for i, size in enumerate([(8, 8), (10, 10), (12, 12), (16, 16)]):  # no size shared by most
+        write_image(tmp_path / "sizes" / f"{i}.png", size=size)
+    with pytest.raises(DatasetError, match=r"4 image sizes, the most common .* in 1 of 4 images.*image_size"):
+        load_dataset(str(tmp_path / "sizes"), "all")
+    write_image(tmp_path / "oblong" / "0.png", size=(12, 8))
+    with pytest.raises(DatasetError, match="every image is 12x8, not square"):
+        load_dataset(str(tmp_path / "oblong"), "all")
+    assert len(load_dataset(str(tmp_path / "sizes"), "all", image_size=8)) == 4
+
+
+def test_a_missing_folder_says_no_such_folder_with_the_closest(tmp_path, monkeypatch):
+    split_folder(tmp_path / "cats_and_ships", 1, 1)
+    for name in (str(tmp_path / "cats_and_shps"), f"folder:{tmp_path / 'cats_and_shps'}"):
+        with pytest.raises(DatasetError, match=f"no such folder '{tmp_path / 'cats_and_shps'}': did you mean "
+                                               f"'{tmp_path / 'cats_and_ships'}'"):
+            check_dataset_name(name)
+    monkeypatch.chdir(tmp_path)
+    for name in ("cats_and_shps", "./cats_and_shps"):
+        with pytest.raises(DatasetError, match="no such folder 'cats_and_shps': did you mean 'cats_and_ships'"):
+            check_dataset_name(name)
+    with pytest.raises(DatasetError, match="no such folder 'nowhere/x' .nor is there a folder nowhere."):
+        check_dataset_name("nowhere/x")
+    with pytest.raises(DatasetError, match="unknown data set 'cifar1' .*did you mean 'cifar10'"):
+        check_dataset_name("cifar1")
+
+
+def test_every_split_of_a_named_data_set(tmp_path):
+    train, test, every = (load_dataset("digits", split) for split in ("train", "test", "all"))
+    assert len(every) == len(train) + len(test) == 1797
+    assert torch.equal(every.images, torch.cat([train.images, test.images])) and every.class_names == train.class_names
+    with pytest.raises(DatasetError, match="digits has no val split"):
+        load_dataset("digits", "val")
 
 
 # The model of the training runs on image folders (through the CLI): 3x8x8, tiny, one epoch.
@@ -375,11 +474,11 @@ def test_truncated_image_is_named(capsys, tmp_path):
 
 
 def test_data_set_smaller_than_the_batch(capsys, tmp_path):
-    folder = image_folder(tmp_path / "imgs", 21)  # 20 training images, 1 test image
+    folder = image_folder(tmp_path / "imgs", 21)  # 19 training images, 2 test images
     rc, _, err = cli(capsys, "train", "--dataset", folder, "--out", tmp_path / "run", *FOLDER_MODEL,
                      "--batch-size", "32")
-    assert_one_error_line(rc, err, "has 20 images, fewer than --batch-size 32")
-    # under 20 images the 5% test split is empty
+    assert_one_error_line(rc, err, "has 19 images, fewer than --batch-size 32")
+    # under 10 images the 10% test split is empty
     small = image_folder(tmp_path / "small", 5)
     rc, _, err = cli(capsys, "train", "--dataset", small, "--out", tmp_path / "run", *FOLDER_MODEL)
     assert_one_error_line(rc, err, small, "no readable images in its test split")
@@ -499,7 +598,8 @@ def test_failed_download_leaves_no_folder(tmp_path, monkeypatch):
 
 
 def test_unknown_name():
-    with pytest.raises(DatasetError, match="unknown data set 'no-such-set': choose one of digits, mnist"):
+    with pytest.raises(DatasetError,
+                       match=r"unknown data set 'no-such-set' \(and no such folder\): choose one of digits, mnist"):
         load_dataset("no-such-set")
     with pytest.raises(DatasetError, match="did you mean 'fashion-mnist'"):
         check_dataset_name("fashion_mnist")
@@ -521,7 +621,7 @@ def test_pick_indices_and_take(tmp_path):
     assert torch.equal(images, digits.images[[4, 0]]) and torch.equal(labels, digits.labels[[4, 0]])
     for i in range(3):
         write_image(tmp_path / f"{i}.png", value=50 * i)
-    folder = load_dataset(str(tmp_path), image_size=4)
+    folder = load_dataset(str(tmp_path), "all", image_size=4)
     images, labels = folder.take([2, 0])
     assert images.shape == (2, 3, 4, 4) and images[0, 0, 0, 0] == 100 and images[1, 0, 0, 0] == 0
     assert labels.tolist() == [-1, -1]

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from torchglow.evaluate import categorical_baseline_bpd, evaluate_bpd
+from torchglow.evaluate import MIN_EVAL_IMAGES, categorical_baseline_bpd, evaluate_bpd, few_images_caveat
 
 from conftest import cli
 from tool_checks import digits_like
@@ -71,3 +71,8 @@ def test_categorical_baseline_against_a_hand_count():
     assert categorical_baseline_bpd(train, test, n_bits=1) == pytest.approx(sum(bits) / 4, rel=1e-12)
     # without smoothing a level never seen in training has probability 0: infinite bits
     assert categorical_baseline_bpd(train[:2], test, n_bits=1, alpha=0.0) == math.inf
+
+
+def test_few_images_caveat():
+    assert MIN_EVAL_IMAGES == 100 and few_images_caveat(100, "x") is None
+    assert few_images_caveat(35, "cats (test)").startswith("the score rests on 35 image(s) of cats (test), fewer than 100")

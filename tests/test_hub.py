@@ -60,6 +60,7 @@ def test_from_pretrained_round_trip_and_positional_map_location(tmp_path):
     model.save_pretrained(tmp_path)
     for loaded in (Glow.from_pretrained(tmp_path), Glow.from_pretrained(str(tmp_path), "cpu")):
         assert_same_model(model, loaded)
+        assert not loaded.training  # eval mode, as Hugging Face's from_pretrained
         assert loaded._hub_mixin_config == model.config  # so push_to_hub of a loaded model writes it too
     x = torch.rand(3, *model.config.image_shape) - 0.5
     y = torch.tensor([0, 1, 2])

@@ -211,7 +211,8 @@ def test_attribute_labels_from_a_dataset():
 
 def test_cli_sample_warns_about_non_finite_pixels(capsys, tmp_path, monkeypatch):
     """`sample --temperatures 5 50`: a NumericalHealthWarning counting the inf/NaN values of the
-    row that overflowed (the same count as samples.json), none for the finite row."""
+    row that overflowed (the same count as samples.json); the finite row, mostly clipped, one
+    saying so."""
     from torchglow import health
 
     monkeypatch.setattr(health, "_warned", set())
@@ -222,8 +223,10 @@ def test_cli_sample_warns_about_non_finite_pixels(capsys, tmp_path, monkeypatch)
     assert rc == 0
     per_t = json.loads((tmp_path / "s" / "grid.json").read_text())["per_temperature"]
     assert per_t["5"]["nonfinite"] == 0 and per_t["50"]["nonfinite"] > 0
-    assert [str(w.message).split(":")[0] for w in record] == ["samples at T=50"]
-    assert f"{per_t['50']['nonfinite']} of 128 values are inf/NaN" in str(record[0].message)
+    assert per_t["5"]["clipped_fraction"] > 0.5
+    assert [str(w.message).split(":")[0] for w in record] == ["samples at T=5", "samples at T=50"]
+    assert "of the values lie outside the image range and are clipped" in str(record[0].message)
+    assert f"{per_t['50']['nonfinite']} of 128 values are inf/NaN" in str(record[1].message)
 
 
 class _Data:
@@ -235,6 +238,44 @@ class _Data:
 
     def __len__(self):
         return len(self.labels)
+
+
+def test_interpolate_and_manipulate_count_broken_frames(tmp_path, monkeypatch):
+    """Frames that are non-finite or mostly clipped are counted in the JSON and warned about (as
+    sample does): an amplifying model overflows along a long direction; a decode scaled up 1000x
+    clips every frame of an interpolation."""
+    from tool_checks import make_model
+
+    from torchglow.health import NumericalHealthWarning
+
+    model = amplifying_model()
+    x = (torch.arange(2 * 16).reshape(2, 1, 4, 4) * 4).to(torch.uint8)
+    direction = [torch.full(s, 50.0) for s in model.latent_shapes]
+    with pytest.warns(NumericalHealthWarning, match="manipulate far: 2 of 4 frames are non-finite"):
+        summary = latent.manipulate(model, x, direction, tmp_path, alphas=(0.0, 1.0), name="far")
+    assert (summary["frames"], summary["nonfinite_frames"], summary["clipped_frames"]) == (4, 2, 0)
+    with pytest.warns(NumericalHealthWarning, match="decoded latents: 2 of 2 frames are non-finite"):
+        latent.decode_eps(model, [e + 50.0 for e in latent.encode_eps(model, x)])  # the demo's edit and mix
+
+    model = make_model()
+    decode = model.decode
+    monkeypatch.setattr(model, "decode", lambda *args, **kwargs: 1000 * decode(*args, **kwargs))
+    with pytest.warns(NumericalHealthWarning, match=r"interpolation \(linear\): 10 of 10 frames are mostly clipped"):
+        summary = latent.interpolate(model, digits_like(2, seed=1), digits_like(2, seed=2), tmp_path, steps=5,
+                                     method="linear")
+    counts = summary["per_method"]["linear"]
+    assert (counts["frames"], counts["nonfinite_frames"], counts["clipped_frames"]) == (10, 0, 10)
+
+
+def test_classes_by_name():
+    class Named(_Data):
+        class_names = ["cat", "dog", "emu", "fox"]
+
+    labels, names, _ = latent.labels_for(Named(), [1, 2, 3], classes=["fox", "1", 3])
+    assert names == ["class_fox", "class_dog"] and labels.tolist() == [[True, False], [False, True], [True, False]]
+    with pytest.raises(latent.LabelsError, match="gnu is not a class of toy .cat, dog, emu, fox, or 0..3.") as e:
+        latent.labels_for(Named(), [0], classes=["gnu"])
+    assert e.value.cli_message.startswith("--class-attribute gnu is not a class of toy")
 
 
 def test_labels_for_classes_csv_and_attributes(tmp_path):

@@ -172,6 +172,23 @@ def test_ood_report(model, tmp_path, capsys):
     assert summary["metrics"]["noise"]["typicality_m5"]["batches_out"] == 6
     assert summary["typicality_reference"] == "half of in_images"
     assert all(math.isfinite(v["mean"]) for v in summary["complexity"].values())
+    # 40 images: bpd and complexity have enough scores; typicality, 10 and 4 batches of the 20
+    # held-out images, does not
+    assert sorted(summary["caveats"]) == sorted(f"typicality_m{m} of {name}: fewer than 20 scores on one side"
+                                        for name in sets for m in (2, 5))
+    marked = [line for line in summary["table"].splitlines() if line.endswith("  *")]
+    assert len(marked) == len(summary["caveats"]) and all("typicality" in line for line in marked)
+    assert "* from fewer than 20 scores" in summary["table"]
+
+
+def test_ood_report_warns_when_metrics_rest_on_few_images(model, tmp_path):
+    """A test split of 12 images: every metric from fewer than 20 scores is marked and warned about."""
+    x = digits_like(12, seed=2)
+    with pytest.warns(UserWarning, match="3 of the 3 OOD metrics rest on fewer than 20 scores"):
+        summary = ood.ood_report(model, x, {"flipped": ood.flipped(x)}, tmp_path, typicality_m=(2, 10),
+                                 verbose=False)
+    assert summary["min_scores"] == 20 and len(summary["caveats"]) == 3
+    assert summary["skipped"] == ["typicality_m10 for flipped: fewer than 10 images"]  # 6 held out: no batch
 
 
 def test_ood_report_with_reference_set(model, tmp_path):

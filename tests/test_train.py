@@ -102,7 +102,9 @@ def test_resume_errors(capsys, tmp_path, tiny_run):
     # stopped before its first checkpoint
     (other / "last.pt").unlink()
     rc, _, err = cli(capsys, "train", "--resume", other)
-    assert_one_error_line(rc, err, "no last.pt", "without --resume")
+    assert_one_error_line(rc, err, "no last.pt", f"--out {other} --overwrite")
+    rc, _, err = cli(capsys, "train", "--out", other)  # and without --resume: the message says how
+    assert_one_error_line(rc, err, "before its first checkpoint", "--overwrite")
     # a config.json that is not one
     (other / "config.json").write_text("{not json")
     rc, _, err = cli(capsys, "train", "--resume", other)
@@ -358,7 +360,7 @@ def test_sigterm_at_random_points_then_resume_equals_uninterrupted(tmp_path):
         else:
             # 143 = 128 + SIGTERM: stopped cleanly (resumable); 0: it had finished
             assert p.returncode in (0, 143), err
-            assert (p.returncode == 143) == ("resume with: torchglow train --resume" in out), out
+            assert (out + err).count("resume with: torchglow train --resume") == (p.returncode == 143), err
         summary = json.loads((run / "summary.json").read_text())
         stops.append(summary["steps"])
         assert summary["interrupted_by"] in ("SIGTERM", None)
@@ -494,7 +496,8 @@ def test_ctrl_c_exits_130_with_the_resume_command(tmp_path, capsys, monkeypatch)
     rc = cli.main(["train", "--n-steps", "2", "--hidden-channels", "16", "--epochs", "1", "--batch-size", "32",
                    "--init-images", "64", "--device", "cpu", "--num-workers", "0", "--out", str(run)])
     assert rc == 130
-    assert f"resume with: torchglow train --resume {run}" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert (captured.out + captured.err).count(f"resume with: torchglow train --resume {run}") == 1
     assert load_checkpoint(run / "last.pt")["state"]["step"] == 3
 
 
@@ -535,3 +538,31 @@ def test_eval_draws_average_seeded_draws():
                for d in range(3)]
     assert evaluate_bpd(model, x, batch_size=4, n_draws=3, seed=3) == pytest.approx(sum(by_hand) / 3, rel=1e-6)
     assert evaluate_bpd(model, x, batch_size=4, n_draws=1, seed=3) == pytest.approx(by_hand[0], rel=1e-6)
+
+
+def test_summary_text_says_which_weights_and_counts_in_words(tmp_path):
+    """One epoch and one step in the singular; the closing lines name the weights that were scored."""
+    summary = {"run": "runs/r", "interrupted_by": None, "test_bpd": 3.5, "best_test_bpd": 3.4, "baseline_bpd": 4.0,
+               "epochs": 1, "steps": 1, "wall_time_s": 6.0, "evaluated_with": "ema", "ema_decay": 0.999,
+               "samples": None}
+    text = train_module.summary_text(summary)
+    assert "after 1 epoch, 1 step, 0.1 min; scored with the EMA of the weights (decay 0.999)" in text
+    raw = train_module.summary_text({**summary, "epochs": 2, "steps": 3, "evaluated_with": "weights",
+                                     "ema_decay": None})
+    assert "after 2 epochs, 3 steps" in raw and "scored with the raw weights (no EMA)" in raw
+    assert train_module.summary_text({**summary, "interrupted_by": "SIGINT"}) == ""  # finish printed the line
+    assert [train_module.plural(n, "step") for n in (0, 1, 2)] == ["0 steps", "1 step", "2 steps"]
+    assert train_module.plural(1497, "class", "classes") == "1,497 classes"
+
+
+def test_a_run_starts_with_one_line_about_its_data(capsys, tmp_path):
+    """A run of one step per epoch: the data line first, then the run line in the singular."""
+    train(tiny_model_config(), tiny_train_config(tmp_path / "r", epochs=1, max_steps=1, batch_size=1024,
+                                                 init_images=64, eval_batch_size=300),
+          progress=False, defaults="defaults: as given")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == ("torchglow train: data digits: 1x8x8 images at 5 bits, 10 classes: 0, 1, 2, 3, 4, 5, 6, 7, 8, "
+                        "9; 1,497 train / 300 test images; defaults: as given")
+    assert lines[1].endswith("(1,497 training images, 1 step per epoch, 1 epoch)")
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["evaluated_with"] == "ema" and summary["ema_decay"] is not None

@@ -55,3 +55,13 @@ def image_folder(root, n, **kwargs):
     for i in range(n):
         write_image(root / f"img{i:03d}.png", seed=i, **kwargs)
     return root
+
+
+def split_folder(root, n_train=12, n_test=4, size=(8, 8), classes=("cat", "ship"), fmt=("png", "jpg")):
+    """``root/{train,test}/{cat,ship}/``: images of one grey value per class (40, 190), PNG in
+    ``train/`` and JPEG in ``test/`` by default (``fmt``: the extensions of the two splits)."""
+    for split, n, ext in (("train", n_train, fmt[0]), ("test", n_test, fmt[1])):
+        for label, name in enumerate(classes):
+            for i in range(n):
+                write_image(root / split / name / f"{i:02d}.{ext}", size=size, value=40 + 150 * label)
+    return root

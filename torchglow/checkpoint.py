@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError, GlowConfig
+from .files import default_file_mode
 from .model import CONFIG_NAME, WEIGHTS_NAME, Glow
 
 FORMAT = "torchglow-checkpoint-v1"
@@ -64,6 +65,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
                 raise writer.error from None
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())  # mkstemp made it 0600
         os.replace(tmp, path)
         tmp = None
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -100,7 +102,7 @@ def _brief(e: BaseException, limit: int = 120) -> str:
     """The first sentence of an exception's first line (torch's messages run to paragraphs)."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     text = text.split(". ")[0]
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3].rsplit(" ", 1)[0] + "..."  # never mid-word
 
 
 def config_diff(a: dict[str, Any], b: dict[str, Any]) -> str:

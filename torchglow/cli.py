@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .config import PRESETS, ConfigError, GlowConfig
+from .config import PRESETS, ConfigError, GlowConfig, TrainConfig
 from .threads import add_threads_option, set_threads
 
 EXIT_USAGE = 2
@@ -186,29 +186,93 @@ def read_config_file(path: str) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in flat.items()}
 
 
-def build_configs(values: dict[str, Any], preset_name: str | None):
-    """Split option values between the model and training configs, over the preset's defaults;
-    CLIError for a data source that cannot work with them (:func:`check_data_source`)."""
-    from .config import TRAIN_PRESETS, TrainConfig
+# A folder or .npz data set without --preset: the digits preset's small model, without what suits
+# only the 1,497 digits (5-bit images, coupling dropout, weight decay, its lr and 60 epochs).
+OWN_DATA_MODEL = dict(n_bits=8, dropout=0.0)
+OWN_DATA_TRAIN = dict(epochs=100, lr=1e-3, weight_decay=0.0)
+OWN_DATA_WARMUP_EPOCHS = 10  # the official warm-up: 10 epochs of the data set's training images
+
+
+def build_configs(values: dict[str, Any], preset_name: str | None) -> tuple[GlowConfig, TrainConfig, str]:
+    """Split option values between the model and training configs, over the defaults: the preset's,
+    or for a folder or ``.npz`` data set without a preset, the digits model with
+    :data:`OWN_DATA_MODEL` and :data:`OWN_DATA_TRAIN`, the image shape read from the data
+    (:func:`torchglow.data.infer_image_shape`) unless given. Returns the configs and a line saying
+    where they come from. CLIError for a data source that cannot work with them
+    (:func:`check_data_source`)."""
+    from .config import TRAIN_PRESETS
 
     model_fields = {f.name for f in dataclasses.fields(GlowConfig)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - model_fields - train_fields - {"preset"})
     if unknown:
         raise CLIError(f"unknown option(s) {', '.join(unknown)}")
-    name = values.get("preset", preset_name) or "digits"
+    named = values.get("preset", preset_name)
+    name = named or "digits"
     if not isinstance(name, str) or name not in PRESETS:
         raise CLIError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
     model_values = {**PRESETS[name], **{k: v for k, v in values.items() if k in model_fields}}
     train_values = {**TRAIN_PRESETS.get(name, {}), **{k: v for k, v in values.items() if k in train_fields}}
+    defaults = f"defaults: the {name} preset's"
+    dataset = train_values.get("dataset")
+    inferred = False
+    if named is None and isinstance(dataset, str) and _own_data(dataset):
+        model_values, train_values, defaults = _own_data_defaults(dataset, values, model_fields, train_fields)
+        inferred = "image_shape" not in values
     if isinstance(model_values.get("image_shape"), list):
         model_values["image_shape"] = tuple(model_values["image_shape"])
     try:
         model_config, train_config = GlowConfig(**model_values), TrainConfig(**train_values)
     except TypeError as e:
         raise CLIError(str(e)) from None
+    except ConfigError as e:
+        if inferred and "image_shape" in str(e):
+            raise CLIError(f"{e} (read from the images of {dataset}: pass --image-shape C S S, or other "
+                           f"--n-levels)") from None
+        raise
     check_data_source(train_config.dataset, train_config.data_dir, "dataset" in values, model_config, name)
-    return model_config, train_config
+    return model_config, train_config, defaults
+
+
+def _own_data(dataset: str) -> bool:
+    """Whether ``dataset`` is the user's own images: a folder or an ``.npz`` file."""
+    from .data import DatasetError, check_dataset_name, is_folder
+
+    try:
+        return dataset.endswith(".npz") or is_folder(check_dataset_name(dataset))
+    except DatasetError:
+        return False  # check_data_source reports it
+
+
+def _own_data_defaults(dataset: str, values: dict[str, Any], model_fields: set[str], train_fields: set[str]
+                       ) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """Model and training values for a folder or ``.npz`` file without a preset, and the words for
+    them: the image shape from the data unless given, the warm-up 10 epochs of its training images."""
+    from .data import DatasetError, folder_layout, infer_image_shape, load_npz
+
+    try:
+        if dataset.endswith(".npz"):
+            train_set = load_npz(dataset, "train")
+            shape, n_train = tuple(train_set.image_shape), len(train_set)
+        else:
+            folder = dataset.removeprefix("folder:")
+            n_train = folder_layout(folder).counts()["train"]
+            shape = infer_image_shape(folder) if "image_shape" not in values else None
+    except DatasetError as e:
+        raise CLIError(f"--dataset: {e.cli_message}") from None
+    model_values = {**PRESETS["digits"], **OWN_DATA_MODEL, **({"image_shape": shape} if shape else {}),
+                    **{k: v for k, v in values.items() if k in model_fields}}
+    train_values = {**OWN_DATA_TRAIN, "warmup_images": OWN_DATA_WARMUP_EPOCHS * n_train,
+                    **{k: v for k, v in values.items() if k in train_fields}}
+    how = ("image shape given" if "image_shape" in values
+           else "image shape read from the images (--image-shape to change it)")
+    digits = PRESETS["digits"]
+    defaults = (f"{how}; defaults for your own images: the digits preset's model (L={digits['n_levels']}, "
+                f"K={digits['n_steps']}, width {digits['hidden_channels']}) at {OWN_DATA_MODEL['n_bits']} bits, "
+                f"no dropout or weight decay, lr {OWN_DATA_TRAIN['lr']:g}, warm-up {OWN_DATA_WARMUP_EPOCHS} epochs, "
+                f"{OWN_DATA_TRAIN['epochs']} epochs (--preset NAME for a preset's, e.g. --preset digits for its "
+                f"regularisers)")
+    return model_values, train_values, defaults
 
 
 def check_data_source(dataset: str, data_dir: str | None, dataset_given: bool, model_config: GlowConfig,
@@ -249,22 +313,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     SIGINT/SIGTERM (the run is resumable), 1 otherwise."""
     import os
 
+    import shlex
+
     from .train import load_run_configs, summary_text, train
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config", "resume", "preset", "threads")}
+    given = {k: v for k, v in vars(args).items()
+             if k not in ("command", "func", "config", "resume", "preset", "threads", "argv")}
+    command = shlex.join(["torchglow", *args.argv])
     if args.resume:
         model_config, train_config = load_run_configs(args.resume)
         if args.preset or args.config or any(k in {f.name for f in dataclasses.fields(GlowConfig)} for k in given):
             raise CLIError("--resume continues a run with its own config: drop --preset, --config and model options")
         train_config = dataclasses.replace(train_config, out=args.resume, **given)
-        summary = train(model_config, train_config, resume=True).summary
+        summary = train(model_config, train_config, resume=True, defaults="resumed with the run's own config").summary
     else:
         values = read_config_file(args.config) if args.config else {}
         values.update(given)
-        model_config, train_config = build_configs(values, args.preset)
-        summary = train(model_config, train_config).summary
-    if os.environ.get("RANK", "0") == "0":
-        print(summary_text(summary))
+        model_config, train_config, defaults = build_configs(values, args.preset)
+        summary = train(model_config, train_config, defaults=defaults, command=command).summary
+    text = summary_text(summary)
+    if os.environ.get("RANK", "0") == "0" and text:
+        print(text)
     if summary["interrupted_by"]:
         return 128 + int(signal.Signals[summary["interrupted_by"]])
     return 0 if summary["finished"] else 1
@@ -301,6 +370,13 @@ def _source(args: argparse.Namespace, picked) -> dict[str, Any]:
     return {"checkpoint": args.run, "dataset": picked.data.name, "seed": args.seed}
 
 
+def _fast_note(args: argparse.Namespace, run) -> None:
+    """One line on stderr when ``--fast`` runs on the CPU, where compiling costs more than it saves."""
+    if args.fast and run.model.device.type == "cpu":
+        print(f"torchglow {args.command}: note: --fast compiles the model first (about half a minute on a CPU); "
+              f"it pays off only for long jobs or on a GPU", file=sys.stderr)
+
+
 def _print(summary: dict[str, Any]) -> int:
     print(json.dumps(summary, indent=2))
     return 0
@@ -310,14 +386,19 @@ def _print(summary: dict[str, Any]) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from .evaluate import evaluate_bpd
+    from .evaluate import evaluate_bpd, few_images_caveat
     from .files import write_json_atomic
 
     run = _open(args)
+    _fast_note(args, run)
     picked = run.pick(args.split, 0, args.seed, args.dataset, args.data_dir)
     bpd = evaluate_bpd(run.model, picked.images, picked.y, args.batch_size, args.draws, args.seed, args.fast)
     result = {"checkpoint": args.run, "dataset": picked.data.name, "images": int(picked.images.shape[0]),
               "draws": args.draws, "seed": args.seed, "fast": args.fast, "bits_per_dim": bpd, "torch": torch.__version__}
+    caveat = few_images_caveat(result["images"], picked.data.name)
+    if caveat:
+        warnings.warn(caveat)
+        result["caveat"] = caveat
     if args.out:
         write_json_atomic(args.out, result)
     return _print(result)
@@ -328,6 +409,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .sampling import sample_grid
 
     run = _open(args)
+    _fast_note(args, run)
     max_level = run.display_max_level() if args.max_level is None else args.max_level
     return _print(sample_grid(run.model, _out(args, run, "samples"), temperatures=args.temperatures, n_per_row=args.n,
                               seed=args.seed, max_level=max_level, name=args.name, fast=args.fast))
@@ -448,6 +530,7 @@ def _dataset_help() -> str:
 
 
 RUN_HELP = "run folder, .pt checkpoint or pretrained folder"
+TOOL_SPLITS = ("train", "test", "val", "all")
 DEVICE_HELP = "auto (a GPU when there is one), cpu, cuda or cuda:N"
 SEED_HELP = {"evaluate": "seeds the dequantisation noise", "samples": "seeds the draws of the latents"}
 
@@ -461,8 +544,8 @@ def _common_options(p: argparse.ArgumentParser, tool: str, split: str | None, sp
                        help=f"{_dataset_help()} (default: the one the run was trained on)")
         p.add_argument("--data-dir", help="where the data set's files are (default: the run's)")
     if split:
-        p.add_argument("--split", choices=("train", "test"), default=split,
-                       help=split_help or "split the images come from")
+        p.add_argument("--split", choices=TOOL_SPLITS, default=split,
+                       help=split_help or "split the images come from (all: every image; val: a folder's val/)")
     p.add_argument("--seed", type=int, default=0,
                    help=SEED_HELP.get(tool, "seeds the choice of images and any random draw"))
     if tool != "samples":
@@ -500,7 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("train", cmd_train, "train a Glow (default: the digits preset on scikit-learn's digits, CPU)",
                 "Train a Glow. Precedence: defaults < --preset < --config < flags. The defaults shown are the "
-                "digits preset's; --preset NAME brings its own.")
+                "digits preset's; --preset NAME brings its own. A folder of images or an .npz file without --preset: "
+                "the digits model at 8 bits without its dropout and weight decay, lr 1e-3, 100 epochs, the image "
+                "shape read from the images; the run's first line says what applies.")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="model and training defaults (digits)")
     p.add_argument("--config", help="YAML or JSON file of options (flat, or under model:/train:)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
@@ -551,8 +636,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "images are decoded at latent + alpha * direction, one PNG per attribute.")
     _common_options(p, "manipulate", "test", split_help="split of the images to edit")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--class-attribute", type=_count(0), nargs="+", metavar="CLASS",
-                     help="one attribute per class C: images of class C against all others (e.g. 3 for digit 3)")
+    src.add_argument("--class-attribute", nargs="+", metavar="CLASS",
+                     help="one attribute per class C, a class name or its index: images of class C against all "
+                          "others (e.g. 3 for digit 3, cat for a folder's cat/ images)")
     src.add_argument("--labels-csv", metavar="FILE",
                      help="CSV of binary attributes: header 'id,NAME,...', one row per image with values 1 or 0/-1; "
                           "id is the file name (CelebA) or the image's 0-based index in --directions-split")
@@ -561,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attribute(s) to use: of the data set (CelebA, e.g. Smiling), the CSV or the directions "
                         "file (default: all of the CSV or file)")
     p.add_argument("--save-directions", metavar="FILE", help="write the computed directions to this .safetensors file")
-    p.add_argument("--directions-split", choices=("train", "test"), default="train",
+    p.add_argument("--directions-split", choices=TOOL_SPLITS, default="train",
                    help="split whose images and labels give the directions")
     p.add_argument("--max-images", type=_count(0), default=0,
                    help="use at most this many (seeded) images for the directions; 0 for all")
@@ -575,14 +661,15 @@ def build_parser() -> argparse.ArgumentParser:
                 "input-complexity score; prints the table, writes ood.json and bpd_hist.png/complexity_hist.png. "
                 "Default OOD sets: flipped, inverted and uniform noise (when no --ood-dataset/--ood-folder is given).")
     _common_options(p, "ood", None)
-    p.add_argument("--in-split", choices=("train", "test"), default="test", help="in-distribution split")
+    p.add_argument("--in-split", choices=TOOL_SPLITS, default="test",
+                   help="in-distribution split (all: every image, e.g. of a folder of test images)")
     p.add_argument("--ood", nargs="*", choices=TRANSFORMS, default=None,
                    help="built-in OOD sets from the in-distribution images: upside down, intensities inverted, "
                         "uniform noise over the data's range of bins (default: all three)")
     p.add_argument("--ood-dataset", nargs="+", metavar="NAME", type=_dataset_name,
                    help="other data sets (e.g. svhn for a cifar10 model), converted to the model's channels and "
                         "size (in-memory sets are only zero-padded, e.g. mnist 28->32; celeba is resized)")
-    p.add_argument("--ood-split", choices=("train", "test"), default="test", help="split of the --ood-dataset sets")
+    p.add_argument("--ood-split", choices=TOOL_SPLITS, default="test", help="split of the --ood-dataset sets")
     p.add_argument("--ood-data-dir", help="where the --ood-dataset files are (default: their usual place)")
     p.add_argument("--download", action="store_true", help="download --ood-dataset sets whose files are missing")
     p.add_argument("--ood-folder", nargs="+", metavar="DIR", help="folders of images, all used as OOD sets")
@@ -619,7 +706,9 @@ def main(argv: list[str] | None = None) -> int:
     from .train import TrainingError
 
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # the command line, for the run's config.json and model card
     if args.command != "bench":  # bench sets its own threads (and records them)
         set_threads(args.threads)
     prefix = f"torchglow {args.command}"

@@ -74,8 +74,9 @@ def load_y0ast_state(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, truncated, or pickled objects other than tensors
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({first[:120]})") from None
+        # torch's message is paragraphs about weights_only; its kind says enough
+        raise ConversionError(f"{path} is not a readable PyTorch checkpoint (torch.load failed with "
+                              f"{type(e).__name__}): expected the .pt file of a y0ast Glow-PyTorch run") from None
     if not isinstance(state, dict) or not state or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise ConversionError(f"{path} is not a y0ast Glow state dict (expected a mapping of names to tensors, "

@@ -14,7 +14,10 @@ svhn            (3, 32, 32)  ``train_32x32.mat``, ``test_32x32.mat``
 celeba          (3, 64, 64)  ``celeba/img_align_celeba/``, ``list_attr_celeba.txt``,
                              ``list_eval_partition.txt`` (loaded lazily, 40 binary attributes)
 imagenet32/64   (3, s, s)    ``*train_data_batch_*.npz`` and ``val_data.npz`` anywhere below
-a folder path   (3, s, s)    any images below it (loaded lazily); ``image_size`` is required
+a folder path   (c, s, s)    any images below it (loaded lazily): ``train/``, ``test/``, ``val/``
+                             subfolders are splits, the subfolders below them (or of a flat
+                             folder) classes (:class:`FolderLayout`); the shape is read from the
+                             images unless given (:func:`infer_image_shape`)
 =============== ============ ======================================================================
 
 Where the files are: ``data_dir``, or by default ``~/.cache/torchglow/<name>``; the environment
@@ -30,7 +33,8 @@ torchvision download, other layouts of the same files (a Debian package, gzip-co
 and the small files the tests write.
 
 Sets that fit in memory are :class:`TensorImageDataset` (the trainer moves ``.images`` to the GPU);
-CelebA and image folders are :class:`ImageFileDataset`, which decodes one file per item.
+CelebA and image folders are :class:`ImageFileDataset`, which decodes one file per item. Every data
+set gives images and labels with :meth:`ImageDataset.take`.
 """
 
 from __future__ import annotations
@@ -43,8 +47,10 @@ import pickle
 import re
 import shutil
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -56,11 +62,16 @@ DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "svhn", "celeba", "im
 # (C, H, W) of the sets held in memory, which can only be zero-padded to a larger size
 IN_MEMORY_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32),
                     "svhn": (3, 32, 32), "imagenet32": (3, 32, 32), "imagenet64": (3, 64, 64)}
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "val", "all")
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif"})
 
 DIGITS_TEST_SIZE = 300  # of scikit-learn's 1797 digits; the other 1497 are the training set
-FOLDER_TEST_FRACTION = 0.05  # image folders: a seeded 95/5 train/test split of the file list
+FOLDER_SPLITS = ("train", "test", "val")  # subfolders of an image folder read as splits, not classes
+FOLDER_TEST_FRACTION = 0.1  # a folder without test/ or val/: this share of its files is the test split...
+FOLDER_SPLIT_SEED = 0  # ...drawn with this seed, fixed, so that every run and tool sees the same split
+NPZ_TEST_FRACTION = 0.05  # an .npz file without a split: a seeded 95/5 train/test split
+# PIL modes of one channel: a folder of only such images is read as grey (C = 1)
+GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 CELEBA_IMAGE_SIZE = 64
 CELEBA_PARTITION = {"train": "0", "test": "2"}  # list_eval_partition.txt: 0 train, 1 valid, 2 test
 
@@ -184,6 +195,48 @@ class ImageFileDataset(ImageDataset):
         return _read_image(self.paths[index], self.image_size, self.channels), self.labels[index]
 
 
+@dataclass(frozen=True)
+class FolderLayout:
+    """How :func:`load_dataset` reads a folder of images (:func:`folder_layout`).
+
+    Splits: when the folder has a ``train/`` subfolder, its ``train/``, ``test/`` and ``val/``
+    subfolders are the splits (the test split is ``test/``, else ``val/``, else a seeded
+    :data:`FOLDER_TEST_FRACTION` of ``train/``); other entries beside them are not read
+    (``ignored``). Otherwise every image below the folder counts, and a permutation seeded with
+    :data:`FOLDER_SPLIT_SEED` of the sorted file list puts :data:`FOLDER_TEST_FRACTION` (rounded
+    down) in the test split, the rest in the training split. Classes: when every image lies in a
+    subfolder of its split folder (or of a flat folder), the sorted names of those subfolders, over
+    all splits, are the classes (as torchvision's ImageFolder); otherwise the images are unlabelled
+    (-1). Images below a class subfolder, at any depth, belong to that class.
+
+    Attributes:
+        folder: the folder.
+        split_folders: whether the splits are subfolders (else a seeded split of one folder).
+        files: ``{split: image files, sorted}`` for "train", "test" and, when there is ``val/``, "val".
+        labels: ``{split: int64 labels}`` in the order of ``files``, -1 when unlabelled.
+        class_names: the classes, or None.
+        test_from: where the test split comes from, in words (``test/``, ``10% of its images (seed 0)``).
+        ignored: entries beside the split folders that are not read.
+    """
+
+    folder: Path
+    split_folders: bool
+    files: dict[str, list[Path]]
+    labels: dict[str, torch.Tensor]
+    class_names: list[str] | None
+    test_from: str
+    ignored: list[str]
+
+    def read_order(self) -> list[str]:
+        """The splits holding distinct files ("test" is left out when it is ``val/``)."""
+        return [split for split in ("train", "test", "val") if split in self.files
+                and not (split == "test" and self.test_from == "val/")]
+
+    def counts(self) -> dict[str, int]:
+        """Image files per split (before unreadable ones are skipped)."""
+        return {split: len(files) for split, files in self.files.items()}
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -205,29 +258,43 @@ def load_dataset(
     download: bool = False,
     image_size: int | None = None,
     channels: int | None = None,
+    image_shape: Sequence[int] | None = None,
     seed: int = 0,
 ) -> ImageDataset:
-    """Load the ``split`` ("train" or "test") of a data set in :data:`DATASETS` or of an image folder.
+    """Load the ``split`` of a data set in :data:`DATASETS`, of an image folder or of an ``.npz`` file.
 
-    ``name`` is a folder of images when it starts with ``folder:`` or is an existing directory that
-    is not also a data set name. ``image_size``: for in-memory sets, pad the images with zeros up to
-    this size (MNIST 28 -> 32, as the official code does); for CelebA (default 64) and folders
-    (required), the size they are resized to. ``channels`` (1 or 3): convert grey <-> RGB (RGB -> grey
-    with the ITU-R 601-2 luma weights of PIL's "L"); None keeps the data set's own. ``seed`` fixes the
-    train/test split of digits and image folders; the other sets have official splits.
+    ``split``: "train", "test", "all" (both, or every image of a folder) or, for a folder with a
+    ``val/`` subfolder, "val". ``name`` is a folder of images when it starts with ``folder:`` or is
+    an existing directory that is not also a data set name (its layout: :class:`FolderLayout`).
+
+    ``image_size``: for in-memory sets, pad the images with zeros up to this size (MNIST 28 -> 32,
+    as the official code does); for CelebA (default 64) and folders, the size they are resized to
+    (a folder's default: :func:`infer_image_shape`). ``channels`` (1 or 3): convert grey <-> RGB
+    (RGB -> grey with the ITU-R 601-2 luma weights of PIL's "L"); None keeps the data set's own (a
+    folder's: inferred). ``image_shape`` ``(C, H, W)`` with H = W, as ``GlowConfig.image_shape``,
+    gives both at once. ``seed`` fixes the train/test split of digits and of ``.npz`` files without
+    a split; folders are split with the fixed :data:`FOLDER_SPLIT_SEED`, the other sets officially.
 
     Raises :class:`DatasetError` (one line, naming the path) for missing or unusable files, an
     unknown name, or a size or channel count the data set cannot take.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if image_shape is not None:
+        image_size, channels = _from_image_shape(name, image_shape, image_size, channels)
     if channels not in (None, 1, 3):
         raise DatasetError(f"{name}: channels must be 1 (grey) or 3 (RGB), got {channels!r}")
-    if name.endswith(".npz"):
-        return _fit(load_npz(name, split, seed), image_size, channels)
     if is_folder(check_dataset_name(name)):
         folder = Path(name.removeprefix("folder:")).expanduser()
-        return _load_image_folder(folder, split, image_size=image_size, channels=channels, seed=seed)
+        return _load_image_folder(folder, split, image_size=image_size, channels=channels)
+    if split == "val":
+        raise DatasetError(f"{name} has no val split: use train, test or all (a folder may have val/)")
+    if name.endswith(".npz"):
+        return _fit(load_npz(name, split, seed), image_size, channels)
+    if split == "all":
+        parts = [load_dataset(name, part, data_dir=data_dir, download=download, image_size=image_size,
+                              channels=channels, seed=seed) for part in ("train", "test")]
+        return _concat(parts, f"{name}/all")
     roots = _data_roots(name, data_dir)
 
     match name:
@@ -248,21 +315,63 @@ def load_dataset(
     return _fit(dataset, image_size, channels)
 
 
+def _from_image_shape(name: str, image_shape: Sequence[int], image_size: int | None,
+                      channels: int | None) -> tuple[int, int]:
+    """``(image_size, channels)`` from an ``image_shape`` (C, S, S) that agrees with them when given."""
+    shape = tuple(image_shape)
+    if len(shape) != 3 or shape[1] != shape[2]:
+        raise DatasetError(f"{name}: image_shape must be (C, S, S), square, got {shape}")
+    if (image_size not in (None, shape[1])) or (channels not in (None, shape[0])):
+        raise DatasetError(f"{name}: image_shape {shape} contradicts image_size {image_size} / channels {channels}")
+    return shape[1], shape[0]
+
+
+def _concat(parts: list[ImageDataset], name: str) -> ImageDataset:
+    """The images of ``parts`` (of one data set) as one data set, in order."""
+    first = parts[0]
+    attributes = None if first.attributes is None else torch.cat([p.attributes for p in parts])
+    metadata = dict(name=name, class_names=first.class_names, num_classes=first.num_classes,
+                    attributes=attributes, attribute_names=first.attribute_names)
+    labels = torch.cat([p.labels for p in parts])
+    if isinstance(first, TensorImageDataset):
+        return TensorImageDataset(torch.cat([p.images for p in parts]), labels, **metadata)
+    return ImageFileDataset([path for p in parts for path in p.paths], labels, image_size=first.image_size,
+                            channels=first.channels, **metadata)
+
+
 def is_folder(name: str) -> bool:
     """Whether :func:`load_dataset` reads ``name`` as a folder of images: it starts with ``folder:``,
     or it is an existing directory that is not also a data set name."""
-    return name not in DATASETS and (name.startswith("folder:") or Path(name).expanduser().is_dir())
+    return bool(name) and name not in DATASETS and (name.startswith("folder:") or Path(name).expanduser().is_dir())
 
 
 def check_dataset_name(name: str) -> str:
-    """``name`` when :func:`load_dataset` can read it (a name in :data:`DATASETS`, a folder or an
-    ``.npz`` file); else :class:`DatasetError` with the closest name."""
-    if name in DATASETS or is_folder(name) or name.endswith(".npz"):
+    """``name`` when :func:`load_dataset` can read it (a name in :data:`DATASETS`, an existing folder
+    or an ``.npz`` file); else :class:`DatasetError`: "no such folder" (with the closest folder
+    beside it) for a path, else "unknown data set" with the closest name."""
+    if name in DATASETS or name.endswith(".npz"):
+        return name
+    if is_folder(name):
+        folder = Path(name.removeprefix("folder:")).expanduser()
+        if not folder.is_dir():
+            raise missing_folder_error(folder)
         return name
     close = difflib.get_close_matches(name.lower(), DATASETS, n=1)
+    path_like = name.startswith((".", "~")) or os.sep in name or "/" in name
+    if path_like or (not close and _closest_folder(Path(name).expanduser()) is not None):
+        raise missing_folder_error(name)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    raise DatasetError(f"unknown data set {name!r}: {hint}choose one of {', '.join(DATASETS)}, "
+    raise DatasetError(f"unknown data set {name!r} (and no such folder): {hint}choose one of {', '.join(DATASETS)}, "
                        f"or give a folder of images or an .npz file")
+
+
+def absolute_dataset(name: str) -> str:
+    """``name`` with a folder or ``.npz`` path made absolute (a run stores it so, for the tools to
+    find it from any directory); data set names are kept as they are."""
+    if name in DATASETS:
+        return name
+    prefix = "folder:" if name.startswith("folder:") else ""
+    return prefix + str(Path(name.removeprefix("folder:")).expanduser().resolve())
 
 
 def _data_roots(name: str, data_dir: str | Path | None) -> list[Path]:
@@ -575,30 +684,142 @@ def _read_celeba_attributes(path: Path) -> tuple[list[str], list[str], np.ndarra
     return [row[0] for row in rows], lines[1].split(), values > 0
 
 
-def _load_image_folder(
-    folder: Path, split: str, *, image_size: int | None, channels: int | None, seed: int
-) -> ImageFileDataset:
-    """All images below ``folder``, found recursively and sorted by path.
-
-    Split: a RandomState(seed) permutation of the sorted file list puts 5% (rounded down) in the
-    test set, the rest in the training set, before unreadable files are dropped, so that one
-    corrupt file does not reshuffle the split. Labels: when every image lies in a top-level
-    subfolder, the sorted subfolder names are the classes (like torchvision's ImageFolder);
-    otherwise the folder is unlabelled (-1). Files PIL cannot identify are skipped with one warning.
-    """
-    if image_size is None:
-        raise DatasetError(f"image folder {folder}: image_size is required (e.g. --image-size 64)")
+def folder_layout(folder: str | Path) -> FolderLayout:
+    """How :func:`load_dataset` reads ``folder`` (see :class:`FolderLayout`): its image files per
+    split, their labels and class names. Only file names are read. Raises :class:`DatasetError` for
+    a folder that does not exist or holds no images (a split folder without images included)."""
+    folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise DatasetError(f"image folder {folder} does not exist")
-    paths = sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
-    if not paths:
-        raise DatasetError(f"image folder {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    class_names, labels = _folder_labels(folder, paths)
-    n_files = len(paths)
-    index = _split_indices(n_files, int(n_files * FOLDER_TEST_FRACTION), split, seed)
-    paths, labels = [paths[i] for i in index], labels[index]
+        raise missing_folder_error(folder)
+    entries = sorted(folder.iterdir())
+    split_dirs = {p.name.lower(): p for p in entries if p.is_dir() and p.name.lower() in FOLDER_SPLITS}
+    if "train" not in split_dirs:
+        files = _image_files(folder)
+        if not files:
+            raise DatasetError(f"image folder {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        per_split = {split: [files[i] for i in _split_indices(len(files), int(len(files) * FOLDER_TEST_FRACTION),
+                                                               split, FOLDER_SPLIT_SEED)]
+                     for split in ("train", "test")}
+        roots = {"train": folder, "test": folder}
+        test_from = f"{FOLDER_TEST_FRACTION:.0%} of its images (seed {FOLDER_SPLIT_SEED})"
+        ignored: list[str] = []
+    else:
+        roots = dict(split_dirs)
+        per_split = {split: _image_files(root) for split, root in roots.items()}
+        for split, files in per_split.items():
+            if not files:
+                raise DatasetError(f"image folder {roots[split]} holds no images "
+                                   f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        test_from = next((f"{name}/" for name in ("test", "val") if name in roots), None)
+        if test_from is None:  # train/ alone: a seeded share of it is the test split
+            files = per_split["train"]
+            per_split = {split: [files[i] for i in _split_indices(len(files), int(len(files) * FOLDER_TEST_FRACTION),
+                                                                   split, FOLDER_SPLIT_SEED)]
+                         for split in ("train", "test")}
+            roots["test"] = roots["train"]
+            test_from = f"{FOLDER_TEST_FRACTION:.0%} of train/ (seed {FOLDER_SPLIT_SEED})"
+        elif "test" not in roots:
+            per_split["test"], roots["test"] = per_split["val"], roots["val"]
+        ignored = [p.name + ("/" if p.is_dir() else "") for p in entries
+                   if p not in split_dirs.values() and (p.is_dir() or p.suffix.lower() in IMAGE_EXTENSIONS)]
+    tops = {split: [_class_folder(roots[split], path) for path in files] for split, files in per_split.items()}
+    labelled = all(top is not None for names in tops.values() for top in names)
+    class_names = sorted({top for names in tops.values() for top in names}) if labelled else None
+    label_of = {name: label for label, name in enumerate(class_names or [])}
+    labels = {split: torch.tensor([label_of.get(top, -1) for top in names], dtype=torch.int64)
+              for split, names in tops.items()}
+    return FolderLayout(folder, "train" in split_dirs, per_split, labels, class_names, test_from, ignored)
 
-    readable = _readable(paths)
+
+def _image_files(root: Path) -> list[Path]:
+    return sorted(path for path in root.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
+
+
+def _class_folder(root: Path, path: Path) -> str | None:
+    """The top-level subfolder of ``root`` that ``path`` lies in (its class), None directly in ``root``."""
+    return path.relative_to(root).parts[0] if path.parent != root else None
+
+
+def missing_folder_error(folder: str | Path) -> DatasetError:
+    """"no such folder", with the closest folder beside it (difflib) when there is one."""
+    folder = Path(folder).expanduser()
+    close = _closest_folder(folder)
+    hint = f": did you mean {str(close)!r}?" if close else ("" if folder.parent.is_dir() else
+                                                            f" (nor is there a folder {folder.parent})")
+    return DatasetError(f"no such folder {str(folder)!r}{hint}")
+
+
+def _closest_folder(folder: Path) -> Path | None:
+    """The folder beside ``folder`` whose name is closest to its name (difflib), if any is close."""
+    parent = folder.parent
+    siblings = [p.name for p in parent.iterdir() if p.is_dir()] if parent.is_dir() else []
+    close = difflib.get_close_matches(folder.name, siblings, n=1, cutoff=0.6)
+    return parent / close[0] if close else None
+
+
+def infer_image_shape(folder: str | Path, headers: Sequence[tuple[tuple[int, int], str] | None] | None = None
+                      ) -> tuple[int, int, int]:
+    """The ``(C, S, S)`` a folder's images are read at when no size is given: S from the most common
+    image size, which must be square and shared by more than half of the readable images; C = 1
+    when every image is grey (PIL modes ``1``, ``L``, ``LA``, ``I``, ``F``...), else 3 (grey images
+    are repeated into RGB, losslessly). ``headers``: the (size, mode) of each file (None for an
+    unreadable one) when the caller has read them. :class:`DatasetError` when the sizes leave the
+    choice to the user."""
+    folder = Path(folder).expanduser()
+    if headers is None:
+        layout = folder_layout(folder)
+        headers = _headers([path for split in layout.read_order() for path in layout.files[split]])
+    readable = [h for h in headers if h is not None]
+    if not readable:
+        raise DatasetError(f"image folder {folder} has no readable images")
+    sizes = Counter(size for size, _ in readable)
+    (width, height), count = sizes.most_common(1)[0]
+    channels = _channels(readable)
+    if width != height or 2 * count <= len(readable):
+        found = (f"{len(sizes)} image sizes, the most common {width}x{height} in {count} of {len(readable)} images"
+                 if len(sizes) > 1 else f"every image is {width}x{height}, not square")
+        raise DatasetError(
+            f"image folder {folder}: cannot infer the image size ({found}); pass image_size (or image_shape) "
+            f"to centre-crop and resize every image to one square size",
+            f"image folder {folder}: cannot infer the image size ({found}); pass --image-shape {channels} S S "
+            f"to centre-crop and resize every image to S x S")
+    return channels, width, width
+
+
+def _channels(headers: Sequence[tuple[tuple[int, int], str]]) -> int:
+    """1 when every image is grey, else 3 (grey images repeat into RGB without loss)."""
+    return 1 if headers and all(mode in GREY_MODES for _, mode in headers) else 3
+
+
+def _load_image_folder(
+    folder: Path, split: str, *, image_size: int | None, channels: int | None
+) -> ImageFileDataset:
+    """The ``split`` of the folder's images (:func:`folder_layout`; ``"all"``: every image of it).
+
+    The size and channels not given are inferred (:func:`infer_image_shape`). Files PIL cannot
+    identify are skipped with one warning; a flat folder's split is drawn before that, so that one
+    corrupt file does not reshuffle it."""
+    layout = folder_layout(folder)
+    if split not in layout.files and split != "all":
+        raise DatasetError(f"image folder {folder} has no {split} split (no {split}/ subfolder)")
+    if layout.ignored:
+        read = sorted({files[0].relative_to(folder).parts[0] + "/" for files in layout.files.values() if files})
+        warnings.warn(f"image folder {folder}: read as the splits {', '.join(read)}; "
+                      f"not read: {', '.join(layout.ignored[:5])}{', ...' if len(layout.ignored) > 5 else ''}",
+                      stacklevel=3)
+    splits = layout.read_order() if split == "all" else [split]
+    paths = [path for s in splits for path in layout.files[s]]
+    labels = torch.cat([layout.labels[s] for s in splits])
+    n_files = len(paths)
+    headers = _headers(paths)
+    if image_size is None or channels is None:  # read from every image of the folder, so all splits agree
+        all_headers = headers if split == "all" else _headers([p for s in layout.read_order() for p in layout.files[s]])
+        if image_size is None:
+            inferred_channels, image_size, _ = infer_image_shape(folder, all_headers)
+        else:
+            inferred_channels = _channels([h for h in all_headers if h is not None])
+        channels = channels or inferred_channels
+    readable = [h is not None for h in headers]
     unreadable = [path for path, ok in zip(paths, readable) if not ok]
     if unreadable:
         warnings.warn(
@@ -608,8 +829,8 @@ def _load_image_folder(
     if not paths:
         needed = math.ceil(1 / FOLDER_TEST_FRACTION)
         raise DatasetError(
-            f"image folder {folder}: no readable images in its test split, which is {FOLDER_TEST_FRACTION:.0%} of "
-            f"the image files rounded down: it has {n_files}, at least {needed} are needed"
+            f"image folder {folder}: no readable images in its test split, which is {layout.test_from} rounded "
+            f"down: it has {len(layout.files['train'])}, at least {needed} are needed (or put test images in test/)"
         )
     if len(unreadable) == len(paths):
         raise DatasetError(
@@ -620,36 +841,27 @@ def _load_image_folder(
         [path for path, ok in zip(paths, readable) if ok],
         labels[torch.tensor(readable)],
         image_size=image_size,
-        channels=channels or 3,
+        channels=channels,
         name=f"{folder} ({split})",
-        class_names=class_names,
+        class_names=layout.class_names,
     )
 
 
-def _folder_labels(folder: Path, paths: list[Path]) -> tuple[list[str] | None, torch.Tensor]:
-    """Class names and labels from the top-level subfolders, or (None, all -1) for a flat folder."""
-    tops = [path.relative_to(folder).parts[0] if path.parent != folder else None for path in paths]
-    if None in tops:
-        return None, torch.full((len(paths),), -1, dtype=torch.int64)
-    class_names = sorted(set(tops))
-    label_of = {class_name: label for label, class_name in enumerate(class_names)}
-    return class_names, torch.tensor([label_of[top] for top in tops], dtype=torch.int64)
-
-
-def _readable(paths: list[Path]) -> list[bool]:
-    """Whether PIL identifies each file; only headers are read, in threads, as this is I/O bound."""
+def _headers(paths: list[Path]) -> list[tuple[tuple[int, int], str] | None]:
+    """The (width, height) and PIL mode of each file, None where PIL cannot identify it; only
+    headers are read, in threads, as this is I/O bound."""
     with ThreadPoolExecutor() as pool:
-        return list(pool.map(_is_image, paths))
+        return list(pool.map(_header, paths))
 
 
-def _is_image(path: Path) -> bool:
+def _header(path: Path) -> tuple[tuple[int, int], str] | None:
     from PIL import Image
 
     try:
-        with Image.open(path):
-            return True
+        with Image.open(path) as image:
+            return image.size, image.mode
     except Exception:  # PIL raises OSError, SyntaxError, ValueError... for malformed files
-        return False
+        return None
 
 
 def _read_image(path: Path, size: int, channels: int) -> torch.Tensor:
@@ -675,7 +887,7 @@ def load_npz(path: str | Path, split: str = "train", seed: int = 0) -> TensorIma
 
     The split: the file's ``split`` array (0 train, 1 test) when it has one; else, for
     ``NAME_train.npz``, the test set is ``NAME_test.npz`` beside it; else a seeded 95/5 split
-    (:func:`_split_indices`, as image folders)."""
+    (:func:`_split_indices` with ``seed``, :data:`NPZ_TEST_FRACTION` in the test split)."""
     path = Path(path).expanduser()
     keys = _npz_keys(path)
     if split == "test" and "split" not in keys and path.stem.endswith("_train"):
@@ -696,7 +908,7 @@ def load_npz(path: str | Path, split: str = "train", seed: int = 0) -> TensorIma
     elif split == "all" or path.stem.endswith(("_train", "_test")):
         index = np.arange(len(x))
     else:
-        index = _split_indices(len(x), int(len(x) * FOLDER_TEST_FRACTION), split, seed)
+        index = _split_indices(len(x), int(len(x) * NPZ_TEST_FRACTION), split, seed)
     images = torch.from_numpy(x[index])
     images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2).contiguous()
     return TensorImageDataset(images, torch.from_numpy(y[index].astype(np.int64)), name=f"{path.name}/{split}")

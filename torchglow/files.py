@@ -1,4 +1,5 @@
-"""Writing result files so that a crash, a signal or a full disk never leaves a half-written one."""
+"""Writing result files so that a crash, a signal or a full disk never leaves a half-written one,
+with the permissions of a file opened the usual way (``0o666 & ~umask``)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,30 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(obj, indent=2) + "\n")
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
     return path
+
+
+def default_file_mode() -> int:
+    """``0o666 & ~umask``: the mode ``open`` gives a new file. ``tempfile.mkstemp`` (atomic writes)
+    and safetensors create files 0600 whatever the umask, so such files are given this mode."""
+    try:  # Linux reports the umask without changing it
+        with open("/proc/self/status") as status:
+            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)  # elsewhere the only way to read it is to set it, then restore it
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+def make_readable(folder: str | Path) -> None:
+    """Give every file in ``folder`` (not below) :func:`default_file_mode`, e.g. after a library
+    wrote them 0600."""
+    mode = default_file_mode()
+    for path in Path(folder).iterdir():
+        if path.is_file():
+            os.chmod(path, mode)

@@ -35,6 +35,9 @@ from .layers import Coupling, InvConv1x1
 # Thresholds above/below which the trainer prints a warning with the per-epoch numbers.
 COND_WARN = 1e4
 SCALE_WARN = 1e-4
+# Samples and decoded frames warn when more than this share of their values lies outside the image
+# range [-0.5, 0.5) and is clipped: most of the picture is then saturated black/white.
+CLIP_WARN = 0.5
 
 
 class NumericalHealthWarning(RuntimeWarning):
@@ -134,9 +137,11 @@ def sample_stats(x: torch.Tensor) -> dict[str, Any]:
 _warned: set[str] = set()
 
 
-def check_samples(x: torch.Tensor, context: str = "samples") -> dict[str, Any]:
+def check_samples(x: torch.Tensor, context: str = "samples", warn_clipped: bool = False) -> dict[str, Any]:
     """:func:`sample_stats` of ``x``; warns once per ``context`` (a :class:`NumericalHealthWarning`)
-    when some values are inf or NaN, which ``to_uint8`` would silently turn into black or white."""
+    when some values are inf or NaN, which ``to_uint8`` would silently turn into black or white, and,
+    with ``warn_clipped`` (the sample grids a person asked for), when more than :data:`CLIP_WARN` of
+    the values are clipped (a temperature too high)."""
     stats = sample_stats(x)
     if stats["nonfinite"] and context not in _warned:
         _warned.add(context)
@@ -145,7 +150,46 @@ def check_samples(x: torch.Tensor, context: str = "samples") -> dict[str, Any]:
             f"temperature, or the model's coupling scales have collapsed); they show as black/white pixels",
             NumericalHealthWarning, stacklevel=2,
         )
+    elif warn_clipped and stats["clipped_fraction"] > CLIP_WARN and context + " clipped" not in _warned:
+        _warned.add(context + " clipped")
+        warnings.warn(
+            f"{context}: {stats['clipped_fraction']:.0%} of the values lie outside the image range and are clipped "
+            f"to black/white (lower the temperature)", NumericalHealthWarning, stacklevel=2,
+        )
     return stats
+
+
+def frame_stats(x: torch.Tensor) -> dict[str, Any]:
+    """Per-image counts of a model-space batch (N, C, H, W) of decoded frames: ``frames`` (N),
+    ``nonfinite_frames`` (images with an inf or NaN value) and ``clipped_frames`` (finite images
+    with more than :data:`CLIP_WARN` of their values outside [-0.5, 0.5))."""
+    flat = x.reshape(x.shape[0], -1)
+    finite = torch.isfinite(flat)
+    broken = ~finite.all(1)
+    clipped = ((flat < -0.5) | (flat >= 0.5)) & finite
+    mostly_clipped = (clipped.float().mean(1) > CLIP_WARN) & ~broken
+    return {"frames": int(x.shape[0]), "nonfinite_frames": int(broken.sum()),
+            "clipped_frames": int(mostly_clipped.sum())}
+
+
+def check_frames(x: torch.Tensor, context: str) -> dict[str, Any]:
+    """:func:`frame_stats` of ``x``; a :class:`NumericalHealthWarning` naming ``context`` when some
+    frames are non-finite or mostly clipped (every call: each names other frames)."""
+    stats = frame_stats(x)
+    warn_frames(stats, context)
+    return stats
+
+
+def warn_frames(stats: dict[str, Any], context: str) -> None:
+    """The warning of :func:`check_frames` for counts already made (e.g. summed over a grid)."""
+    parts = [f"{stats['nonfinite_frames']} of {stats['frames']} frames are non-finite (the inverse overflowed; "
+             f"saved as black/white)" if stats["nonfinite_frames"] else "",
+             f"{stats['clipped_frames']} of {stats['frames']} frames are mostly clipped to black/white"
+             if stats["clipped_frames"] else ""]
+    parts = [p for p in parts if p]
+    if parts:
+        warnings.warn(f"{context}: {'; '.join(parts)}: the latents left the region the model was trained on "
+                      f"(smaller edits, or a longer-trained model)", NumericalHealthWarning, stacklevel=3)
 
 
 def sample_checked(model: torch.nn.Module, n: int, temperature: float = 1.0, y: torch.Tensor | None = None,

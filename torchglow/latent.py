@@ -32,6 +32,7 @@ import torch
 
 from . import preprocess as pp
 from .files import write_json_atomic
+from .health import check_frames, frame_stats, warn_frames
 from .images import bin_centres, data_max_level, display_uint8, save_grid
 from .model import Glow
 from .sampling import check_labels
@@ -81,8 +82,11 @@ def encode_eps(model: Glow, x_uint8: torch.Tensor, y=None, batch_size: int = 256
 
 
 @torch.no_grad()
-def decode_eps(model: Glow, eps: Sequence[torch.Tensor], y=None, batch_size: int = 256) -> torch.Tensor:
-    """Model-space images from standardised latents (inverse of :func:`encode_eps`)."""
+def decode_eps(model: Glow, eps: Sequence[torch.Tensor], y=None, batch_size: int = 256,
+               check: str | None = "decoded latents") -> torch.Tensor:
+    """Model-space images from standardised latents (inverse of :func:`encode_eps`). ``check``:
+    the words of a :class:`~torchglow.health.NumericalHealthWarning` when some images are non-finite
+    or mostly clipped (:func:`~torchglow.health.check_frames`); None when the caller counts them."""
     device, dtype = model.device, model.dtype
     n = eps[0].shape[0]
     y = check_labels(model, y, n, device)
@@ -90,7 +94,16 @@ def decode_eps(model: Glow, eps: Sequence[torch.Tensor], y=None, batch_size: int
     for sl in _batches(n, batch_size):
         out.append(model.decode([e[sl].to(device=device, dtype=dtype) for e in eps],
                                 None if y is None else y[sl], standardized=True))
-    return torch.cat(out)
+    x = torch.cat(out)
+    if check is not None:
+        check_frames(x, check)
+    return x
+
+
+def _add_frames(total: dict[str, int], x: torch.Tensor) -> None:
+    """Add :func:`~torchglow.health.frame_stats` of ``x`` to the running counts ``total``."""
+    for key, value in frame_stats(x).items():
+        total[key] = total.get(key, 0) + value
 
 
 def _slug(name: str) -> str:
@@ -193,7 +206,9 @@ def interpolate(model: Glow, x_a: torch.Tensor, x_b: torch.Tensor, out_dir: str 
     Writes ``interpolation_{method}.png`` (one row per pair, ``steps`` columns from ``x_a`` to
     ``x_b``) per method and ``interpolation.json``; the summary reports, per method, the largest
     model-space error of the decoded endpoints against the images and whether they give back the
-    ``n_bits`` images exactly. ``info`` is added to the summary.
+    ``n_bits`` images exactly, and counts the frames that are non-finite or mostly clipped
+    (``nonfinite_frames``, ``clipped_frames`` of ``frames``; a warning when there are any). ``info``
+    is added to the summary.
     """
     _check_images(model, x_a, "x_a")
     _check_images(model, x_b, "x_b")
@@ -217,14 +232,16 @@ def interpolate(model: Glow, x_a: torch.Tensor, x_b: torch.Tensor, out_dir: str 
     files, per_method = [], {}
     for m in methods:
         fn = INTERPOLATIONS[m]
-        frames = []
+        frames, counts = [], {}
         for t in ts:
             eps_t = [fn(a, b, t) for a, b in zip(eps_a, eps_b)]
-            frames.append(decode_eps(model, eps_t, y, batch_size).float().cpu())
+            frames.append(decode_eps(model, eps_t, y, batch_size, check=None).float().cpu())
+            _add_frames(counts, frames[-1])
+        warn_frames(counts, f"interpolation ({m})")
         err = max(float((frames[0] - centres[0]).abs().max()), float((frames[-1] - centres[1]).abs().max()))
         exact = bool((pp.to_uint8(frames[0], n_bits) == reduced[0]).all()
                      and (pp.to_uint8(frames[-1], n_bits) == reduced[1]).all())
-        per_method[m] = {"endpoint_max_abs_error": err, "endpoints_uint8_exact": exact}
+        per_method[m] = {"endpoint_max_abs_error": err, "endpoints_uint8_exact": exact, **counts}
         uint8 = torch.stack([pp.to_uint8(f, n_bits) for f in frames], 1)  # (n, steps, C, H, W)
         rows = [display_uint8(uint8[i], n_bits, level) for i in range(n)]
         files.append(str(save_grid(rows, out_dir / f"interpolation_{m}.png")))
@@ -348,6 +365,19 @@ def select_attributes(names: Sequence[str], wanted: Sequence[str] | None, where:
     return list(dict.fromkeys(wanted))
 
 
+def _class_index(dataset, cls: int | str) -> int:
+    """The label of class ``cls`` of ``dataset``: a class name, or its index (an int or digits)."""
+    names = getattr(dataset, "class_names", None) or []
+    if isinstance(cls, str) and cls in names:
+        return names.index(cls)
+    if isinstance(cls, int) or str(cls).isdigit():
+        if 0 <= int(cls) < dataset.num_classes:
+            return int(cls)
+    known = (f"is not a class of {dataset.name} (" + (", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+             + f", or 0..{dataset.num_classes - 1})" if names else f"0..{dataset.num_classes - 1})"))
+    raise LabelsError(f"classes: {cls} {known}", f"--class-attribute {cls} {known}")
+
+
 class LabelsError(ValueError):
     """Attribute labels that cannot come from the source asked for. The message names the arguments
     of :func:`labels_for`; ``cli_message`` is the same line worded with ``torchglow manipulate``'s
@@ -358,12 +388,13 @@ class LabelsError(ValueError):
         self.cli_message = cli_message
 
 
-def labels_for(dataset, index, classes: Sequence[int] | None = None, csv_path: str | Path | None = None,
+def labels_for(dataset, index, classes: Sequence[int | str] | None = None, csv_path: str | Path | None = None,
                attributes: Sequence[str] | None = None) -> tuple[torch.Tensor, list[str], str]:
     """Binary attribute labels (len(index), A) of the images of ``dataset`` at ``index``, their names
     and where they came from, from exactly one source:
 
-    * ``classes``: one attribute per class C, "has class C" (:func:`binary_labels_from_classes`);
+    * ``classes``: one attribute per class C (a class name or its index), "has class C"
+      (:func:`binary_labels_from_classes`), named ``class_<its name>`` (``class_<index>`` without names);
     * ``csv_path``: a labels CSV (:func:`labels_from_csv`) matched on :func:`image_ids`;
     * neither: the data set's own per-image attributes (CelebA), of which ``attributes`` must name
       the ones to use.
@@ -382,13 +413,12 @@ def labels_for(dataset, index, classes: Sequence[int] | None = None, csv_path: s
             raise LabelsError(f"data set {dataset.name} has no class labels: use csv_path or, for CelebA, attributes",
                               f"data set {dataset.name} has no class labels: --class-attribute needs a labelled "
                               f"data set (use --labels-csv or, for CelebA, --attribute)")
-        bad = [c for c in classes if not 0 <= c < dataset.num_classes]
-        if bad:
-            known = f"is not a class of {dataset.name} (0..{dataset.num_classes - 1})"
-            raise LabelsError(f"classes: {bad[0]} {known}", f"--class-attribute {bad[0]} {known}")
+        indices = [_class_index(dataset, c) for c in classes]
         labels = torch.as_tensor(dataset.labels)[index]
-        columns = [binary_labels_from_classes(labels, c) for c in dict.fromkeys(classes)]
-        return torch.cat([c[0] for c in columns], 1), [c[1][0] for c in columns], f"classes of {dataset.name}"
+        columns = [binary_labels_from_classes(labels, c)[0] for c in dict.fromkeys(indices)]
+        class_names = getattr(dataset, "class_names", None)
+        names = [f"class_{class_names[c] if class_names else c}" for c in dict.fromkeys(indices)]
+        return torch.cat(columns, 1), names, f"classes of {dataset.name}"
     if csv_path is not None:
         labels, names = labels_from_csv(csv_path, image_ids(dataset))
         source = str(csv_path)
@@ -497,13 +527,16 @@ def load_directions(path: str | Path) -> dict[str, list[torch.Tensor]]:
 def manipulate(model: Glow, x_uint8: torch.Tensor, direction: Sequence[torch.Tensor], out_dir: str | Path,
                alphas: Sequence[float] = (-1.0, -0.5, 0.0, 0.5, 1.0), y=None, name: str = "direction",
                batch_size: int = 256, max_level: int | None = None,
-               eps: Sequence[torch.Tensor] | None = None) -> dict[str, Any]:
+               eps: Sequence[torch.Tensor] | None = None, suffix: str | None = None) -> dict[str, Any]:
     """Edit images along a direction (per-level list, e.g. from :func:`attribute_directions`):
     ``ε + α · direction`` at every level, decoded, as the official demo's ``manipulate``
     (α in [-1, 1]). Writes ``manipulate_{name}.png`` (one row per image, one column per α) and
     ``manipulate_{name}.json``; the summary reports, for α = 0 when given, the model-space error
-    against the image and whether the ``n_bits`` image comes back exactly. ``eps``: the images'
-    :func:`encode_eps` when the caller has it already (:func:`manipulate_all` encodes once).
+    against the image and whether the ``n_bits`` image comes back exactly, and counts the frames
+    that are non-finite or mostly clipped (``nonfinite_frames``, ``clipped_frames`` of ``frames``;
+    a warning when there are any). ``eps``: the images' :func:`encode_eps` when the caller has it
+    already (:func:`manipulate_all` encodes once). ``suffix`` goes after the name in the file
+    names; None picks the first of "", "-2", "-3", ... that overwrites no file.
     """
     _check_images(model, x_uint8)
     if len(direction) != len(model.latent_shapes):
@@ -520,24 +553,40 @@ def manipulate(model: Glow, x_uint8: torch.Tensor, direction: Sequence[torch.Ten
     eps = encode_eps(model, x_uint8, y, batch_size) if eps is None else eps
     cols = []
     summary_extra: dict[str, Any] = {}
+    counts: dict[str, int] = {}
     for a in alphas:
-        x = decode_eps(model, [e + a * d for e, d in zip(eps, dirs)], y, batch_size).float().cpu()
+        x = decode_eps(model, [e + a * d for e, d in zip(eps, dirs)], y, batch_size, check=None).float().cpu()
+        _add_frames(counts, x)
         if a == 0.0:
             summary_extra = {
                 "alpha0_max_abs_error": float((x - _centres(model, x_uint8).float().cpu()).abs().max()),
                 "alpha0_uint8_exact": bool((pp.to_uint8(x, n_bits) == _reduced(x_uint8, n_bits)).all()),
             }
         cols.append(pp.to_uint8(x, n_bits))
+    warn_frames(counts, f"manipulate {name}")
     grid = torch.stack(cols, 1)  # (N, len(alphas), C, H, W)
     level = data_max_level(x_uint8, n_bits) if max_level is None else max_level
     rows = [display_uint8(grid[i], n_bits, level) for i in range(grid.shape[0])]
     out_dir = Path(out_dir)
-    png = save_grid(rows, out_dir / f"manipulate_{_slug(name)}.png")
+    stem = f"manipulate_{_slug(name)}"
+    suffix = free_suffix(out_dir, [f"{stem}.png", f"{stem}.json"]) if suffix is None else suffix
+    png = save_grid(rows, out_dir / f"{stem}{suffix}.png")
     summary = {"tool": "manipulate", "name": name, "images": int(x_uint8.shape[0]), "alphas": alphas,
-               "direction_norm_per_level": [float(d.norm()) for d in dirs], **summary_extra,
+               "direction_norm_per_level": [float(d.norm()) for d in dirs], **summary_extra, **counts,
                "n_bits": n_bits, "files": [str(png)]}
-    write_json_atomic(out_dir / f"manipulate_{_slug(name)}.json", summary)
+    write_json_atomic(out_dir / f"{stem}{suffix}.json", summary)
     return summary
+
+
+def free_suffix(out_dir: str | Path, names: Sequence[str]) -> str:
+    """The first of "", "-2", "-3", ... that, put before the extension of every one of ``names``,
+    names no existing file in ``out_dir``: a second call of a tool keeps the first one's files."""
+    out_dir = Path(out_dir)
+    for i in range(1, 10_000):
+        suffix = "" if i == 1 else f"-{i}"
+        if not any((out_dir / f"{Path(n).stem}{suffix}{Path(n).suffix}").exists() for n in names):
+            return suffix
+    raise ValueError(f"{out_dir} holds 9,999 outputs of this tool: choose another output folder")
 
 
 def manipulate_all(model: Glow, x_uint8: torch.Tensor, directions: dict[str, Sequence[torch.Tensor]],
@@ -546,12 +595,15 @@ def manipulate_all(model: Glow, x_uint8: torch.Tensor, directions: dict[str, Seq
                    ) -> dict[str, Any]:
     """:func:`manipulate` along each of ``directions`` (``{name: per-level direction}``); writes
     ``manipulate.json``, the summaries per attribute with ``info`` added, and returns it. The
-    images are encoded once for all directions."""
+    images are encoded once for all directions. A folder that holds an earlier call's files gets
+    this call's with a suffix (``manipulate-2.json``, ``manipulate_class_cat-2.png``)."""
     eps = encode_eps(model, x_uint8, y, batch_size)
+    stems = ["manipulate"] + [f"manipulate_{_slug(name)}" for name in directions]
+    suffix = free_suffix(out_dir, [f"{stem}{ext}" for stem in stems for ext in (".png", ".json")])
     per_attribute = {name: manipulate(model, x_uint8, d, out_dir, alphas=alphas, y=y, name=name,
-                                      batch_size=batch_size, max_level=max_level, eps=eps)
+                                      batch_size=batch_size, max_level=max_level, eps=eps, suffix=suffix)
                      for name, d in directions.items()}
     summary = {"tool": "manipulate", "alphas": [float(a) for a in alphas], **(info or {}),
                "attributes": per_attribute, "files": [f for s in per_attribute.values() for f in s["files"]]}
-    write_json_atomic(Path(out_dir) / "manipulate.json", summary)
+    write_json_atomic(Path(out_dir) / f"manipulate{suffix}.json", summary)
     return summary

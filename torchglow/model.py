@@ -306,10 +306,10 @@ class Glow(nn.Module, ModelHubMixin):
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, map_location: str | torch.device = "cpu",
                         **hub_kwargs) -> "Glow":
-        """A model from a pretrained folder (read locally, never the network) or a Hub repository
-        ``"user/name"``; ``hub_kwargs`` (revision, token, cache_dir, local_files_only,
+        """A model in eval mode (as Hugging Face's) from a pretrained folder (read locally, never the
+        network) or a Hub repository ``"user/name"``; ``hub_kwargs`` (revision, token, cache_dir, local_files_only,
         force_download) go to the download."""
-        return super().from_pretrained(name_or_path, map_location=map_location, **hub_kwargs)
+        return super().from_pretrained(name_or_path, map_location=map_location, **hub_kwargs).eval()
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, config: dict | GlowConfig | None = None,

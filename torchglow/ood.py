@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -206,6 +207,9 @@ def uniform_noise(n: int, shape: Sequence[int], n_bits: int, seed: int = 0,
 
 
 TRANSFORMS = ("flipped", "inverted", "noise")
+# A metric from fewer scores than this on either side (images, or typicality batches) is flagged: an
+# AUROC from n_in x n_out pairs moves in steps of 1/(n_in n_out), and from 1 or 2 batches is 0 or 1.
+MIN_SCORES = 20
 
 
 def ood_sets(x_in: torch.Tensor, n_bits: int, transforms: Sequence[str] = TRANSFORMS, datasets: Sequence[str] = (),
@@ -217,12 +221,12 @@ def ood_sets(x_in: torch.Tensor, n_bits: int, transforms: Sequence[str] = TRANSF
       :func:`uniform_noise` over the bins ``x_in`` uses (N images);
     * ``datasets``: the ``split`` of other data sets (:func:`torchglow.data.load_dataset`),
       converted to the channels and size of ``x_in``;
-    * ``folders``: every image of each folder (both of its splits), named ``folder:PATH``.
+    * ``folders``: every image of each folder (all of its splits), named ``folder:PATH``.
 
     Data sets and folders give at most ``max_images`` images each (seeded choice; 0: all).
     Raises ValueError for an unknown transform and :class:`~torchglow.data.DatasetError` for data
     that cannot be loaded or converted."""
-    from .data import DatasetError, load_dataset, pick_indices
+    from .data import load_dataset, pick_indices
 
     unknown = sorted(set(transforms) - set(TRANSFORMS))
     if unknown:
@@ -236,13 +240,8 @@ def ood_sets(x_in: torch.Tensor, n_bits: int, transforms: Sequence[str] = TRANSF
         ds = load_dataset(name, split, data_dir=data_dir, download=download, image_size=h, channels=c)
         sets[ds.name] = ds.take(pick_indices(len(ds), max_images, seed))[0]
     for folder in dict.fromkeys(folders):
-        parts = [load_dataset(f"folder:{folder}", "train", image_size=h, channels=c)]
-        try:
-            parts.append(load_dataset(f"folder:{folder}", "test", image_size=h, channels=c))
-        except DatasetError:  # a folder of fewer than 20 images has no test split
-            pass
-        x = torch.cat([ds.take(torch.arange(len(ds)))[0] for ds in parts])
-        sets[f"folder:{folder}"] = x[pick_indices(len(x), max_images, seed)]
+        ds = load_dataset(f"folder:{folder}", "all", image_size=h, channels=c)
+        sets[f"folder:{folder}"] = ds.take(pick_indices(len(ds), max_images, seed))[0]
     return sets
 
 
@@ -278,12 +277,18 @@ def _histogram(values: dict[str, torch.Tensor], in_name: str, path: Path, xlabel
     fig.savefig(path, dpi=100)
 
 
-def _table(rows: list[tuple[str, str, dict[str, float]]]) -> str:
+def _table(rows: list[tuple[str, str, dict[str, float]]], few: set[tuple[str, str]] = frozenset()) -> str:
+    """The printed table; rows in ``few`` (set, score) are marked ``*``, with a footnote."""
     w1 = max([len("OOD set")] + [len(r[0]) for r in rows])
     w2 = max([len("score")] + [len(r[1]) for r in rows])
     lines = [f"{'OOD set':<{w1}}  {'score':<{w2}}  {'AUROC':>6}  {'AUPR':>6}  {'FPR@95':>6}"]
     for name, score, m in rows:
-        lines.append(f"{name:<{w1}}  {score:<{w2}}  {m['auroc']:6.3f}  {m['aupr']:6.3f}  {m['fpr_at_95_tpr']:6.3f}")
+        mark = "  *" if (name, score) in few else ""
+        lines.append(f"{name:<{w1}}  {score:<{w2}}  {m['auroc']:6.3f}  {m['aupr']:6.3f}  "
+                     f"{m['fpr_at_95_tpr']:6.3f}{mark}")
+    if few:
+        lines.append(f"* from fewer than {MIN_SCORES} scores on one side (images, or batches of M for typicality): "
+                     f"noisy; score more images (--in-split all, --max-images 0)")
     return "\n".join(lines)
 
 
@@ -308,7 +313,9 @@ def ood_report(model: Glow, in_images: torch.Tensor, out_sets: dict[str, torch.T
 
     Writes ``ood.json``, ``bpd_hist.png`` (bits/dim histograms, one panel per OOD set against
     the in-distribution set) and ``complexity_hist.png``; prints the table when ``verbose``;
-    returns the summary, whose ``"table"`` is the printed table, with ``info`` added.
+    returns the summary, whose ``"table"`` is the printed table, with ``info`` added. A metric from
+    fewer than :data:`MIN_SCORES` scores on either side is marked ``*`` in the table, listed under
+    ``caveats`` and warned about.
     """
     if not out_sets:
         raise ValueError("give at least one OOD set")
@@ -341,6 +348,7 @@ def ood_report(model: Glow, in_images: torch.Tensor, out_sets: dict[str, torch.T
     rows: list[tuple[str, str, dict[str, float]]] = []
     results: dict[str, Any] = {}
     skipped: list[str] = []
+    few: set[tuple[str, str]] = set()
     typicality_in = {m: typicality_scores(in_typ_bpd, h_hat, m, seed) for m in ms}
     for name in out_sets:
         res = {"bpd": metrics(bpd[in_name], bpd[name]),
@@ -353,9 +361,14 @@ def ood_report(model: Glow, in_images: torch.Tensor, out_sets: dict[str, torch.T
                 continue
             res[f"typicality_m{m}"] = {**metrics(t_in, t_out), "batches_in": int(t_in.numel()),
                                        "batches_out": int(t_out.numel())}
+            if min(t_in.numel(), t_out.numel()) < MIN_SCORES:
+                few.add((name, f"typicality_m{m}"))
+        if min(in_images.shape[0], out_sets[name].shape[0]) < MIN_SCORES:
+            few.update((name, score) for score in ("bpd", "complexity"))
         results[name] = res
         rows += [(name, score, mm) for score, mm in res.items()]
-    table = _table(rows)
+    table = _table(rows, few)
+    caveats = [f"{score} of {name}: fewer than {MIN_SCORES} scores on one side" for name, score in sorted(few)]
 
     _histogram(bpd, in_name, out_dir / "bpd_hist.png", "bits/dim", "bits/dim per image")
     _histogram(complexity, in_name, out_dir / "complexity_hist.png", "S(x) = bits/dim - PNG bits/dim",
@@ -367,11 +380,14 @@ def ood_report(model: Glow, in_images: torch.Tensor, out_sets: dict[str, torch.T
         "bpd": {k: _stats(v) for k, v in bpd.items()},
         "png_bits_per_dim": {k: _stats(v) for k, v in png.items()},
         "complexity": {k: _stats(v) for k, v in complexity.items()},
-        "metrics": results, "skipped": skipped, "table": table,
+        "metrics": results, "skipped": skipped, "caveats": caveats, "min_scores": MIN_SCORES, "table": table,
         "files": [str(out_dir / "bpd_hist.png"), str(out_dir / "complexity_hist.png"), str(out_dir / "ood.json")],
         **(info or {}),
     }
     write_json_atomic(out_dir / "ood.json", summary)
     if verbose:
         print(table)
+    if few:
+        warnings.warn(f"{len(few)} of the {len(rows)} OOD metrics rest on fewer than {MIN_SCORES} scores on one "
+                      f"side (marked *, listed under caveats in ood.json)", stacklevel=2)
     return summary

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .checkpoint import load_model
-from .data import DatasetError, ImageDataset, load_dataset, pick_indices
+from .data import DATASETS, DatasetError, ImageDataset, load_dataset, missing_folder_error, pick_indices
 from .images import display_max_level
 from .model import Glow
 from .sampling import check_labels
@@ -75,6 +75,11 @@ class Run:
         own = name == self.train.get("dataset")
         seed = self.train.get("seed", 0) if own else 0
         c, h, _ = self.model.config.image_shape
+        if own and name not in DATASETS and not Path(name.removeprefix("folder:")).expanduser().exists():
+            gone = (f"no such file {name!r}" if name.endswith(".npz")
+                    else missing_folder_error(name.removeprefix("folder:")))
+            raise DatasetError(f"{self.source} was trained on {name}, which is not there any more ({gone}); "
+                               f"if it moved, pass --dataset NEW_PATH")
         return load_dataset(name, split, data_dir=data_dir or (self.train.get("data_dir") if own else None),
                             image_size=h, channels=c, seed=seed if isinstance(seed, int) else 0)
 

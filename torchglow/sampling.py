@@ -105,9 +105,9 @@ def sample_grid(model: Glow, out_dir: str | Path, temperatures: Sequence[float] 
     Pixels are shown with bin ``max_level`` as white (default the top bin ``2**n_bits - 1``; see
     :func:`torchglow.images.display_uint8`). Writes ``{name}.json`` and returns that summary: the
     files, the options and per-temperature :func:`torchglow.health.sample_stats` (non-finite values,
-    the fraction clipped into [-0.5, 0.5)); non-finite samples also raise a
-    :class:`~torchglow.health.NumericalHealthWarning`. ``fast``: as in :func:`temperature_rows`,
-    one compiled decode for the whole grid.
+    the fraction clipped into [-0.5, 0.5)); non-finite samples, and a temperature whose samples
+    mostly clip, also raise a :class:`~torchglow.health.NumericalHealthWarning`. ``fast``: as in
+    :func:`temperature_rows`, one compiled decode for the whole grid.
     """
     temperatures = [float(t) for t in temperatures]
     if not temperatures:
@@ -129,14 +129,14 @@ def sample_grid(model: Glow, out_dir: str | Path, temperatures: Sequence[float] 
     if not conditional:
         xs = _rows(model, decode, temperatures, n_per_row, seed, None)
         for t, x in zip(temperatures, xs):
-            per_t[_fmt(t)] = check_samples(x, context=f"samples at T={_fmt(t)}")
+            per_t[_fmt(t)] = check_samples(x, context=f"samples at T={_fmt(t)}", warn_clipped=True)
         rows = [to_display(x, n_bits, max_level) for x in xs]
         labels = [f"T={_fmt(t)}" for t in temperatures]
         files.append(str(save_grid(rows, out_dir / f"{name}.png", row_labels=labels)))
     else:
         for t in temperatures:
             xs = [_rows(model, decode, [t], n_per_row, seed, c)[0] for c in classes]
-            per_t[_fmt(t)] = check_samples(torch.cat(xs), context=f"samples at T={_fmt(t)}")
+            per_t[_fmt(t)] = check_samples(torch.cat(xs), context=f"samples at T={_fmt(t)}", warn_clipped=True)
             rows = [to_display(x, n_bits, max_level) for x in xs]
             files.append(str(save_grid(rows, out_dir / f"{name}_T{_fmt(t)}.png",
                                        row_labels=[f"class {c}" for c in classes])))

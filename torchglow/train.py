@@ -25,6 +25,7 @@ and ``model/`` (the evaluated weights as a pretrained folder).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -43,9 +44,9 @@ from . import health
 from . import preprocess as pp
 from .checkpoint import FORMAT, CheckpointError, atomic_save, config_diff, load_checkpoint, load_model, load_state
 from .config import ConfigError, GlowConfig, TrainConfig, train_preset  # noqa: F401 (train_preset: re-exported)
-from .data import DatasetError
+from .data import DatasetError, absolute_dataset
 from .evaluate import categorical_baseline_bpd, evaluate_bpd, plot_curves
-from .files import write_json_atomic
+from .files import make_readable, write_json_atomic
 from .memory import check_memory_mode
 from .model import Glow
 from .step import INIT_NOISE, TrainStep, compile_step, dequantization_noise, mix_seed
@@ -142,7 +143,8 @@ class _Data:
 
 
 def default_run_dir(dataset: str) -> Path:
-    stem = Path(dataset).stem if Path(dataset).exists() else dataset
+    path = Path(dataset.removeprefix("folder:"))
+    stem = path.stem if path.exists() else dataset
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -159,7 +161,8 @@ def load_run_configs(run_dir: str | Path) -> tuple[GlowConfig, TrainConfig]:
 
 
 # --------------------------------------------------------------------------- the driver
-def train(model_config: GlowConfig, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+def train(model_config: GlowConfig, cfg: TrainConfig, resume: bool = False, progress: bool = True, *,
+          defaults: str | None = None, command: str | None = None) -> TrainResult:
     """Train a Glow; the run summary is also written to ``<out>/summary.json``.
 
     With ``resume=True``, ``cfg.out`` must be an existing run folder; training continues from its
@@ -170,11 +173,19 @@ def train(model_config: GlowConfig, cfg: TrainConfig, resume: bool = False, prog
     SIGINT/SIGTERM (once) at any point after this is called stop the run cleanly: ``last.pt`` is
     written at the next step boundary and the summary says ``interrupted_by``; a second signal is
     fatal (the previous ``last.pt`` stays intact, as every checkpoint is written atomically).
+
+    A folder or ``.npz`` data set (and ``data_dir``) is stored in the run as an absolute path, so
+    that the tools find it from any directory. The first line printed describes the data (shape,
+    n_bits, classes, images per split) and ends with ``defaults``, the caller's words for where
+    the configs come from; ``command`` (the command line that started the run) goes into
+    ``config.json`` and the model card of ``model/``.
     """
+    cfg = dataclasses.replace(cfg, dataset=absolute_dataset(cfg.dataset),
+                              data_dir=None if cfg.data_dir is None else str(Path(cfg.data_dir).expanduser().resolve()))
     with _StopRequest() as stop:
         device = _setup(model_config, cfg)
         data = load_data(model_config, cfg, device)
-        run = start_run(model_config, cfg, resume, data, device, stop, progress)
+        run = start_run(model_config, cfg, resume, data, device, stop, progress, defaults=defaults, command=command)
         try:
             if resume and run.done and run.is_main:
                 print(f"{run.out} is finished ({run.state['epoch']} epochs, {run.state['step']} steps); to train "
@@ -214,6 +225,8 @@ class TrainingData:
     health_x: torch.Tensor
     health_y: torch.Tensor | None
     steps_per_epoch: int
+    class_names: list[str] | None = None
+    num_classes: int | None = None
 
 
 def load_data(model_config: GlowConfig, cfg: TrainConfig, device: torch.device) -> TrainingData:
@@ -238,9 +251,11 @@ def load_data(model_config: GlowConfig, cfg: TrainConfig, device: torch.device) 
     if conditional and not train_set.num_classes:
         raise ConfigError(f"--num-classes {model_config.num_classes} makes the model class-conditional, "
                           f"but data set {train_set.name} has no labels")
-    if conditional and train_set.num_classes > model_config.num_classes:
-        raise ConfigError(f"data set {train_set.name} has {train_set.num_classes} classes but "
-                          f"--num-classes is {model_config.num_classes}")
+    if conditional and train_set.num_classes != model_config.num_classes:
+        found = _class_list(train_set.class_names) if train_set.class_names else \
+            plural(train_set.num_classes, "class", "classes")
+        raise ConfigError(f"data set {train_set.name} has {found}, but --num-classes is {model_config.num_classes}: "
+                          f"pass --num-classes {train_set.num_classes}")
     train_data, test_data = _Data(train_set, device, cfg.num_workers), _Data(test_set, device, cfg.num_workers)
     test_images, test_labels = test_data.all()
     baseline_images, health_y = train_data.all(limit=BASELINE_IMAGES)
@@ -251,7 +266,8 @@ def load_data(model_config: GlowConfig, cfg: TrainConfig, device: torch.device) 
         baseline=categorical_baseline_bpd(baseline_images.cpu(), test_images.cpu(), n_bits),
         display_max=display_max_level(train_set, n_bits), health_x=health_x.to(device),
         health_y=health_y[:HEALTH_IMAGES].to(device) if conditional else None,
-        steps_per_epoch=len(train_data) // cfg.batch_size)
+        steps_per_epoch=len(train_data) // cfg.batch_size, class_names=train_set.class_names,
+        num_classes=train_set.num_classes)
 
 
 @dataclass
@@ -277,6 +293,7 @@ class TrainingRun:
     bar: Any
     metrics_file: Any = None
     tb: Any = None
+    command: str | None = None
     segment_start: float = 0.0
     last_read: tuple[int, float] = (0, 0.0)
     restored_at: int | None = None
@@ -341,11 +358,16 @@ class TrainingRun:
 
 
 def start_run(model_config: GlowConfig, cfg: TrainConfig, resume: bool, data: TrainingData, device: torch.device,
-             stop: _StopRequest, progress: bool = True) -> TrainingRun:
+              stop: _StopRequest, progress: bool = True, defaults: str | None = None,
+              command: str | None = None) -> TrainingRun:
     """The run folder, model, EMA and training step: resumed from ``last.pt``, or new (from
-    ``init_from`` weights or a data-dependent initialisation)."""
+    ``init_from`` weights or a data-dependent initialisation). Prints :func:`data_line` first."""
     rank, world = dist_utils.rank_and_world()
-    out = _run_folder(model_config, cfg, resume, rank == 0)
+    if rank == 0:
+        print(f"torchglow train: {data_line(model_config, cfg, data, defaults)}", file=sys.stderr)
+    if resume and cfg.out:
+        command = _recorded_command(Path(cfg.out))
+    out = _run_folder(model_config, cfg, resume, rank == 0, command)
     model = Glow(model_config).to(device)
     model.set_memory(cfg.memory)
     if cfg.precision != "fp32":
@@ -370,13 +392,37 @@ def start_run(model_config: GlowConfig, cfg: TrainConfig, resume: bool, data: Tr
     model.train()
     if rank == 0:
         where = f"resuming {out} at step {state['step']}" if resume else f"writing the run to {out}"
-        print(f"torchglow train: {where} ({len(data.train)} training images, {data.steps_per_epoch} steps "
-              f"per epoch, {cfg.epochs} epochs)", file=sys.stderr)
+        print(f"torchglow train: {where} ({plural(len(data.train), 'training image')}, "
+              f"{plural(data.steps_per_epoch, 'step')} per epoch, {plural(cfg.epochs, 'epoch')})", file=sys.stderr)
     bar = _progress(_max_steps(cfg, data.steps_per_epoch), state["step"], out.name, progress and rank == 0)
     return TrainingRun(model_config, cfg, out, device, data, model, ema, trainer, step_fn, state, stop, bar,
                metrics_file=open(out / "metrics.jsonl", "a") if rank == 0 else None,
-               tb=_tensorboard(out) if rank == 0 else None, segment_start=time.time(),
+               tb=_tensorboard(out) if rank == 0 else None, command=command, segment_start=time.time(),
                last_read=(state["step"], time.time()))
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 step``, ``2 steps``, ``1,497 training images``; ``many``: an irregular plural."""
+    return f"{n:,} {word if n == 1 else many or word + 's'}"
+
+
+def _class_list(names: list[str] | None, limit: int = 10) -> str:
+    """``2 classes: cat, ship`` (the first ``limit`` names), or ``unlabelled``."""
+    if not names:
+        return "unlabelled"
+    shown = ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+    return f"{plural(len(names), 'class', 'classes')}: {shown}"
+
+
+def data_line(model_config: GlowConfig, cfg: TrainConfig, data: TrainingData, defaults: str | None = None) -> str:
+    """What a run trains on, in one line: the data set, image shape, n_bits, classes, images per
+    split and (``defaults``) where the configs come from."""
+    c, h, w = model_config.image_shape
+    classes = _class_list(data.class_names) if data.class_names else (
+        plural(data.num_classes, "class", "classes") if data.num_classes else "unlabelled")
+    line = (f"data {cfg.dataset}: {c}x{h}x{w} images at {model_config.n_bits} bits, {classes}; "
+            f"{len(data.train):,} train / {len(data.test_images):,} test images")
+    return f"{line}; {defaults}" if defaults else line
 
 
 def _max_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
@@ -384,15 +430,20 @@ def _max_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return min(cfg.max_steps or math.inf, cfg.epochs * steps_per_epoch)
 
 
-def _run_folder(model_config: GlowConfig, cfg: TrainConfig, resume: bool, is_main: bool) -> Path:
-    """``cfg.out`` checked (a resumable run, or no run unless ``overwrite``) with its config.json."""
+def _run_folder(model_config: GlowConfig, cfg: TrainConfig, resume: bool, is_main: bool,
+                command: str | None = None) -> Path:
+    """``cfg.out`` checked (a resumable run, or no run unless ``overwrite``) with its config.json,
+    which also records ``command``."""
     out = Path(cfg.out) if cfg.out else default_run_dir(cfg.dataset)
     if resume and not (out / "config.json").is_file():
         raise CheckpointError(f"cannot resume: {out} is not a run folder (no config.json)")
     if resume and not (out / "last.pt").is_file():
         raise CheckpointError(f"cannot resume: {out} has no last.pt (the run stopped before its first "
-                              f"checkpoint); start it again without --resume")
+                              f"checkpoint); start it again in that folder with --out {out} --overwrite")
     if not resume and any((out / name).exists() for name in RUN_FILES):
+        if not cfg.overwrite and not (out / "last.pt").exists():
+            raise ConfigError(f"{out} holds a run that stopped before its first checkpoint (no last.pt): start it "
+                              f"again there with --overwrite, or choose another --out")
         if not cfg.overwrite:
             raise ConfigError(f"{out} already holds a run: continue it with --resume {out}, choose another "
                               f"--out, or pass --overwrite to replace it")
@@ -406,10 +457,20 @@ def _run_folder(model_config: GlowConfig, cfg: TrainConfig, resume: bool, is_mai
         try:
             (out / "samples").mkdir(parents=True, exist_ok=True)
             write_json_atomic(out / "config.json", {"model": model_config.to_dict(),
-                                              "train": {**cfg.to_dict(), "out": str(out), "overwrite": False}})
+                                                    "train": {**cfg.to_dict(), "out": str(out), "overwrite": False},
+                                                    "command": command})
         except OSError as e:
             raise CheckpointError(f"cannot write to run folder {out}: {e.strerror or e}") from None
     return out
+
+
+def _recorded_command(out: Path) -> str | None:
+    """The command that started the run in ``out`` (None when its config.json does not say)."""
+    try:
+        recorded = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return recorded.get("command") if isinstance(recorded, dict) else None
 
 
 def _resume_checkpoint(out: Path, model_config: GlowConfig, device: torch.device) -> dict[str, Any]:
@@ -461,6 +522,7 @@ def _initialize(model: Glow, cfg: TrainConfig, data: TrainingData, device: torch
         model.initialize(x_init[rank::world], y_init[rank::world] if model.config.num_classes is not None else None)
     if init_dir is not None:
         model.save_pretrained(init_dir / "init")  # the model before its first step
+        make_readable(init_dir / "init")
 
 
 def train_epoch(run: TrainingRun) -> None:
@@ -621,13 +683,14 @@ def finish(run: TrainingRun) -> TrainResult:
         "baseline_bpd": run.data.baseline, "steps": state["step"], "epochs": state["epoch"],
         "images_seen": state["images"], "skipped_steps": state["skipped_steps"], "wall_time_s": state["wall_time_s"],
         "evaluated_with": "ema" if run.ema is not None else "weights",
+        "ema_decay": run.trainer.ema_decay if run.ema is not None else None,
         "samples": str(run.out / "samples" / f"{_grid_name(run)}.png") if final_bpd is not None else None,
     }
     if run.is_main:
         if state["history"]:
             plot_curves(state["history"], run.out / "bpd.png", run.data.baseline)
         write_json_atomic(run.out / "summary.json", summary)
-        run.eval_model.save_pretrained(run.out / "model")
+        _save_model(run, final_bpd)
         if interrupted:
             print(f"stopped by {interrupted} at step {state['step']}; resume with: torchglow train --resume {run.out}",
                   file=sys.stderr)
@@ -635,18 +698,32 @@ def finish(run: TrainingRun) -> TrainResult:
     return TrainResult(summary, run.model, run.eval_model)
 
 
+def _save_model(run: TrainingRun, test_bpd: float | None) -> None:
+    """``model/``: the evaluated weights as a pretrained folder, its model card naming the data set,
+    the test bits/dim and the command (rewritten, so that a resumed run's card is up to date)."""
+    from .hub import write_model_card
+
+    folder = run.out / "model"
+    run.eval_model.save_pretrained(folder)
+    write_model_card(folder, run.model_config, dataset=run.cfg.dataset, test_bpd=test_bpd, command=run.command)
+    make_readable(folder)
+
+
 def summary_text(summary: dict[str, Any]) -> str:
     """The end of ``torchglow train`` for a person: the scores, what bits/dim means, where the
-    pictures are and what to run next."""
+    pictures are and what to run next; which weights were scored (the EMA or the raw weights).
+    Empty for an interrupted run, whose "resume with" line :func:`finish` has printed."""
     run = summary["run"]
     if summary["interrupted_by"]:
-        return f"stopped at step {summary['steps']}; resume with: torchglow train --resume {run}"
+        return ""
     lines = []
     if summary["test_bpd"] is not None:
         best = summary["best_test_bpd"]
+        weights = (f"the EMA of the weights (decay {summary['ema_decay']:.4g})" if summary["evaluated_with"] == "ema"
+                   else "the raw weights (no EMA)")
         lines.append(f"test {summary['test_bpd']:.4f} bits/dim" + (f" (best {best:.4f}, in best.pt)" if best is not None else "")
-                     + f" after {summary['epochs']} epochs, {summary['steps']} steps, "
-                       f"{summary['wall_time_s'] / 60:.1f} min")
+                     + f" after {plural(summary['epochs'], 'epoch')}, {plural(summary['steps'], 'step')}, "
+                       f"{summary['wall_time_s'] / 60:.1f} min; scored with {weights}")
     lines += [f"baseline (each pixel on its own, counted from the training images): {summary['baseline_bpd']:.4f} "
               f"bits/dim",
               "bits/dim: the code length of a test image per pixel and colour channel under the model; lower is "
