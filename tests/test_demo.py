@@ -297,7 +297,12 @@ def client(session):
 
     from torchglow.demo_server import create_app
 
-    return TestClient(create_app(session, max_upload_bytes=20_000), base_url="http://127.0.0.1:8000")
+    return TestClient(create_app(session, max_upload_bytes=20_000, token=TOKEN), base_url="http://127.0.0.1:8000",
+                      headers={"X-Torchglow-Token": TOKEN})
+
+
+TOKEN = "test-token"
+RAW = {"Content-Type": "application/octet-stream"}
 
 
 def test_api_page_and_static_files(client):
@@ -317,7 +322,7 @@ def test_api_round_trip(client):
     assert info["name"] == "tiny" and info["n_samples"] == 8
     assert client.post("/api/samples", json={"temperature": 0.5, "seed": 3}).json()["image"].startswith("data:")
     img = png_bytes(Image.new("L", (30, 30), 90))
-    enc = client.post("/api/upload", content=img).json()
+    enc = client.post("/api/upload", content=img, headers=RAW).json()
     assert set(enc) == {"token", "input", "reconstruction", "label", "bpd", "readout"}
     other = client.post("/api/test_image", json={"index": 5}).json()
     edit = client.post("/api/edit", json={"token": enc["token"], "alphas": {"class c": 0.5}}).json()
@@ -327,13 +332,13 @@ def test_api_round_trip(client):
 
 
 @pytest.mark.parametrize("path, kwargs, status, needle", [
-    ("/api/upload", dict(content=b""), 400, "empty (0 bytes)"),
-    ("/api/upload", dict(content=b"<html>"), 400, "not an image"),
-    ("/api/upload", dict(content=header_only_png(20_000, 20_000)), 400, "more pixels than the limit"),
-    ("/api/upload", dict(content=b"x" * 20_001), 413, "larger than the limit"),
-    ("/api/samples", dict(content=b"{not json"), 400, "not JSON"),
+    ("/api/upload", dict(content=b"", headers=RAW), 400, "empty (0 bytes)"),
+    ("/api/upload", dict(content=b"<html>", headers=RAW), 400, "not an image"),
+    ("/api/upload", dict(content=header_only_png(20_000, 20_000), headers=RAW), 400, "more pixels than the limit"),
+    ("/api/upload", dict(content=b"x" * 20_001, headers=RAW), 413, "the upload is larger than the limit of 20 KiB"),
+    ("/api/samples", dict(content=b"{not json", headers={"Content-Type": "application/json"}), 400, "not JSON"),
     ("/api/samples", dict(json={"temperature": "hot"}), 400, "'temperature' must be a number"),
-    ("/api/samples", dict(json={"temperature": 5}), 400, "temperature must be in"),
+    ("/api/samples", dict(json={"temperature": 5}), 400, "'temperature' must be in [0, 2], got 5"),
     ("/api/test_image", dict(json={"index": 99}), 400, "no test image 99"),
     ("/api/test_image", dict(json={}), 400, "missing 'index'"),
     ("/api/edit", dict(json={"token": "gone", "alphas": {}}), 404, "no longer held"),
