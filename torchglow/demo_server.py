@@ -396,17 +396,23 @@ def exposure_warning(address: str, port: int, allow_hosts: Sequence[str] = ()) -
     where = f"{_host_form(address)}:{port}" + (" (every network interface)" if ip.is_unspecified else "")
     names = [*LOCAL_HOSTS, *([] if ip.is_unspecified else [_host_form(address)]), *allow_hosts]
     return (f"serving on {where}: other machines can use the page and its API (samples, uploads, the model's "
-            f"compute) without authentication; requests are answered only for Host {', '.join(names)} "
-            f"(--allow-host NAME, repeatable, adds a name)")
+            f"compute) without authentication; it answers requests whose Host is {', '.join(names)}, and "
+            f"--allow-host NAME (repeatable) adds the names other machines use")
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """A listening socket on ``host:port``, the address resolved as ``bind`` would (``0`` is 0.0.0.0)."""
+def _resolve(host: str, port: int) -> tuple[socket.AddressFamily, tuple]:
+    """The family and socket address ``bind`` takes for ``host:port`` (``0`` is 0.0.0.0, as in C)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         *_, address = socket.getaddrinfo(host or None, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0]
     except socket.gaierror as e:
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return family, address
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``."""
+    family, address = _resolve(host, port)
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
