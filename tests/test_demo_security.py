@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from torchglow import demo
@@ -283,7 +282,8 @@ def test_a_client_that_leaves_mid_upload_is_not_an_error(server):
     assert server.proc.poll() is None
 
 
-# ------------------------------------------------------------------ slow clients (server: 1 s for a head, 2 s for a body)
+# ------------------------------------------------------------------ slow clients
+# (the test server allows 1 s for a request head, 2 s for a body)
 def read_until_closed(sock: socket.socket) -> bytes:
     """Everything the server sends until it closes the connection (the socket's timeout: 30 s)."""
     data = b""
@@ -350,11 +350,9 @@ def test_many_clients_share_the_cache():
     assert held == tokens[2:]  # one image each: the least recently used go first
 
 
-def test_huge_numbers_reach_the_session_as_messages():
+def test_the_session_checks_the_seed_range():
     session = demo.DemoSession(make_model())
     with pytest.raises(ValueError, match=re.escape("seed must be in [0, 2**63 - 1]")):
         session.samples(0.5, seed=2**64)
-    with pytest.raises(ValueError, match="temperature"):
-        session.samples(float("inf"), seed=0)
-    assert torch.equal(demo.read_upload(png_bytes(Image.new("L", (4, 4), 7)), (1, 4, 4)), torch.full((1, 4, 4), 7,
-                                                                                                      dtype=torch.uint8))
+    with pytest.raises(ValueError, match=re.escape("seed must be in [0, 2**63 - 1]")):
+        session.samples(0.5, seed=-1)

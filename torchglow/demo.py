@@ -8,8 +8,9 @@ session, and ``torchglow/demo_static/`` the one page (plain HTML/CSS/JS, nothing
 
 Images in and out:
 
-* An upload is decoded as :mod:`torchglow.data` decodes an image folder (grey or RGB, centred square
-  crop, Lanczos resize to the model's size), then its intensities are mapped onto the bins the run's
+* An upload (PNG, JPEG, GIF, WebP or BMP: :func:`read_upload` says how hostile files are kept out)
+  is decoded as :mod:`torchglow.data` decodes an image folder (grey or RGB, centred square crop,
+  Lanczos resize to the model's size), then its intensities are mapped onto the bins the run's
   data use: ``bin = round(v / 255 · max_level)``, stored as ``bin · 2**(8 - n_bits)``. For 8-bit data
   (``max_level`` 255) this is the identity; the digits use bins 0..16 of 32 (``level · 8``), so an
   upload's white becomes the digits' white rather than twice as bright as anything the model saw.
@@ -82,10 +83,10 @@ def read_upload(data: bytes, image_shape: Sequence[int], *, name: str = "the upl
     Hostile files are refused before they cost memory: only :data:`UPLOAD_FORMATS` are tried (no
     EPS, whose plugin runs Ghostscript, no ICO, whose plugin decodes an embedded PNG while opening),
     the pixel count of the header of the format actually opened is checked against ``max_pixels``
-    before anything is decoded, and at most :data:`DECODE_SLOTS` files are decoded at once, so the
-    memory of decoding stays below ``DECODE_SLOTS × max_pixels × 8`` bytes (a 4-byte RGB(A) image
-    and its conversion) and is handed back to the system afterwards. Raises :class:`UploadError`
-    for an empty, oversized, foreign, truncated or corrupt file."""
+    before anything is decoded, and at most :data:`DECODE_SLOTS` files are decoded at once (each
+    needs about 8 bytes a pixel: Pillow's 4-byte RGB(A) image, then its conversion), their memory
+    handed back to the system afterwards. Raises :class:`UploadError` for an empty, oversized,
+    foreign, truncated or corrupt file."""
     c, h, w = image_shape
     if h != w:
         raise UploadError(f"uploads need a square model input, this model takes {h} x {w}")
@@ -137,7 +138,7 @@ def _malloc_trim():
     """glibc's ``malloc_trim``, or None elsewhere."""
     try:
         return ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # not glibc; TypeError: Windows has no CDLL(None)
         return None
 
 
@@ -273,18 +274,21 @@ class DemoSession:
     Every method that runs the model holds ``lock`` (requests arrive on several threads; one model
     call at a time keeps torch's threads for that call) and runs under ``torch.no_grad()``.
     Encoded images are kept by a random token, so a slider update only decodes: at most
-    ``per_client`` images per ``client`` (the server passes the client's address), then that
-    client's least recently used one goes, and ``cache_size`` in all, then the least recently used
-    image of the client that holds the most goes. So another client never pushes out an image of a
-    client that holds at most ``cache_size / number of clients`` images. ``test_images`` (uint8 (N, C, H, W)) and ``test_labels`` are the run's test
-    images: the histogram and readout (``reference``) and the gallery; ``max_level`` the display
-    and upload top bin (default: the test images' own, else ``2**n_bits - 1``).
+    ``per_client`` images per ``client`` (the server passes the client's address; beyond, that
+    client's least recently used image goes) and ``cache_size`` in all (beyond, the least recently
+    used image of the client that holds the most goes). So another client never pushes out an
+    image of a client that holds at most ``cache_size / number of clients`` images.
+
+    ``test_images`` (uint8 (N, C, H, W)) and ``test_labels`` are the run's test images: the
+    histogram and readout (``reference``) and the gallery; ``max_level`` the display and upload top
+    bin (default: the test images' own, else ``2**n_bits - 1``).
     """
 
     def __init__(self, model: Glow, *, name: str = "model", test_images: torch.Tensor | None = None,
                  test_labels: torch.Tensor | None = None, class_names: Sequence[str] | None = None,
                  directions: dict[str, Sequence[torch.Tensor]] | None = None, direction_source: str = "",
-                 max_level: int | None = None, n_samples: int = 24, cache_size: int = 64, per_client: int = 16, seed: int = 0):
+                 max_level: int | None = None, n_samples: int = 24, cache_size: int = 64, per_client: int = 16,
+                 seed: int = 0):
         self.model = model.eval()
         cfg = model.config
         self.name = name
