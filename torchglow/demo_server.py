@@ -129,9 +129,10 @@ def create_app(session: DemoSession, max_upload_bytes: int = MAX_UPLOAD_BYTES,
 
     async def samples(request: Request):
         body = await json_body(request)
-        return {"image": await run_in_threadpool(
-            session.samples, number_field(body, "temperature", 0.7, lo=0, hi=MAX_TEMPERATURE),
-            number_field(body, "seed", 0, integer=True, lo=0, hi=MAX_SEED), number_field(body, "label", None, integer=True))}
+        temperature = number_field(body, "temperature", 0.7, lo=0, hi=MAX_TEMPERATURE)
+        seed = number_field(body, "seed", 0, integer=True, lo=0, hi=MAX_SEED)
+        label = number_field(body, "label", None, integer=True)
+        return {"image": await run_in_threadpool(session.samples, temperature, seed, label)}
 
     async def upload(request: Request):
         invert = request.query_params.get("invert", "0")
