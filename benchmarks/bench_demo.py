@@ -3,8 +3,8 @@
 * ``edit``: an attribute slider, :meth:`DemoSession.edit` (ε + Σ α·d, decode one image, PNG);
 * ``mix``: the mix slider, :meth:`DemoSession.mix` at one t (slerp of every level, decode, PNG);
 * ``samples``: the temperature slider, :meth:`DemoSession.samples` (decode the grid, PNG);
-* ``edit_http``: ``edit`` through the whole web stack (Starlette's in-process test client: JSON in,
-  routing, thread pool, JSON out), without a network.
+* ``edit_http``: ``edit`` through the whole web stack (Starlette's in-process test client: the Host,
+  origin and token checks, JSON in, routing, thread pool, JSON out), without a network.
 
 Models: the digits preset (K=12, width 64, 8x8x1) and a cifar10-shaped model (K=8, width 128,
 32x32x3, L=3), both initialised on random images (the timing does not depend on training), with
@@ -60,7 +60,8 @@ def main() -> None:
     cases = {}
     for label, spec in MODELS.items():
         session, a, b = build(spec.pop("name"), **spec)
-        client = TestClient(create_app(session), base_url="http://127.0.0.1:8000")
+        client = TestClient(create_app(session, token="bench"), base_url="http://127.0.0.1:8000",
+                            headers={"X-Torchglow-Token": "bench"})  # as the page sends it
         alphas = lambda r: {"attr 0": 0.5 * (r % 3 - 1), "attr 3": 0.25}  # noqa: E731
         cases[(label, "edit")] = lambda r, s=session, a=a: s.edit(a, alphas(r))
         cases[(label, "mix")] = lambda r, s=session, a=a, b=b: s.mix(a, b, (r % 10) / 10)

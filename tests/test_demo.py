@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -297,7 +298,12 @@ def client(session):
 
     from torchglow.demo_server import create_app
 
-    return TestClient(create_app(session, max_upload_bytes=20_000), base_url="http://127.0.0.1:8000")
+    return TestClient(create_app(session, max_upload_bytes=20_000, token=TOKEN), base_url="http://127.0.0.1:8000",
+                      headers={"X-Torchglow-Token": TOKEN})
+
+
+TOKEN = "test-token"
+RAW = {"Content-Type": "application/octet-stream"}
 
 
 def test_api_page_and_static_files(client):
@@ -317,7 +323,7 @@ def test_api_round_trip(client):
     assert info["name"] == "tiny" and info["n_samples"] == 8
     assert client.post("/api/samples", json={"temperature": 0.5, "seed": 3}).json()["image"].startswith("data:")
     img = png_bytes(Image.new("L", (30, 30), 90))
-    enc = client.post("/api/upload", content=img).json()
+    enc = client.post("/api/upload", content=img, headers=RAW).json()
     assert set(enc) == {"token", "input", "reconstruction", "label", "bpd", "readout"}
     other = client.post("/api/test_image", json={"index": 5}).json()
     edit = client.post("/api/edit", json={"token": enc["token"], "alphas": {"class c": 0.5}}).json()
@@ -327,13 +333,13 @@ def test_api_round_trip(client):
 
 
 @pytest.mark.parametrize("path, kwargs, status, needle", [
-    ("/api/upload", dict(content=b""), 400, "empty (0 bytes)"),
-    ("/api/upload", dict(content=b"<html>"), 400, "not an image"),
-    ("/api/upload", dict(content=header_only_png(20_000, 20_000)), 400, "more pixels than the limit"),
-    ("/api/upload", dict(content=b"x" * 20_001), 413, "larger than the limit"),
-    ("/api/samples", dict(content=b"{not json"), 400, "not JSON"),
+    ("/api/upload", dict(content=b"", headers=RAW), 400, "empty (0 bytes)"),
+    ("/api/upload", dict(content=b"<html>", headers=RAW), 400, "not an image"),
+    ("/api/upload", dict(content=header_only_png(20_000, 20_000), headers=RAW), 400, "more pixels than the limit"),
+    ("/api/upload", dict(content=b"x" * 20_001, headers=RAW), 413, "the upload is larger than the limit of 20 KiB"),
+    ("/api/samples", dict(content=b"{not json", headers={"Content-Type": "application/json"}), 400, "not JSON"),
     ("/api/samples", dict(json={"temperature": "hot"}), 400, "'temperature' must be a number"),
-    ("/api/samples", dict(json={"temperature": 5}), 400, "temperature must be in"),
+    ("/api/samples", dict(json={"temperature": 5}), 400, "'temperature' must be in [0, 2], got 5"),
     ("/api/test_image", dict(json={"index": 99}), 400, "no test image 99"),
     ("/api/test_image", dict(json={}), 400, "missing 'index'"),
     ("/api/edit", dict(json={"token": "gone", "alphas": {}}), 404, "no longer held"),
@@ -384,6 +390,64 @@ def test_a_taken_port_is_one_line(run, capsys):
         assert cli.main(["demo", run, "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"torchglow demo: error: cannot listen on 127.0.0.1:{port}")
+
+
+class Unbound:
+    """Stands in for a socket listening on ``address``: nothing is bound, nothing is sent."""
+
+    def __init__(self, address):
+        self.address = address
+
+    def getsockname(self):
+        return self.address
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("host, shown, warning", [
+    ("0", "127.0.0.1", "serving on 0.0.0.0:8768 (every network interface): other machines can use the page and its "
+                       "API (samples, uploads, the model's compute) without authentication; it answers requests whose "
+                       "Host is 127.0.0.1, localhost, [::1], demo.lan, and --allow-host NAME (repeatable) adds"),
+    ("192.0.2.2", "192.0.2.2", "serving on 192.0.2.2:8768: other machines can use the page and its API"),
+    ("0.0.0.0", "127.0.0.1", "serving on 0.0.0.0:8768 (every network interface)"),
+    ("localhost", "127.0.0.1", None),
+    ("::1", "[::1]", None),
+], ids=["0", "lan", "0.0.0.0", "localhost", "::1"])
+def test_a_network_bind_warns_in_one_line_and_keeps_the_host_check(run, monkeypatch, capsys, host, shown, warning):
+    import uvicorn
+    from starlette.testclient import TestClient
+
+    from torchglow import demo_server
+
+    served = {}
+    monkeypatch.setattr(demo_server, "_listen", lambda h, port: Unbound(demo_server._resolve(h, 8768)[1]))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: served.update(app=self.config.app))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # serve sets them for its process
+    with warnings.catch_warnings():
+        assert cli.main(["demo", run, "--host", host, "--allow-host", "demo.lan"]) == 0
+    out, err = capsys.readouterr()
+    assert f"at http://{shown}:8768/ (Ctrl+C to stop)" in out
+    warned = [line for line in err.splitlines() if "warning" in line]
+    if warning is None:
+        assert warned == []
+    else:
+        assert len(warned) == 1 and warned[0].startswith(f"torchglow demo: warning: {warning}")
+    client = TestClient(served["app"], base_url="http://127.0.0.1:8768")
+    assert client.get("/", headers={"host": "evil.example"}).status_code == 400  # DNS rebinding
+    assert client.get("/", headers={"host": "demo.lan:8768"}).status_code == 200
+    assert client.get("/", headers={"host": f"{shown}:8768"}).status_code == 200
+
+
+@pytest.mark.parametrize("name, needle", [
+    ("*", "'*' would answer requests naming any host"),
+    ("evil.example/x", "'evil.example/x' is not a host name"),
+    ("", "'' is not a host name"),
+])
+def test_allow_host_takes_names_only(run, capsys, name, needle):
+    assert cli.main(["demo", run, "--allow-host", name]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("torchglow demo: error: --allow-host: ") and needle in err[0]
 
 
 def test_directions_from_classes_csv_and_file(run, tmp_path, capsys):
@@ -544,3 +608,24 @@ def test_page_in_a_real_browser(run, tmp_path):
         proc.terminate()
         proc.wait(timeout=20)
     assert "Traceback" not in (tmp_path / "server.log").read_text()
+
+
+def test_ctrl_c_stops_the_demo_with_one_line(run, tmp_path):
+    """SIGINT (Ctrl+C) while serving, with a browser-like keep-alive connection open: exit status
+    130 (128 + SIGINT, as train), one line on stderr, no traceback."""
+    import signal
+    import socket
+
+    proc, url = start_server(run, tmp_path / "server.log")
+    try:
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(f"GET /static/app.js HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            assert sock.recv(100).startswith(b"HTTP/1.1 200")
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=30) == 130
+    finally:
+        proc.kill()
+        proc.wait(timeout=20)
+    err = (tmp_path / "server.log").read_text().strip().splitlines()
+    assert err == ["torchglow demo: stopped (Ctrl+C)"]

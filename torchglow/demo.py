@@ -8,8 +8,9 @@ session, and ``torchglow/demo_static/`` the one page (plain HTML/CSS/JS, nothing
 
 Images in and out:
 
-* An upload is decoded as :mod:`torchglow.data` decodes an image folder (grey or RGB, centred square
-  crop, Lanczos resize to the model's size), then its intensities are mapped onto the bins the run's
+* An upload (PNG, JPEG, GIF, WebP or BMP: :func:`read_upload` says how hostile files are kept out)
+  is decoded as :mod:`torchglow.data` decodes an image folder (grey or RGB, centred square crop,
+  Lanczos resize to the model's size), then its intensities are mapped onto the bins the run's
   data use: ``bin = round(v / 255 · max_level)``, stored as ``bin · 2**(8 - n_bits)``. For 8-bit data
   (``max_level`` 255) this is the identity; the digits use bins 0..16 of 32 (``level · 8``), so an
   upload's white becomes the digits' white rather than twice as bright as anything the model saw.
@@ -25,16 +26,17 @@ from __future__ import annotations
 
 import argparse
 import base64
+import ctypes
+import functools
 import io
 import math
 import secrets
 import sys
 import threading
-import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -49,7 +51,12 @@ from .sampling import temperature_rows
 
 MAX_UPLOAD_BYTES = 10 * 2**20
 MAX_PIXELS = 50_000_000  # a phone photo is 12-50 MP; decoding is refused above this (decompression bombs)
+UPLOAD_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP")  # Pillow's names; an image folder's (data.IMAGE_EXTENSIONS)
+FORMAT_NAMES = "PNG, JPEG, GIF, WebP or BMP"
+DECODE_SLOTS = 2  # uploads decoded at once
+_decoding = threading.BoundedSemaphore(DECODE_SLOTS)
 MAX_TEMPERATURE = 2.0
+MAX_SEED = 2**63 - 1
 MAX_ALPHA = 2.0  # the page's sliders span [-1, 1], as the official demo's
 HISTOGRAM_BINS = 30
 GALLERY_SIZE = 16
@@ -71,13 +78,15 @@ def read_upload(data: bytes, image_shape: Sequence[int], *, name: str = "the upl
                 max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """Bytes of an image file -> uint8 (C, H, W) at the model's shape, decoded as an image folder's
     files are (:func:`torchglow.data._read_image`: a GIF's first frame, grey or RGB, centred square
-    crop, Lanczos resize). The pixel count is read from the header and checked against
-    ``max_pixels`` before anything is decoded. Raises :class:`UploadError` for an empty, oversized,
+    crop, Lanczos resize).
+
+    Hostile files are refused before they cost memory: only :data:`UPLOAD_FORMATS` are tried (no
+    EPS, whose plugin runs Ghostscript, no ICO, whose plugin decodes an embedded PNG while opening),
+    the pixel count of the header of the format actually opened is checked against ``max_pixels``
+    before anything is decoded, and at most :data:`DECODE_SLOTS` files are decoded at once (each
+    needs about 8 bytes a pixel: Pillow's 4-byte RGB(A) image, then its conversion), their memory
+    handed back to the system afterwards. Raises :class:`UploadError` for an empty, oversized,
     foreign, truncated or corrupt file."""
-    from PIL import Image
-
-    from .data import DatasetError, _read_image
-
     c, h, w = image_shape
     if h != w:
         raise UploadError(f"uploads need a square model input, this model takes {h} x {w}")
@@ -85,24 +94,62 @@ def read_upload(data: bytes, image_shape: Sequence[int], *, name: str = "the upl
         raise UploadError(f"{name} is empty (0 bytes)")
     if len(data) > max_bytes:
         raise UploadError(f"{name} is {human_size(len(data))}; the limit is {human_size(max_bytes)}")
+    try:
+        with _decoding:
+            return _decode(data, h, c, name, max_pixels)
+    finally:
+        _return_freed_memory()
+
+
+def _decode(data: bytes, size: int, channels: int, name: str, max_pixels: int) -> torch.Tensor:
+    """:func:`read_upload`'s decoding, under its semaphore."""
+    from PIL import Image
+
     too_big = f"{name} has more pixels than the limit of {max_pixels:,}; make it smaller first"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-    except Image.DecompressionBombError:  # PIL's own, larger limit, checked as it opens the file
+        file = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's own limit (serve sets it)
         raise UploadError(too_big) from None
-    except Exception:  # PIL raises UnidentifiedImageError, SyntaxError, ValueError... for foreign files
-        raise UploadError(f"{name} is not an image PIL can read (PNG, JPEG, GIF, BMP, WebP...)") from None
-    if width * height > max_pixels:
-        raise UploadError(f"{name} is {width} x {height} = {width * height:,} pixels; "
-                          f"the limit is {max_pixels:,}: make it smaller first")
+    except Exception:  # PIL raises UnidentifiedImageError, SyntaxError, ValueError... for other files
+        raise UploadError(f"{name} is not an image of a kind the demo reads ({FORMAT_NAMES})") from None
+    with file:
+        width, height = file.size
+        if width * height > max_pixels:
+            raise UploadError(f"{name} is {width} x {height} = {width * height:,} pixels; "
+                              f"the limit is {max_pixels:,}: make it smaller first")
+        mode = "L" if channels == 1 else "RGB"
+        try:  # convert() of an image already in `mode` would only copy it: twice the memory
+            image = file.convert(mode) if file.mode != mode else file
+            image.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # a GIF frame past the header
+            raise UploadError(too_big) from None
+        except Exception as e:
+            raise UploadError(f"{name} cannot be decoded, it is truncated or corrupt ({e})") from None
+        # the centred square crop and Lanczos resize of torchglow.data._read_image, on the opened file
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        image = image.resize((size, size), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side))
+    pixels = torch.from_numpy(np.array(image)).reshape(size, size, channels)  # (H, W, C)
+    return pixels.permute(2, 0, 1).contiguous()
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None elsewhere."""
     try:
-        return _read_image(io.BytesIO(data), h, c)
-    except DatasetError as e:
-        cause = e.__cause__ or e
-        raise UploadError(f"{name} cannot be decoded, it is truncated or corrupt ({cause})") from None
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError, TypeError):  # not glibc; TypeError: Windows has no CDLL(None)
+        return None
+
+
+def _return_freed_memory() -> None:
+    """Hand the memory of a decoded image back to the system now. glibc keeps freed blocks in the
+    arena of the thread that freed them, one arena per thread of the server's pool, so a burst of
+    large uploads decoded on different threads kept gigabytes for minutes; ``malloc_trim(0)``
+    releases the free pages of every arena."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def to_data_range(x_uint8: torch.Tensor, n_bits: int, max_level: int, invert: bool = False) -> torch.Tensor:
@@ -226,16 +273,22 @@ class DemoSession:
 
     Every method that runs the model holds ``lock`` (requests arrive on several threads; one model
     call at a time keeps torch's threads for that call) and runs under ``torch.no_grad()``.
-    Encoded images are kept by a random token in an LRU cache of ``cache_size`` entries, so a slider
-    update only decodes. ``test_images`` (uint8 (N, C, H, W)) and ``test_labels`` are the run's test
-    images: the histogram and readout (``reference``) and the gallery; ``max_level`` the display
-    and upload top bin (default: the test images' own, else ``2**n_bits - 1``).
+    Encoded images are kept by a random token, so a slider update only decodes: at most
+    ``per_client`` images per ``client`` (the server passes the client's address; beyond, that
+    client's least recently used image goes) and ``cache_size`` in all (beyond, the least recently
+    used image of the client that holds the most goes). So another client never pushes out an
+    image of a client that holds at most ``cache_size / number of clients`` images.
+
+    ``test_images`` (uint8 (N, C, H, W)) and ``test_labels`` are the run's test images: the
+    histogram and readout (``reference``) and the gallery; ``max_level`` the display and upload top
+    bin (default: the test images' own, else ``2**n_bits - 1``).
     """
 
     def __init__(self, model: Glow, *, name: str = "model", test_images: torch.Tensor | None = None,
                  test_labels: torch.Tensor | None = None, class_names: Sequence[str] | None = None,
                  directions: dict[str, Sequence[torch.Tensor]] | None = None, direction_source: str = "",
-                 max_level: int | None = None, n_samples: int = 24, cache_size: int = 64, seed: int = 0):
+                 max_level: int | None = None, n_samples: int = 24, cache_size: int = 64, per_client: int = 16,
+                 seed: int = 0):
         self.model = model.eval()
         cfg = model.config
         self.name = name
@@ -248,8 +301,9 @@ class DemoSession:
         self.n_samples = n_samples
         self.seed = seed
         self.lock = threading.Lock()
-        self._cache: OrderedDict[str, Encoded] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[str, Encoded]] = OrderedDict()  # token -> (client, latents), LRU first
         self._cache_size = cache_size
+        self._per_client = per_client
         self.test_images = test_images if test_images is not None and len(test_images) else None
         self.test_labels = test_labels
         if max_level is None:
@@ -273,7 +327,25 @@ class DemoSession:
         if not isinstance(token, str) or token not in self._cache:
             raise KeyError("this image is no longer held by the server (it keeps the latest ones): choose it again")
         self._cache.move_to_end(token)
-        return self._cache[token]
+        return self._cache[token][1]
+
+    def _keep(self, client: str, encoded: Encoded) -> str:
+        """Cache ``encoded`` under a new token; evict as the class docstring says."""
+        token = secrets.token_urlsafe(12)
+        self._cache[token] = (client, encoded)
+        held = Counter(c for c, _ in self._cache.values())
+        while held[client] > self._per_client:
+            self._evict(lambda c: c == client, held)
+        while len(self._cache) > self._cache_size:
+            most = max(held.values())
+            self._evict(lambda c: held[c] == most, held)
+        return token
+
+    def _evict(self, whose: Callable[[str], bool], held: Counter) -> None:
+        """Drop the least recently used image of a client for which ``whose`` is true."""
+        token, (client, _) = next((t, v) for t, v in self._cache.items() if whose(v[0]))
+        del self._cache[token]
+        held[client] -= 1
 
     def _best_class(self, x_uint8: torch.Tensor) -> torch.Tensor:
         """The class with the highest likelihood ``p(x | y)`` (one dequantisation draw, seeded)."""
@@ -304,6 +376,8 @@ class DemoSession:
         class-conditional model (default: column j is class j mod num_classes)."""
         if not (math.isfinite(temperature) and 0 <= temperature <= MAX_TEMPERATURE):
             raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {temperature}")
+        if not 0 <= seed <= MAX_SEED:  # (no value in the message: a huge int has no str())
+            raise ValueError("seed must be in [0, 2**63 - 1]")
         if label is not None and not (self.num_classes and 0 <= label < self.num_classes):
             raise ValueError("label must be one of the model's classes" if self.num_classes
                              else "this model is not class-conditional: no label")
@@ -312,8 +386,9 @@ class DemoSession:
             return png_data_url(to_display(x, self.n_bits, self.max_level), nrow=SAMPLES_PER_ROW)
 
     @torch.no_grad()
-    def encode(self, x_uint8: torch.Tensor, y: int | None = None) -> dict[str, Any]:
-        """Encode one image (uint8 (1, C, H, W), in the data's range) and keep it under a new token.
+    def encode(self, x_uint8: torch.Tensor, y: int | None = None, client: str = "") -> dict[str, Any]:
+        """Encode one image (uint8 (1, C, H, W), in the data's range) and keep it under a new token
+        (counted against ``client``'s share of the cache).
 
         Returns the token, the model input and its reconstruction as data URLs, the class used
         (class-conditional: ``y``, else the most likely one) and the typicality readout."""
@@ -324,10 +399,7 @@ class DemoSession:
                 yy = torch.tensor([y]) if y is not None else self._best_class(x)
             eps = [e.cpu() for e in encode_eps(self.model, x, yy)]
             bpd, comp = score_images(self.model, x, self.seed)
-            token = secrets.token_urlsafe(12)
-            self._cache[token] = Encoded(yy, eps)
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+            token = self._keep(client, Encoded(yy, eps))
             return {
                 "token": token, "input": self._url(x), "reconstruction": self._decoded_url(eps, yy),
                 "label": None if yy is None else int(yy), "bpd": float(bpd),
@@ -335,17 +407,18 @@ class DemoSession:
             }
 
     def encode_upload(self, data: bytes, invert: bool = False, max_bytes: int = MAX_UPLOAD_BYTES,
-                      max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
-        """:meth:`encode` of an uploaded file (:func:`read_upload`, then :func:`to_data_range`)."""
+                      max_pixels: int = MAX_PIXELS, client: str = "") -> dict[str, Any]:
+        """:meth:`encode` of an uploaded file (:func:`read_upload`, outside the model's lock, then
+        :func:`to_data_range`)."""
         x = read_upload(data, self.model.config.image_shape, max_bytes=max_bytes, max_pixels=max_pixels)
-        return self.encode(to_data_range(x[None], self.n_bits, self.max_level, invert))
+        return self.encode(to_data_range(x[None], self.n_bits, self.max_level, invert), client=client)
 
-    def encode_test(self, index: int) -> dict[str, Any]:
+    def encode_test(self, index: int, client: str = "") -> dict[str, Any]:
         """:meth:`encode` of the gallery's test image ``index``, with its own label."""
         if not 0 <= index < len(self._gallery):
             raise ValueError(f"there is no test image {index} (the gallery has {len(self._gallery)})")
         y = int(self.test_labels[index]) if self.num_classes and self.test_labels is not None else None
-        return self.encode(self.test_images[index : index + 1], y if y is not None and y >= 0 else None)
+        return self.encode(self.test_images[index : index + 1], y if y is not None and y >= 0 else None, client)
 
     @torch.no_grad()
     def edit(self, token: str, alphas: dict[str, float]) -> str:
@@ -397,8 +470,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", nargs="?", metavar="RUN",
                    help="run folder, .pt checkpoint or pretrained folder (default: the newest run under runs/)")
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes the page "
-                        "to the network, without authentication)")
+                   help="address to listen on (default 127.0.0.1: this machine only; any other address, such as "
+                        "0.0.0.0 or a LAN address, serves the page and its API to the network, without authentication)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests that name NAME as their Host (repeatable; '*.example.org' for its "
+                        "subdomains): the names other machines use for a --host that is not loopback. Requests "
+                        "naming any other host are refused (DNS rebinding)")
     p.add_argument("--port", type=int, default=8000, help="port (0: pick a free one); the URL is printed")
     p.add_argument("--dataset", help="data set of the test images and directions (default: the run's)")
     p.add_argument("--data-dir", help="where the data set's files are (default: the run's)")
@@ -472,6 +549,16 @@ def _directions(args: argparse.Namespace, run: Run) -> tuple[dict[str, list[torc
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """``torchglow demo``; Ctrl+C, while the model loads or the page is served, stops it with one
+    line and exit status 130 (128 + SIGINT, as ``torchglow train``)."""
+    try:
+        return _demo(args)
+    except KeyboardInterrupt:
+        print("torchglow demo: stopped (Ctrl+C)", file=sys.stderr)
+        return 130
+
+
+def _demo(args: argparse.Namespace) -> int:
     from .cli import CLIError
     from .data import DatasetError
     from .devices import resolve_device
@@ -484,6 +571,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise CLIError(f"--port must be in 0..65535, got {args.port}")
     if args.max_images < 1 or args.samples < 1 or args.max_upload_mb <= 0:
         raise CLIError("--max-images, --samples and --max-upload-mb must be positive")
+    try:
+        demo_server.check_host_names(args.allow_host)
+    except ValueError as e:
+        raise CLIError(f"--allow-host: {e}") from None
     try:
         run = str(args.run or latest_run())
     except FileNotFoundError as e:
@@ -500,7 +591,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                           directions=directions, direction_source=source, max_level=opened.display_max_level(),
                           n_samples=args.samples, seed=args.seed)
     try:
-        demo_server.serve(session, args.host, args.port, max_upload_bytes=int(args.max_upload_mb * 2**20))
+        demo_server.serve(session, args.host, args.port, max_upload_bytes=int(args.max_upload_mb * 2**20),
+                          allow_hosts=args.allow_host)
     except OSError as e:  # the address is taken or not this machine's
         raise CLIError(str(e)) from None
     return 0

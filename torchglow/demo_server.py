@@ -5,7 +5,8 @@ Why Starlette and not Gradio: the page needs a handful of endpoints and one hand
 Starlette + uvicorn are two small, well-kept packages with no frontend of their own, so nothing
 is fetched from a CDN, there is no telemetry, and the page works with no network at all.
 
-API (JSON in and out; errors are ``{"error": message}`` with status 400, 404 or 413):
+API (JSON in and out; errors are ``{"error": message}`` with a 4xx status and a message that names
+the field):
 
 =========================== ======================================= ================================
 ``GET /api/info``           model, classes, directions, histogram   :meth:`DemoSession.info`
@@ -17,203 +18,245 @@ API (JSON in and out; errors are ``{"error": message}`` with status 400, 404 or 
 ``POST /api/mix``           ``{a, b, t}`` (t null: the strip)        ``{image}``
 =========================== ======================================= ================================
 
-No endpoint takes a path: images arrive as bytes and are referred to by the tokens the server
-hands out. Uploads are capped at ``max_upload_bytes`` while they stream in. The server answers only
-requests whose ``Host`` is the address it listens on (or localhost), which defeats DNS rebinding,
-and its pages may load nothing but their own files and ``data:`` images.
+The security model: the page runs in the user's browser, beside pages of other sites that may try
+to use it, and on a network that may reach it when ``--host`` is not loopback.
+
+* **Host.** Only requests that name the server's own address, localhost or a name given with
+  ``--allow-host`` are answered, whatever the bind address: this defeats DNS rebinding.
+* **Same origin.** Every ``/api/`` request must carry the server's random token in the
+  ``X-Torchglow-Token`` header (the page gets it in a ``<meta>`` tag of ``index.html``, a new one
+  each time the server starts), must not come from another site (``Sec-Fetch-Site``, ``Origin``),
+  and a POST must have its route's content type: ``application/json``, or for the upload
+  ``application/octet-stream`` or ``image/*``. A browser sends such requests across origins only
+  after a CORS preflight, which this server never grants, and another origin cannot read the
+  token: a foreign page cannot use the API at all. (No multipart uploads: ``multipart/form-data``
+  is what any web page's form may post without asking.)
+* **Input.** JSON bodies of at most 64 KiB, nested at most 4 deep, numbers of at most 24
+  characters (:mod:`torchglow.demo_http`), each field range-checked: a 4xx naming the field.
+  Uploads are capped at ``max_upload_bytes`` while they stream, at most :data:`UPLOADS_IN_FLIGHT`
+  at a time (503 beyond), decoded as :func:`torchglow.demo.read_upload` says.
+* **Time.** A connection must send a complete request head within ``head_timeout`` (10 s) of
+  opening or of its last response, and a request's body within ``body_timeout`` (30 s); else it
+  is closed (408 for a late body). Idle keep-alive connections close after 5 s.
+* **Responses.** No endpoint takes a path. CSP (nothing but the page's own files and ``data:``
+  images), nosniff and no-referrer on every response; ``Cache-Control: no-store`` on all but the
+  static files (``no-cache``: revalidated); errors close the connection.
+
+It is not authentication: anyone who can reach a non-loopback bind can use the page.
 """
 
 from __future__ import annotations
 
-import json
+import ipaddress
+import re
+import secrets
 import socket
 import sys
+import threading
 import traceback
+import warnings
 from importlib.resources import files
-from typing import Any, Callable
+from typing import Callable, Sequence
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
-from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .demo import MAX_UPLOAD_BYTES, DemoSession, UploadError, human_size
+from .demo import MAX_ALPHA, MAX_PIXELS, MAX_SEED, MAX_TEMPERATURE, MAX_UPLOAD_BYTES, DemoSession
+from .demo_http import (
+    BadRequest, check_content_type, check_same_origin, error_response, guard, json_body, number_field, read_body,
+    short, timed_protocol, token_field,
+)
 
 STATIC_DIR = files("torchglow") / "demo_static"
-HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
-                               "frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
+TOKEN_META = '<meta name="torchglow-token" content="">'  # in index.html; the server fills in its token
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+UPLOADS_IN_FLIGHT = 4  # bodies held at once: at most 4 x max_upload_bytes
+HEAD_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = 30.0
+KEEP_ALIVE_S = 5
 
 
-class _BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
-
-
-def _security_headers(app):
-    """ASGI middleware adding :data:`HEADERS` to every response."""
-    extra = [(k.lower().encode(), v.encode()) for k, v in HEADERS.items()]
-
-    async def wrapped(scope, receive, send):
-        async def send_with_headers(message):
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), *extra]}
-            await send(message)
-
-        await app(scope, receive, send_with_headers)
-
-    return wrapped
-
-
-async def _json_body(request: Request, limit: int = 64 * 1024) -> dict[str, Any]:
-    body = await _read_body(request, limit)
-    try:
-        value = json.loads(body or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise _BadRequest("the request body is not JSON") from None
-    if not isinstance(value, dict):
-        raise _BadRequest("the request body must be a JSON object")
-    return value
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it exceeds ``limit`` bytes (whatever Content-Length says)."""
-    too_big = _BadRequest(f"the upload is larger than the limit of {human_size(limit)}", 413)
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise too_big
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-_REQUIRED = object()
-
-
-def _number(body: dict[str, Any], key: str, default: Any = _REQUIRED, integer: bool = False):
-    """``body[key]`` checked to be a number (an integer with ``integer``); ``default`` when absent
-    or null, and a 400 error when absent without a default."""
-    value = body.get(key)
-    if value is None:
-        if default is _REQUIRED:
-            raise _BadRequest(f"missing {key!r}")
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise _BadRequest(f"{key!r} must be {'an integer' if integer else 'a number'}, got {value!r}")
-    return value
-
-
-def _endpoint(handler: Callable) -> Callable:
-    """Run ``handler(request)`` (async, returning a JSON-able value) and turn the errors a user
-    can cause into ``{"error": ...}`` responses; anything else is a 500 whose traceback goes to
-    the server's stderr, and the server keeps serving."""
+# ---------------------------------------------------------------------------- the app
+def _endpoint(handler: Callable, token: str, body_types: Sequence[str] = ()) -> Callable:
+    """Check the request's origin (and a POST's content type), run ``handler(request)`` (async,
+    returning a JSON-able value) and turn the errors a user can cause into 4xx ``{"error": ...}``
+    responses; anything else is a 500 whose traceback goes to the server's stderr, and the server
+    keeps serving."""
 
     async def endpoint(request: Request) -> Response:
         try:
-            return JSONResponse(await handler(request), headers={"Cache-Control": "no-store"})
-        except _BadRequest as e:
-            return JSONResponse({"error": str(e)}, status_code=e.status)
-        except (UploadError, ValueError) as e:
-            return JSONResponse({"error": str(e)}, status_code=400)
+            check_same_origin(request, token)
+            if request.method == "POST":
+                check_content_type(request, body_types)
+            return JSONResponse(await handler(request))
+        except BadRequest as e:
+            return error_response(str(e), e.status)
+        except ValueError as e:  # UploadError and the session's range checks
+            return error_response(str(e), 400)
         except KeyError as e:
-            return JSONResponse({"error": e.args[0] if e.args else "not found"}, status_code=404)
+            return error_response(e.args[0] if e.args else "not found", 404)
+        except TimeoutError:  # deadline
+            return error_response("the request's body did not arrive in time", 408)
+        except ClientDisconnect:  # the client left mid-body: nobody to answer, nothing to log
+            return Response(status_code=400)
         except Exception as e:  # a bug, not the user's doing: say so, log it, keep serving
             traceback.print_exc(file=sys.stderr)
-            return JSONResponse({"error": f"internal error ({type(e).__name__}); see the server's log"},
-                                status_code=500)
+            return error_response(f"internal error ({type(e).__name__}); see the server's log", 500)
 
     return endpoint
 
 
 def create_app(session: DemoSession, max_upload_bytes: int = MAX_UPLOAD_BYTES,
-               allowed_hosts: list[str] | None = None) -> Starlette:
-    """The Starlette app serving ``session``. ``allowed_hosts``: values of the ``Host`` header to
-    answer (default: localhost and 127.0.0.1; ``["*"]`` for any)."""
+               allowed_hosts: Sequence[str] = LOCAL_HOSTS, *, token: str | None = None,
+               max_pixels: int = MAX_PIXELS, body_timeout: float = BODY_TIMEOUT_S) -> Callable:
+    """The ASGI app serving ``session``: answers requests whose ``Host`` is one of ``allowed_hosts``
+    (``*.domain`` for its subdomains), API requests carrying ``token`` (default: a new random one,
+    put into the page)."""
+    token = token or secrets.token_urlsafe(32)
+    page = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+    if TOKEN_META not in page:
+        raise RuntimeError(f"index.html has no {TOKEN_META}")
+    page = page.replace(TOKEN_META, TOKEN_META.replace('content=""', f'content="{token}"'))
+    uploads = threading.BoundedSemaphore(UPLOADS_IN_FLIGHT)
+    client = lambda request: request.client.host if request.client else ""  # noqa: E731
 
     async def info(request: Request):
         return session.info()
 
     async def samples(request: Request):
-        body = await _json_body(request)
-        return {"image": await run_in_threadpool(
-            session.samples, float(_number(body, "temperature", 0.7)), int(_number(body, "seed", 0, integer=True)),
-            _number(body, "label", None, integer=True))}
+        body = await json_body(request)
+        temperature = number_field(body, "temperature", 0.7, lo=0, hi=MAX_TEMPERATURE)
+        seed = number_field(body, "seed", 0, integer=True, lo=0, hi=MAX_SEED)
+        label = number_field(body, "label", None, integer=True)
+        return {"image": await run_in_threadpool(session.samples, temperature, seed, label)}
 
     async def upload(request: Request):
-        data = await _read_body(request, max_upload_bytes)
-        invert = request.query_params.get("invert", "0") in ("1", "true")
-        return await run_in_threadpool(session.encode_upload, data, invert, max_upload_bytes)
+        invert = request.query_params.get("invert", "0")
+        if invert not in ("0", "1"):
+            raise BadRequest(f"'invert' must be 0 or 1, got {short(invert)}")
+        if not uploads.acquire(blocking=False):
+            raise BadRequest(f"the server is busy with {UPLOADS_IN_FLIGHT} other uploads; try again", 503)
+        try:
+            data = await read_body(request, max_upload_bytes, "the upload")
+            return await run_in_threadpool(session.encode_upload, data, invert == "1", max_upload_bytes,
+                                           max_pixels, client(request))
+        finally:
+            uploads.release()
 
     async def test_image(request: Request):
-        body = await _json_body(request)
-        return await run_in_threadpool(session.encode_test, int(_number(body, "index", integer=True)))
+        body = await json_body(request)
+        return await run_in_threadpool(session.encode_test, number_field(body, "index", integer=True), client(request))
 
     async def edit(request: Request):
-        body = await _json_body(request)
+        body = await json_body(request)
         alphas = body.get("alphas", {})
         if not isinstance(alphas, dict):
-            raise _BadRequest("'alphas' must map direction names to numbers")
-        alphas = {str(k): float(_number(alphas, k)) for k in alphas}
-        return {"image": await run_in_threadpool(session.edit, body.get("token"), alphas)}
+            raise BadRequest("'alphas' must map direction names to numbers")
+        alphas = {k: number_field(alphas, k, lo=-MAX_ALPHA, hi=MAX_ALPHA) for k in alphas}
+        return {"image": await run_in_threadpool(session.edit, token_field(body, "token"), alphas)}
 
     async def mix(request: Request):
-        body = await _json_body(request)
-        t = _number(body, "t", None)
-        return {"image": await run_in_threadpool(session.mix, body.get("a"), body.get("b"),
-                                                 None if t is None else float(t))}
+        body = await json_body(request)
+        t = number_field(body, "t", None, lo=0, hi=1)
+        return {"image": await run_in_threadpool(session.mix, token_field(body, "a"), token_field(body, "b"), t)}
 
     async def index(request: Request):
-        return FileResponse(str(STATIC_DIR / "index.html"), headers={"Cache-Control": "no-store"})
+        return HTMLResponse(page)
 
+    json_in = ("application/json",)
     routes = [
         Route("/", index),
-        Route("/api/info", _endpoint(info)),
-        Route("/api/samples", _endpoint(samples), methods=["POST"]),
-        Route("/api/upload", _endpoint(upload), methods=["POST"]),
-        Route("/api/test_image", _endpoint(test_image), methods=["POST"]),
-        Route("/api/edit", _endpoint(edit), methods=["POST"]),
-        Route("/api/mix", _endpoint(mix), methods=["POST"]),
+        Route("/api/info", _endpoint(info, token)),
+        Route("/api/samples", _endpoint(samples, token, json_in), methods=["POST"]),
+        Route("/api/upload", _endpoint(upload, token, ("application/octet-stream", "image/*")), methods=["POST"]),
+        Route("/api/test_image", _endpoint(test_image, token, json_in), methods=["POST"]),
+        Route("/api/edit", _endpoint(edit, token, json_in), methods=["POST"]),
+        Route("/api/mix", _endpoint(mix, token, json_in), methods=["POST"]),
         Mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static"),
     ]
-    hosts = allowed_hosts or ["127.0.0.1", "localhost", "[::1]"]
-    app = Starlette(routes=routes, middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts)])
-    return _security_headers(app)
+    return guard(Starlette(routes=routes), [h.lower() for h in allowed_hosts], body_timeout)
 
 
-def serve(session: DemoSession, host: str = "127.0.0.1", port: int = 8000,
-          max_upload_bytes: int = MAX_UPLOAD_BYTES) -> None:
-    """Listen on ``host:port`` (port 0: a free one), print the page's URL, serve until Ctrl+C.
-    Raises OSError, with the address in its message, when the address cannot be bound."""
-    import uvicorn
+# ---------------------------------------------------------------------------- listening
+def check_host_names(names: Sequence[str]) -> None:
+    """ValueError unless every name is a host name, an IP address (``[...]`` for IPv6) or
+    ``*.domain``; a bare ``*`` would answer any Host and undo the DNS-rebinding check."""
+    for name in names:
+        if name == "*":
+            raise ValueError("'*' would answer requests naming any host, which lets other web sites reach the "
+                             "page (DNS rebinding); name the hosts")
+        if not re.fullmatch(r"(\*\.)?[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]", name):
+            raise ValueError(f"{short(name)} is not a host name, an IP address ([...] for IPv6) or *.domain")
 
-    wildcard = host in ("0.0.0.0", "::", "")
-    if wildcard:
-        print(f"torchglow demo: warning: --host {host or '0.0.0.0'} makes the page reachable from other "
-              f"machines; it has no authentication", file=sys.stderr)
+
+def _host_form(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+def exposure_warning(address: str, port: int, allow_hosts: Sequence[str] = ()) -> str | None:
+    """The one-line warning for listening on ``address`` (an IP address), or None for loopback."""
+    ip = ipaddress.ip_address(address)
+    if ip.is_loopback:
+        return None
+    where = f"{_host_form(address)}:{port}" + (" (every network interface)" if ip.is_unspecified else "")
+    names = [*LOCAL_HOSTS, *([] if ip.is_unspecified else [_host_form(address)]), *allow_hosts]
+    return (f"serving on {where}: other machines can use the page and its API (samples, uploads, the model's "
+            f"compute) without authentication; it answers requests whose Host is {', '.join(names)}, and "
+            f"--allow-host NAME (repeatable) adds the names other machines use")
+
+
+def _resolve(host: str, port: int) -> tuple[socket.AddressFamily, tuple]:
+    """The family and socket address ``bind`` takes for ``host:port`` (``0`` is 0.0.0.0, as in C)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        *_, address = socket.getaddrinfo(host or None, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return family, address
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``."""
+    family, address = _resolve(host, port)
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
+        sock.bind(address)
         sock.listen(128)  # before the URL is printed: early connections wait in the backlog for uvicorn
     except OSError as e:
         sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    port = sock.getsockname()[1]
-    shown = "127.0.0.1" if wildcard else (f"[{host}]" if ":" in host else host)
-    hosts = ["*"] if wildcard else sorted({"127.0.0.1", "localhost", "[::1]", shown})
-    app = create_app(session, max_upload_bytes, hosts)
+    return sock
+
+
+def serve(session: DemoSession, host: str = "127.0.0.1", port: int = 8000,
+          max_upload_bytes: int = MAX_UPLOAD_BYTES, allow_hosts: Sequence[str] = (), *,
+          max_pixels: int = MAX_PIXELS, head_timeout: float = HEAD_TIMEOUT_S,
+          body_timeout: float = BODY_TIMEOUT_S) -> None:
+    """Listen on ``host:port`` (port 0: a free one), warn in one line when that is not loopback,
+    print the page's URL, serve until Ctrl+C (uvicorn then raises KeyboardInterrupt). Sets Pillow's
+    own pixel limit for this process to ``max_pixels`` and makes its warning an error, a second
+    check behind :func:`torchglow.demo.read_upload`'s. Raises OSError, with the address in its
+    message, when the address cannot be bound."""
+    import uvicorn
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+    sock = _listen(host, port)
+    address, port = sock.getsockname()[:2]
+    warning = exposure_warning(address, port, allow_hosts)
+    if warning:
+        print(f"torchglow demo: warning: {warning}", file=sys.stderr)
+    wildcard = ipaddress.ip_address(address).is_unspecified
+    shown = "127.0.0.1" if wildcard else _host_form(address)
+    hosts = [*LOCAL_HOSTS, *([] if wildcard else [shown]), *allow_hosts]
+    app = create_app(session, max_upload_bytes, hosts, max_pixels=max_pixels, body_timeout=body_timeout)
     print(f"torchglow demo: serving {session.name} at http://{shown}:{port}/ (Ctrl+C to stop)", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    config = uvicorn.Config(app, log_level="warning", http=timed_protocol(head_timeout),
+                            timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=3)
+    uvicorn.Server(config).run(sockets=[sock])

@@ -13,11 +13,14 @@ function clearError() {
   $("error").hidden = true;
 }
 
+// The server answers API requests only with the token it put into this page (cross-site defence).
+const TOKEN = document.querySelector('meta[name="torchglow-token"]').content;
+
 async function api(path, body, raw = false) {
-  const options = { method: body === undefined ? "GET" : "POST" };
+  const options = { method: body === undefined ? "GET" : "POST", headers: { "X-Torchglow-Token": TOKEN } };
   if (body !== undefined) {
     options.body = raw ? body : JSON.stringify(body);
-    options.headers = { "Content-Type": raw ? "application/octet-stream" : "application/json" };
+    options.headers["Content-Type"] = raw ? "application/octet-stream" : "application/json";
   }
   let response;
   try {
