@@ -7,6 +7,7 @@ code with torchglow's layers.
 """
 
 import json
+import os
 
 import pytest
 import torch
@@ -335,3 +336,19 @@ def test_linear_zeros_scale_is_folded_into_plain_linear_layers():
 def test_conversion_error_is_a_checkpoint_error():
     with pytest.raises(ConversionError, match="missing key 'prior_h'"):
         y0ast_to_glow(_drop(STATE, "prior_h"))
+
+
+def test_converted_folder_has_the_modes_of_the_umask(tmp_path, capsys):
+    """mkdtemp makes 0700 folders and safetensors 0600 files; the converted folder gets what mkdir and
+    open give under the umask (0755 and 0644 under 022)."""
+    arch = dict(coupling="affine", permutation="lu", learn_top=False, n_classes=None)
+    old = os.umask(0o022)
+    try:
+        code, io = run_convert(tmp_path, capsys, y0ast_state(**arch), hparams_for(**arch))
+    finally:
+        os.umask(old)
+    assert code == 0, io.err
+    out = tmp_path / "out"
+    assert out.stat().st_mode & 0o777 == 0o755
+    for name in ("README.md", "config.json", "model.safetensors"):
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name

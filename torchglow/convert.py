@@ -41,6 +41,7 @@ import torch
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, GlowConfig
+from .files import default_folder_mode, make_readable
 from .layers import LOGSCALE_FACTOR, ConvActNorm, ZeroConv2d
 from .model import CONFIG_NAME, Glow
 
@@ -299,6 +300,8 @@ def convert_y0ast(checkpoint_path: str | Path, out_dir: str | Path, hparams_path
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         model.float().save_pretrained(tmp, model_card_kwargs=dict(dataset=dataset, command=command))
+        make_readable(tmp)  # the modes of files and a folder made the usual way, not mkdtemp's 0700
+        os.chmod(tmp, default_folder_mode())
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

@@ -30,16 +30,26 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
     return path
 
 
-def default_file_mode() -> int:
-    """``0o666 & ~umask``: the mode ``open`` gives a new file. ``tempfile.mkstemp`` (atomic writes)
-    and safetensors create files 0600 whatever the umask, so such files are given this mode."""
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system allows."""
     try:  # Linux reports the umask without changing it
         with open("/proc/self/status") as status:
-            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
     except (OSError, StopIteration, ValueError):
         umask = os.umask(0o022)  # elsewhere the only way to read it is to set it, then restore it
         os.umask(umask)
-    return 0o666 & ~umask
+        return umask
+
+
+def default_file_mode() -> int:
+    """``0o666 & ~umask``: the mode ``open`` gives a new file. ``tempfile.mkstemp`` (atomic writes)
+    and safetensors create files 0600 whatever the umask, so such files are given this mode."""
+    return 0o666 & ~current_umask()
+
+
+def default_folder_mode() -> int:
+    """``0o777 & ~umask``: the mode ``mkdir`` gives a new folder (``tempfile.mkdtemp`` gives 0700)."""
+    return 0o777 & ~current_umask()
 
 
 def make_readable(folder: str | Path) -> None:
