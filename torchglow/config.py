@@ -362,6 +362,14 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "imagenet64": dict(dataset="imagenet64", epochs=100, batch_size=32, warmup_images=1_000_000),
     "celeba64": dict(dataset="celeba", epochs=200, batch_size=64, warmup_images=300_000),
     "celeba256": dict(dataset="celeba", epochs=200, batch_size=16, warmup_images=300_000),
+    # LSUN (openai/glow README and train.py): 64 images per GPU at the 32x32 anchor size, scaled by
+    # (32/size)² (train.py's local_batch_train), on 8 GPUs for 64x64 (16 each) and 40 for 96/128 (7
+    # and 4 each); warm-up epochs_warmup 10 x n_train 50,000 images; lr 1e-3 is the default. The
+    # official runs have no last epoch: the epochs here (each a pass over the category, 3,033,042
+    # bedroom images) are ours. Other categories: --dataset lsun-church_outdoor or lsun-tower.
+    "lsun64": dict(dataset="lsun-bedroom", epochs=10, batch_size=128, warmup_images=500_000),
+    "lsun96": dict(dataset="lsun-bedroom", epochs=10, batch_size=280, warmup_images=500_000),
+    "lsun128": dict(dataset="lsun-bedroom", epochs=10, batch_size=160, warmup_images=500_000),
 }
 
 
