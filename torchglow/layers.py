@@ -207,14 +207,23 @@ def unsqueeze2d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, c // 4, h * 2, w * 2)
 
 
-@functools.lru_cache(maxsize=64)
 def edge_image(height: int, width: int, pad: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The official "edge" channel of a zero-padded (height, width) input: a (1, 1, height + 2·pad,
     width + 2·pad) map, 1 on the ``pad`` rows and columns of padding and 0 inside (tfops.py's
-    ``add_edge_padding``). A constant: built once per shape, device and dtype."""
+    ``add_edge_padding``). A constant: built once per shape, device and dtype in eager mode; under
+    torch.compile it is built in the graph, where the compiler folds it into a constant."""
+    if torch.compiler.is_compiling():
+        return _make_edge_image(height, width, pad, device, dtype)
+    return _cached_edge_image(height, width, pad, device, dtype)
+
+
+def _make_edge_image(height: int, width: int, pad: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     edge = torch.ones(1, 1, height + 2 * pad, width + 2 * pad, device=device, dtype=dtype)
     edge[:, :, pad : pad + height, pad : pad + width] = 0
     return edge
+
+
+_cached_edge_image = functools.lru_cache(maxsize=64)(_make_edge_image)
 
 
 def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
