@@ -230,16 +230,22 @@ def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """A stride-1 "SAME" convolution with an odd square kernel, with the official edge padding when
     ``weight`` has one input channel more than ``x``.
 
-    Official: ``conv(cat[pad(x), E], W)`` with ``E`` the :func:`edge_image`, the edge channel last.
-    Computed as ``conv(pad(x), W[:, :C]) + (conv(E, W[:, C:]) + b)``: the second term does not
-    depend on the data, so it is one (1, out, H, W) map per call (a bias that varies by position)
-    and the data pass costs what a zero-padded convolution costs.
+    Official: ``conv(cat[pad(x), E], W)``, ``E`` the :func:`edge_image` concatenated last. When the
+    convolution widens (more outputs than inputs: the first conv of a coupling network) that is
+    what runs, the copy being of the narrow input. Otherwise (the zero convs: wide hidden input,
+    narrow output) it runs as ``conv(pad(x), W[:, :C]) + (conv(E, W[:, C:]) + b)``: the second term
+    does not depend on the data, so it is one (1, out, H, W) map (a bias that varies by position)
+    and no copy of the wide input is made. Both equal the official convolution up to rounding.
     """
     pad = weight.shape[-1] // 2
-    c = x.shape[1]
+    b, c, h, w = x.shape
     if weight.shape[1] == c:
         return F.conv2d(x, weight, bias, padding=pad)
-    edge = edge_image(x.shape[2], x.shape[3], pad, x.device, x.dtype)
+    edge = edge_image(h, w, pad, x.device, x.dtype)
+    if weight.shape[0] > c:
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        x = torch.cat([F.pad(x, (pad, pad, pad, pad)), edge.expand(b, -1, -1, -1)], 1)  # (B, C + 1, H + 2p, W + 2p)
+        return F.conv2d(x.contiguous(memory_format=layout), weight, bias)  # the input's layout (see Coupling._net)
     position_bias = F.conv2d(edge, weight[:, c:], bias)  # (1, out, H, W)
     return F.conv2d(x, weight[:, :c], padding=pad) + position_bias
 
