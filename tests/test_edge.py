@@ -333,3 +333,34 @@ def test_edge_split_prior_is_split2d_prior():
     h = ref_conv_zeros(z_keep.permute(0, 2, 3, 1), model.state_dict(), "splits.0.conv").permute(0, 3, 1, 2)
     torch.testing.assert_close(mean, h[:, 0::2], rtol=0, atol=1e-13)
     torch.testing.assert_close(logs, h[:, 1::2], rtol=0, atol=1e-13)
+
+
+@pytest.mark.slow  # two compilations (aot_eager): ~5 s each on one core
+@pytest.mark.parametrize("mode,memory", [("whole", "none"), ("regional", "invertible")])
+def test_compiled_edge_step_equals_eager(mode, memory):
+    """The fast path with the edge channel: the compiled training step (backend aot_eager, eager
+    kernels) takes the eager step's steps; regional compilation also under the invertible backward."""
+    import copy
+
+    from torchglow import preprocess as pp
+    from torchglow.config import TrainConfig
+    from torchglow.step import TrainStep, compile_step
+
+    if mode == "whole" and not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        pytest.skip("torch < 2.11: dynamo cannot trace autograd.grad")
+    torch._dynamo.reset()
+    steps = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = Glow(GlowConfig(image_shape=(1, 8, 8), n_levels=1, n_steps=2, hidden_channels=8, padding="edge"))
+        x_uint8 = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
+        model.initialize(pp.dequantize(pp.preprocess(x_uint8, 8), 8))
+        model.set_memory(memory)
+        cfg = TrainConfig(batch_size=8, lr=1e-3, warmup_images=0, memory=memory)
+        steps.append(TrainStep(model, cfg, beta2=0.99, ema=copy.deepcopy(model).requires_grad_(False), ema_decay=0.9))
+    eager, compiled = steps
+    fast = compile_step(compiled, mode, backend="aot_eager")
+    for _ in range(2):
+        torch.testing.assert_close(fast(x_uint8)["loss"], eager(x_uint8)["loss"], atol=1e-5, rtol=1e-5)
+    for p, q in zip(eager.params, compiled.params):
+        torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-4)

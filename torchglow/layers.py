@@ -330,7 +330,8 @@ class Coupling(nn.Module):
     ``autocast_dtype`` (e.g. torch.bfloat16) runs only the network in reduced precision; the
     coupling arithmetic and its log-det stay in the input's precision. ``dropout`` acts on the
     network's hidden features in training mode; the layer is then a flow for each drawn mask, and
-    is deterministic (exactly invertible) in eval mode.
+    is deterministic (exactly invertible) in eval mode. ``padding="edge"``: the network's 3x3
+    convolutions see the official edge channel (:func:`conv2d_same`).
     """
 
     def __init__(self, num_channels: int, hidden_channels: int, affine: bool = True, dropout: float = 0.0,
