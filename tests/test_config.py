@@ -29,6 +29,8 @@ from conftest import FUZZ, assert_one_error_line, cli
         (dict(dropout=1.0), "dropout"),
         (dict(dropout=-0.1), "dropout"),
         (dict(dropout="0.2"), "dropout"),
+        (dict(padding="reflect"), "padding"),
+        (dict(class_layers="zeros"), "class_layers"),
     ],
 )
 def test_invalid_configs_name_the_field(overrides, field):
@@ -60,6 +62,9 @@ OFFICIAL_COMMANDS = {
     "imagenet32": "--image_size 32 --n_level 3 --depth 48 --flow_permutation 2 --flow_coupling 1 --learntop --n_bits_x 8",
     "imagenet64": "--image_size 64 --n_level 4 --depth 48 --flow_permutation 2 --flow_coupling 1 --learntop --n_bits_x 8",
     "celeba256": "--image_size 256 --n_level 6 --depth 32 --flow_permutation 2 --flow_coupling 0 --learntop --n_bits_x 5",
+    "lsun64": "--image_size 64 --n_level 3 --depth 48 --flow_permutation 2 --flow_coupling 1 --learntop --n_bits_x 8",
+    "lsun96": "--image_size 96 --n_level 5 --depth 64 --flow_permutation 2 --flow_coupling 0 --learntop --n_bits_x 5",
+    "lsun128": "--image_size 128 --n_level 5 --depth 64 --flow_permutation 2 --flow_coupling 0 --learntop --n_bits_x 5",
 }
 
 
@@ -79,6 +84,24 @@ def test_presets_are_the_official_runs(name):
     assert cfg.coupling == ("additive", "affine")[flag("--flow_coupling")]
     assert cfg.learn_top == ("--learntop" in flags)
     assert (cfg.num_classes, cfg.dropout) == (None, 0.0)
+    assert (cfg.padding, cfg.class_layers) == ("edge", "linear_zeros")  # tfops.py: edge_bias=True, linear_zeros
+
+
+def test_padding_and_class_layers_round_trip_and_default_to_the_old_model(tmp_path):
+    cfg = preset("cifar10", num_classes=10)
+    cfg.save(tmp_path / "c.json")
+    assert GlowConfig.load(tmp_path / "c.json") == cfg
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("padding", "class_layers")}
+    assert GlowConfig.from_dict(old) == dataclasses.replace(cfg, padding="zero", class_layers="linear")
+
+
+def test_lsun_presets_train_on_lsun():
+    from torchglow.config import TRAIN_PRESETS
+    from torchglow.data import DATASETS
+
+    for name in ("lsun64", "lsun96", "lsun128"):
+        assert TRAIN_PRESETS[name]["dataset"] in DATASETS and TRAIN_PRESETS[name]["dataset"].startswith("lsun-")
+        assert TRAIN_PRESETS[name]["warmup_images"] == 10 * 50_000  # epochs_warmup x n_train
 
 
 def test_preset_overrides_replace_only_the_named_fields():

@@ -324,13 +324,15 @@ def test_cli_convert_into_an_empty_existing_folder(tmp_path, capsys):
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
-def test_linear_zeros_scale_is_folded_into_plain_linear_layers():
+def test_linear_zeros_layers_are_copied_as_they_are_and_padding_stays_zero():
     state = y0ast_state(n_classes=3)
     model = y0ast_to_glow(state)
-    scale = torch.exp(3 * state["project_class.logs"])
-    torch.testing.assert_close(model.classifier.weight, state["project_class.linear.weight"] * scale[:, None])
-    torch.testing.assert_close(model.classifier.bias, state["project_class.linear.bias"] * scale)
-    assert scale.std() > 0.01  # logs differ per output: a scale not folded per row would fail above
+    assert (model.config.padding, model.config.class_layers) == ("zero", "linear_zeros")
+    for ours, theirs in (("classifier", "project_class"), ("top.y_emb", "project_ycond")):
+        layer = model.get_submodule(ours)
+        for name, key in (("weight", "linear.weight"), ("bias", "linear.bias"), ("logs", "logs")):
+            torch.testing.assert_close(getattr(layer, name), state[f"{theirs}.{key}"], rtol=0, atol=0)
+    assert state["project_class.logs"].std() > 0.01  # logs differ per output: a per-row scale is exercised
 
 
 def test_conversion_error_is_a_checkpoint_error():

@@ -238,8 +238,11 @@ PRESET_LATENTS = {
     "imagenet64": [(6, 32, 32), (12, 16, 16), (24, 8, 8), (96, 4, 4)],
     "celeba64": [(6, 32, 32), (12, 16, 16), (24, 8, 8), (96, 4, 4)],
     "celeba256": [(6, 128, 128), (12, 64, 64), (24, 32, 32), (48, 16, 16), (96, 8, 8), (384, 4, 4)],
+    "lsun64": [(6, 32, 32), (12, 16, 16), (48, 8, 8)],
+    "lsun96": [(6, 48, 48), (12, 24, 24), (24, 12, 12), (48, 6, 6), (192, 3, 3)],
+    "lsun128": [(6, 64, 64), (12, 32, 32), (24, 16, 16), (48, 8, 8), (192, 4, 4)],
 }
-SLOW_PRESETS = {"celeba64", "celeba256"}  # 4 and 10 s to build on one core (celeba256: 237M parameters)
+SLOW_PRESETS = {"celeba64", "celeba256", "lsun96", "lsun128"}  # 4 and 10 s to build on one core (celeba256: 237M parameters)
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_PRESETS else n
@@ -262,5 +265,9 @@ def test_digits_preset_initialises_and_samples():
 
 
 def test_cifar10_preset_matches_official_size():
-    model = Glow.from_preset("cifar10")
-    assert 44.0e6 < sum(p.numel() for p in model.parameters()) < 44.5e6
+    n_zero = sum(p.numel() for p in Glow.from_preset("cifar10", padding="zero").parameters())
+    assert 44.0e6 < n_zero < 44.5e6
+    # the edge channel adds one input channel to each step's two 3x3 convolutions (512 and 2·C_b
+    # outputs, C = 12, 24, 48 by level) and to the split priors' and the top prior's
+    edge_weights = 32 * 9 * sum(512 + c for c in (12, 24, 48)) + 9 * (12 + 24) + 9 * 96
+    assert sum(p.numel() for p in Glow.from_preset("cifar10").parameters()) == n_zero + edge_weights

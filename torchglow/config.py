@@ -18,6 +18,8 @@ OPTIMIZERS = ("adamax", "adam")
 PRECISIONS = ("fp32", "bf16", "fp16")
 MEMORY_MODES = ("none", "checkpoint", "invertible")
 COMPILE_MODES = ("regional", "whole")
+PADDINGS = ("zero", "edge")
+CLASS_LAYERS = ("linear", "linear_zeros")
 
 
 class ConfigError(ValueError):
@@ -61,6 +63,17 @@ class GlowConfig(_DictConfig):
         dropout: dropout rate on the coupling networks' hidden features in the training objective
             (forward in training mode; encode, decode and sample never drop); not in the official
             code, whose presets keep 0: a regulariser for small data sets.
+        padding: how the 3x3 convolutions of the coupling networks and priors see the border:
+            "edge" (official ``conv2d``/``conv2d_zeros`` with ``edge_bias``: zero padding plus one
+            extra input channel that is 1 on the padded border and 0 inside) or "zero" (zero
+            padding only, as the PyTorch ports).
+        class_layers: the class embedding of the top prior and the classifier of a
+            class-conditional model: "linear_zeros" (official: ``(x·Wᵀ + b)·exp(3·logs)``, all
+            zero-initialised) or "linear" (a zero-initialised ``Linear``).
+
+    The defaults of ``padding`` and ``class_layers`` are the behaviour of configs saved before
+    these fields existed ("zero", "linear"), so a ``config.json`` without them, and a config built
+    in code without them, mean the same model; the official presets set "edge" and "linear_zeros".
     """
 
     image_shape: tuple[int, int, int] = (3, 32, 32)
@@ -75,6 +88,8 @@ class GlowConfig(_DictConfig):
     num_classes: int | None = None
     weight_y: float = 0.01
     dropout: float = 0.0
+    padding: str = "zero"
+    class_layers: str = "linear"
 
     def __post_init__(self) -> None:
         shape = tuple(self.image_shape) if isinstance(self.image_shape, (list, tuple)) else None
@@ -100,6 +115,10 @@ class GlowConfig(_DictConfig):
             raise ConfigError(f"coupling must be one of {COUPLINGS}, got {self.coupling!r}")
         if self.permutation not in PERMUTATIONS:
             raise ConfigError(f"permutation must be one of {PERMUTATIONS}, got {self.permutation!r}")
+        if self.padding not in PADDINGS:
+            raise ConfigError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
+        if self.class_layers not in CLASS_LAYERS:
+            raise ConfigError(f"class_layers must be one of {CLASS_LAYERS}, got {self.class_layers!r}")
         for name in ("lu", "learn_top"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -151,19 +170,29 @@ def _yaml_number_hint(v: Any) -> str:
 
 
 # The official runs (openai/glow README): width 512, learned LU 1x1 convolutions, a learned top
-# prior. `digits` and `mnist` are ours: digits is sized to train on 2 CPU cores in minutes (with
-# 1,497 training images it overfits without the coupling dropout); mnist follows the official
-# 3-level layout on MNIST padded to 32x32 as the official data loader does.
-_OFFICIAL = dict(hidden_channels=512, permutation="invconv", lu=True, learn_top=True)
+# prior, edge-padded 3x3 convolutions and linear_zeros class layers (tfops.py's defaults). LSUN
+# (README of openai/glow): lsun64 is the quantitative run ("--problem lsun_realnvp --image_size 64
+# --n_level 3 --depth 48 --flow_coupling 1 --n_bits_x 8"), lsun96/lsun128 the qualitative ones
+# ("--problem lsun --image_size [96/128] --n_level 5 --depth 64 --flow_coupling 0 --n_bits_x 5").
+# `digits` and `mnist` are ours and keep zero padding and plain linear layers: digits is sized to
+# train on 2 CPU cores in minutes (with 1,497 training images it overfits without the coupling
+# dropout); mnist follows the official 3-level layout on MNIST padded to 32x32 as the official
+# data loader does.
+_OFFICIAL = dict(hidden_channels=512, permutation="invconv", lu=True, learn_top=True, padding="edge",
+                 class_layers="linear_zeros")
+_OURS = dict(padding="zero", class_layers="linear")
 PRESETS: dict[str, dict[str, Any]] = {
     "cifar10": dict(_OFFICIAL, image_shape=(3, 32, 32), n_levels=3, n_steps=32, coupling="affine", n_bits=8),
     "imagenet32": dict(_OFFICIAL, image_shape=(3, 32, 32), n_levels=3, n_steps=48, coupling="affine", n_bits=8),
     "imagenet64": dict(_OFFICIAL, image_shape=(3, 64, 64), n_levels=4, n_steps=48, coupling="affine", n_bits=8),
     "celeba64": dict(_OFFICIAL, image_shape=(3, 64, 64), n_levels=4, n_steps=32, coupling="additive", n_bits=5),
     "celeba256": dict(_OFFICIAL, image_shape=(3, 256, 256), n_levels=6, n_steps=32, coupling="additive", n_bits=5),
-    "mnist": dict(_OFFICIAL, image_shape=(1, 32, 32), n_levels=3, n_steps=32, coupling="affine", n_bits=8),
-    "digits": dict(image_shape=(1, 8, 8), n_levels=2, n_steps=12, hidden_channels=64,
-                   coupling="affine", permutation="invconv", lu=True, learn_top=True, n_bits=5, dropout=0.2),
+    "lsun64": dict(_OFFICIAL, image_shape=(3, 64, 64), n_levels=3, n_steps=48, coupling="affine", n_bits=8),
+    "lsun96": dict(_OFFICIAL, image_shape=(3, 96, 96), n_levels=5, n_steps=64, coupling="additive", n_bits=5),
+    "lsun128": dict(_OFFICIAL, image_shape=(3, 128, 128), n_levels=5, n_steps=64, coupling="additive", n_bits=5),
+    "mnist": dict(_OFFICIAL, **_OURS, image_shape=(1, 32, 32), n_levels=3, n_steps=32, coupling="affine", n_bits=8),
+    "digits": dict(image_shape=(1, 8, 8), n_levels=2, n_steps=12, hidden_channels=64, coupling="affine",
+                   permutation="invconv", lu=True, learn_top=True, n_bits=5, dropout=0.2, **_OURS),
 }
 
 
@@ -333,6 +362,14 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "imagenet64": dict(dataset="imagenet64", epochs=100, batch_size=32, warmup_images=1_000_000),
     "celeba64": dict(dataset="celeba", epochs=200, batch_size=64, warmup_images=300_000),
     "celeba256": dict(dataset="celeba", epochs=200, batch_size=16, warmup_images=300_000),
+    # LSUN (openai/glow README and train.py): 64 images per GPU at the 32x32 anchor size, scaled by
+    # (32/size)² (train.py's local_batch_train), on 8 GPUs for 64x64 (16 each) and 40 for 96/128 (7
+    # and 4 each); warm-up epochs_warmup 10 x n_train 50,000 images; lr 1e-3 is the default. The
+    # official runs have no last epoch: the epochs here (each a pass over the category, 3,033,042
+    # bedroom images) are ours. Other categories: --dataset lsun-church_outdoor or lsun-tower.
+    "lsun64": dict(dataset="lsun-bedroom", epochs=10, batch_size=128, warmup_images=500_000),
+    "lsun96": dict(dataset="lsun-bedroom", epochs=10, batch_size=280, warmup_images=500_000),
+    "lsun128": dict(dataset="lsun-bedroom", epochs=10, batch_size=160, warmup_images=500_000),
 }
 
 

@@ -18,8 +18,10 @@ github.com/y0ast/Glow-PyTorch), and where each tensor goes:
   ``(conv(x) + b)·exp(3·logs)`` keeps ``logs`` as (C, 1, 1); ours is (1, C, 1, 1).
 - ``prior_h``: the zero input of the top prior, shape (1, 2C, H/2^L, W/2^L), so it gives the image
   size; ``learn_top_fn`` is our ``top.learned``.
-- ``LinearZeros`` (``project_ycond``, ``project_class``): ``(x·Wᵀ + b)·exp(3·logs)``; torchglow's class
-  embedding and classifier are plain linear layers, so ``exp(3·logs)`` is folded into W and b.
+- ``LinearZeros`` (``project_ycond``, ``project_class``): ``(x·Wᵀ + b)·exp(3·logs)``, our
+  ``class_layers="linear_zeros"`` exactly (W, b and logs copied as they are).
+- Convolutions: y0ast pads its 3x3 convolutions with zeros only (no official edge channel), so the
+  converted config has ``padding="zero"``.
 - ``Permute2d``: "reverse" is ours; "shuffle" draws its order from the random generator when the
   model is built and never saves it, so a shuffle model cannot be converted exactly and is refused.
 - Data: ``x/256 - 0.5`` plus ``U(0, 1/256)`` and ``-D·log 256`` in the objective: ``n_bits = 8``.
@@ -183,7 +185,8 @@ def infer_config(state: dict[str, torch.Tensor], hparams: dict[str, Any] | None 
         return GlowConfig(image_shape=image_shape, n_levels=n_levels, n_steps=n_steps,
                           hidden_channels=hidden_channels, coupling=coupling, permutation=permutation, lu=lu,
                           learn_top=learn_top, n_bits=8, num_classes=num_classes,
-                          weight_y=(hparams or {}).get("y_weight", GlowConfig.weight_y))
+                          weight_y=(hparams or {}).get("y_weight", GlowConfig.weight_y),
+                          padding="zero", class_layers="linear_zeros")
     except ConfigError as e:
         raise ConversionError(f"{source}: {e}") from None
 
@@ -211,13 +214,9 @@ def _rules(model: Glow) -> tuple[list[Rule], dict[str, tuple[int, ...]]]:
         rules.append((f"{dst}.logs", (f"{src}.logs",), lambda t: t.reshape(1, -1, 1, 1)))
 
     def linear_zeros(dst: str, src: str) -> None:
-        shapes[f"{src}.linear.weight"] = tuple(ours[f"{dst}.weight"].shape)
-        shapes[f"{src}.linear.bias"] = tuple(ours[f"{dst}.bias"].shape)
-        shapes[f"{src}.logs"] = tuple(ours[f"{dst}.bias"].shape)
-        rules.append((f"{dst}.weight", (f"{src}.linear.weight", f"{src}.logs"),
-                      lambda w, logs: w * torch.exp(LOGSCALE_FACTOR * logs)[:, None]))
-        rules.append((f"{dst}.bias", (f"{src}.linear.bias", f"{src}.logs"),
-                      lambda b, logs: b * torch.exp(LOGSCALE_FACTOR * logs)))
+        same(f"{dst}.weight", f"{src}.linear.weight")
+        same(f"{dst}.bias", f"{src}.linear.bias")
+        same(f"{dst}.logs", f"{src}.logs")
 
     config = model.config
     stride = config.n_steps + 2  # squeeze, K steps, split

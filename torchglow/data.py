@@ -14,6 +14,9 @@ svhn            (3, 32, 32)  ``train_32x32.mat``, ``test_32x32.mat``
 celeba          (3, 64, 64)  ``celeba/img_align_celeba/``, ``list_attr_celeba.txt``,
                              ``list_eval_partition.txt`` (loaded lazily, 40 binary attributes)
 imagenet32/64   (3, s, s)    ``*train_data_batch_*.npz`` and ``val_data.npz`` anywhere below
+lsun-CATEGORY   (3, 64, 64)  ``<category>_train_lmdb/``, ``<category>_val_lmdb/`` (LSUN's LMDB
+                             folders, loaded lazily; CATEGORY: bedroom, church_outdoor, tower;
+                             needs the ``lmdb`` package)
 a folder path   (c, s, s)    any images below it (loaded lazily): ``train/``, ``test/``, ``val/``
                              subfolders are splits, the subfolders below them (or of a flat
                              folder) classes (:class:`FolderLayout`); the shape is read from the
@@ -58,7 +61,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "svhn", "celeba", "imagenet32", "imagenet64")
+LSUN_CATEGORIES = ("bedroom", "church_outdoor", "tower")  # the official code's LSUN categories
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "svhn", "celeba", "imagenet32", "imagenet64",
+            *(f"lsun-{category}" for category in LSUN_CATEGORIES))
 # (C, H, W) of the sets held in memory, which can only be zero-padded to a larger size
 IN_MEMORY_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32),
                     "svhn": (3, 32, 32), "imagenet32": (3, 32, 32), "imagenet64": (3, 64, 64)}
@@ -74,6 +79,7 @@ NPZ_TEST_FRACTION = 0.05  # an .npz file without a split: a seeded 95/5 train/te
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 CELEBA_IMAGE_SIZE = 64
 CELEBA_PARTITION = {"train": "0", "test": "2"}  # list_eval_partition.txt: 0 train, 1 valid, 2 test
+LSUN_IMAGE_SIZE = 64
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"
@@ -89,6 +95,7 @@ _SOURCES = {
     "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
     "svhn": "http://ufldl.stanford.edu/housenumbers/",
     "celeba": "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (Align&Cropped images)",
+    "lsun": "https://github.com/fyu/lsun (python download.py -c CATEGORY, then unzip)",
 }
 
 
@@ -312,6 +319,9 @@ def load_dataset(
             return _load_celeba(
                 roots, split, download, image_size=image_size or CELEBA_IMAGE_SIZE, channels=channels or 3
             )
+        case _ if name.startswith("lsun-"):
+            return load_lsun(name.removeprefix("lsun-"), split, _data_roots("lsun", data_dir)[0],
+                             image_size=image_size or LSUN_IMAGE_SIZE, channels=channels or 3)
     return _fit(dataset, image_size, channels)
 
 
@@ -361,6 +371,8 @@ def check_dataset_name(name: str) -> str:
     if path_like or (not close and _closest_folder(Path(name).expanduser()) is not None):
         raise missing_folder_error(name)
     hint = f"did you mean {close[0]!r}? " if close else ""
+    if name.lower() == "lsun":
+        hint = "LSUN is one data set per category: lsun-bedroom, lsun-church_outdoor or lsun-tower; "
     raise DatasetError(f"unknown data set {name!r} (and no such folder): {hint}choose one of {', '.join(DATASETS)}, "
                        f"or give a folder of images or an .npz file")
 
@@ -920,3 +932,93 @@ def _npz_keys(path: Path) -> list[str]:
             return list(f.files)
     except (OSError, ValueError) as e:
         raise DatasetError(f"cannot read .npz data set {path}: {e}") from None
+
+
+# --------------------------------------------------------------------------- LSUN (LMDB folders)
+class LSUNDataset(ImageDataset):
+    """One split of an LSUN category, read from its LMDB folder (the layout of the LSUN release and
+    of torchvision's ``LSUN``: keys are image ids, values encoded images), decoded on access.
+
+    Each image is cropped to its centred square and resized to ``image_size`` with Lanczos
+    (antialiased) filtering, in that order, as openai/glow's ``data_loaders/generate_tfr/lsun.py``
+    makes its ``lsun`` records (``centre_crop``, then ``resize((res, res), Image.ANTIALIAS)``;
+    ANTIALIAS is Pillow's Lanczos). Unlabelled: every label is -1.
+
+    The keys are read once, by :func:`load_lsun`. Each access opens the folder read-only, reads one
+    value and closes it again (0.07 ms, against 5 ms to decode and resize a 256x340 webp, measured
+    here): no environment is held open, so none crosses a fork into DataLoader workers, where lmdb
+    refuses to open a folder its parent holds.
+    """
+
+    def __init__(self, path: Path, keys: list[bytes], *, image_size: int, channels: int, name: str):
+        super().__init__(torch.full((len(keys),), -1, dtype=torch.int64), name=name)
+        self.path = path
+        self.keys = keys
+        self.image_size = image_size
+        self.channels = channels
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = self.keys[index]
+        data = _read_lmdb(self.path, lambda txn: txn.get(key))
+        if data is None:
+            raise DatasetError(f"{self.path}: key {key!r} is gone (the LMDB changed after loading)")
+        image = _decode_centre_resized(data, self.image_size, self.channels, f"{self.path} key {key!r}")
+        return image, self.labels[index]
+
+
+def load_lsun(category: str, split: str, root: str | Path, *, image_size: int = LSUN_IMAGE_SIZE,
+              channels: int = 3) -> LSUNDataset:
+    """LSUN ``category`` (one of :data:`LSUN_CATEGORIES`): "train" is ``root/<category>_train_lmdb``,
+    "test" LSUN's validation set ``root/<category>_val_lmdb`` (300 images), as the official code
+    uses it. Needs the ``lmdb`` package (``pip install torchglow[lsun]``)."""
+    if category not in LSUN_CATEGORIES:
+        raise DatasetError(f"lsun: unknown category {category!r}; choose one of {', '.join(LSUN_CATEGORIES)}")
+    path = Path(root).expanduser() / f"{category}_{'train' if split == 'train' else 'val'}_lmdb"
+    if not (path / "data.mdb").is_file():
+        raise DatasetError(f"lsun-{category}: {path}/data.mdb not found; get the {category} LMDB folders from "
+                           f"{_SOURCES['lsun']} into {path.parent}")
+    keys = _read_lmdb(path, lambda txn: list(txn.cursor().iternext(keys=True, values=False)))
+    if not keys:
+        raise DatasetError(f"lsun-{category}: {path} holds no images")
+    return LSUNDataset(path, keys, image_size=image_size, channels=channels, name=f"lsun-{category}/{split}")
+
+
+def _read_lmdb(path: Path, read: Callable):
+    """``read(txn)`` in a read-only transaction of the LMDB folder ``path``, opened and closed here."""
+    try:
+        import lmdb
+    except ImportError:
+        raise DatasetError(f"reading LSUN ({path}) needs the lmdb package: pip install 'torchglow[lsun]'") from None
+    try:
+        # no lock file written, no read-ahead (random access over a large file)
+        env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False)
+    except lmdb.Error as error:
+        raise DatasetError(f"cannot open LMDB folder {path}: {error}") from None
+    try:
+        with env.begin(write=False) as txn:
+            return read(txn)
+    finally:
+        env.close()
+
+
+def _decode_centre_resized(data: bytes, size: int, channels: int, what: str) -> torch.Tensor:
+    """Encoded image bytes -> uint8 (channels, size, size): centred square crop, then Lanczos resize."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as file:
+            image = file.convert("L" if channels == 1 else "RGB")
+    except Exception as error:  # PIL raises many kinds for undecodable bytes
+        raise DatasetError(f"cannot decode image {what}: {error}") from error
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
+    pixels = torch.from_numpy(np.array(image)).reshape(size, size, channels)  # (H, W, C)
+    return pixels.permute(2, 0, 1).contiguous()

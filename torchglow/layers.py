@@ -7,13 +7,15 @@ parameters and buffers, so ``load_state_dict`` restores a layer completely.
 Numerics follow the official openai/glow code (``model.py``/``tfops.py``): data-dependent ActNorm
 with a ``logscale_factor`` of 3, the zero-initialised last convolutions scaled by ``exp(3·logs)``,
 the sigmoid(h + 2) affine scale and float64 log-determinants of the plain 1x1 convolution. The
-official convolutions also pad with an extra "edge" channel marking the border; we pad with zeros
-only (as every PyTorch port does), which changes no log-determinant.
+3x3 convolutions pad as the official ones (zeros plus an "edge" channel marking the border) or
+with zeros only (``padding="zero"``, as the PyTorch ports): the padding changes what the coupling
+networks and priors compute, never how a log-determinant is computed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -205,16 +207,68 @@ def unsqueeze2d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, c // 4, h * 2, w * 2)
 
 
+def edge_image(height: int, width: int, pad: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The official "edge" channel of a zero-padded (height, width) input: a (1, 1, height + 2·pad,
+    width + 2·pad) map, 1 on the ``pad`` rows and columns of padding and 0 inside (tfops.py's
+    ``add_edge_padding``). A constant: built once per shape, device and dtype in eager mode; under
+    torch.compile it is built in the graph, where the compiler folds it into a constant."""
+    if torch.compiler.is_compiling():
+        return _make_edge_image(height, width, pad, device, dtype)
+    return _cached_edge_image(height, width, pad, device, dtype)
+
+
+def _make_edge_image(height: int, width: int, pad: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    edge = torch.ones(1, 1, height + 2 * pad, width + 2 * pad, device=device, dtype=dtype)
+    edge[:, :, pad : pad + height, pad : pad + width] = 0
+    return edge
+
+
+_cached_edge_image = functools.lru_cache(maxsize=64)(_make_edge_image)
+
+
+def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A stride-1 "SAME" convolution with an odd square kernel, with the official edge padding when
+    ``weight`` has one input channel more than ``x``.
+
+    Official: ``conv(cat[pad(x), E], W)``, ``E`` the :func:`edge_image` concatenated last. When the
+    convolution widens (more outputs than inputs: the first conv of a coupling network) that is
+    what runs, the copy being of the narrow input. Otherwise (the zero convs: wide hidden input,
+    narrow output) it runs as ``conv(pad(x), W[:, :C]) + (conv(E, W[:, C:]) + b)``: the second term
+    does not depend on the data, so it is one (1, out, H, W) map (a bias that varies by position)
+    and no copy of the wide input is made. Both equal the official convolution up to rounding.
+    """
+    pad = weight.shape[-1] // 2
+    b, c, h, w = x.shape
+    if weight.shape[1] == c:
+        return F.conv2d(x, weight, bias, padding=pad)
+    edge = edge_image(h, w, pad, x.device, x.dtype)
+    if weight.shape[0] > c:
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        x = torch.cat([F.pad(x, (pad, pad, pad, pad)), edge.expand(b, -1, -1, -1)], 1)  # (B, C + 1, H + 2p, W + 2p)
+        return F.conv2d(x.contiguous(memory_format=layout), weight, bias)  # the input's layout (see Coupling._net)
+    position_bias = F.conv2d(edge, weight[:, c:], bias)  # (1, out, H, W)
+    return F.conv2d(x, weight[:, :c], padding=pad) + position_bias
+
+
+def _conv_in_channels(in_channels: int, kernel_size: int, edge: bool) -> int:
+    # the official edge padding adds its channel to 3x3 convolutions only (add_edge_padding
+    # returns a 1x1 convolution's input unchanged)
+    return in_channels + 1 if edge and kernel_size > 1 else in_channels
+
+
 class ZeroConv2d(nn.Module):
     """Zero-initialised convolution whose output is scaled: ``(conv(x) + b) · exp(3·logs)``.
 
     The last layer of every coupling network and prior, so that each flow step starts as the
-    identity and each prior as a standard normal (official ``conv2d_zeros``).
+    identity and each prior as a standard normal (official ``conv2d_zeros``). With ``edge=True``
+    the convolution also sees the official edge channel (:func:`conv2d_same`) and its weight has
+    ``in_channels + 1`` input channels, the last one the edge channel's.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, edge: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        self.conv = nn.Conv2d(_conv_in_channels(in_channels, kernel_size, edge), out_channels, kernel_size,
+                              padding=kernel_size // 2)
         nn.init.zeros_(self.conv.weight)
         nn.init.zeros_(self.conv.bias)
         self.logs = nn.Parameter(torch.zeros(1, out_channels, 1, 1))
@@ -223,29 +277,44 @@ class ZeroConv2d(nn.Module):
         # The scale is folded into the (small) weight and bias instead of multiplying the output:
         # (conv(x, W) + b)·s = conv(x, W·s) + b·s, equal up to float rounding.
         scale = torch.exp(self.logs * LOGSCALE_FACTOR)
-        return F.conv2d(x, self.conv.weight * scale.view(-1, 1, 1, 1), self.conv.bias * scale.view(-1),
-                        padding=self.conv.padding)
+        return conv2d_same(x, self.conv.weight * scale.view(-1, 1, 1, 1), self.conv.bias * scale.view(-1))
 
 
 class ConvActNorm(nn.Module):
     """Bias-free convolution followed by ActNorm (official ``conv2d`` with ``do_actnorm``),
-    weights drawn from N(0, 0.05²)."""
+    weights drawn from N(0, 0.05²); ``edge=True``: with the official edge channel, as
+    :class:`ZeroConv2d` (3x3 kernels only)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, edge: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+        self.conv = nn.Conv2d(_conv_in_channels(in_channels, kernel_size, edge), out_channels, kernel_size,
+                              padding=kernel_size // 2, bias=False)
         nn.init.normal_(self.conv.weight, std=0.05)
         self.actnorm = ActNorm(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         actnorm = self.actnorm
         if actnorm._init_pending:  # data-dependent init needs the raw convolution output
-            return actnorm(self.conv(x))[0]
+            return actnorm(conv2d_same(x, self.conv.weight, None))[0]
         # ActNorm folded into the convolution: (conv(x, W) + b)·s = conv(x, W·s) + b·s (equal up to
         # float rounding), one pass over the activations instead of three, and a cheaper backward.
         scale = torch.exp(actnorm.log_scale())
-        return F.conv2d(x, self.conv.weight * scale.view(-1, 1, 1, 1), (actnorm.bias * scale).view(-1),
-                        padding=self.conv.padding)
+        return conv2d_same(x, self.conv.weight * scale.view(-1, 1, 1, 1), (actnorm.bias * scale).view(-1))
+
+
+class LinearZeros(nn.Linear):
+    """Official ``linear_zeros``: ``y = (x·Wᵀ + b)·exp(3·logs)``, W, b and logs zero-initialised
+    (the class embedding of the top prior and the classifier, with ``class_layers="linear_zeros"``)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features)
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+        self.logs = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.exp(self.logs * LOGSCALE_FACTOR)
+        return F.linear(x, self.weight * scale[:, None], self.bias * scale)
 
 
 _CHANNELS_LAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -261,21 +330,24 @@ class Coupling(nn.Module):
     ``autocast_dtype`` (e.g. torch.bfloat16) runs only the network in reduced precision; the
     coupling arithmetic and its log-det stay in the input's precision. ``dropout`` acts on the
     network's hidden features in training mode; the layer is then a flow for each drawn mask, and
-    is deterministic (exactly invertible) in eval mode.
+    is deterministic (exactly invertible) in eval mode. ``padding="edge"``: the network's 3x3
+    convolutions see the official edge channel (:func:`conv2d_same`).
     """
 
-    def __init__(self, num_channels: int, hidden_channels: int, affine: bool = True, dropout: float = 0.0):
+    def __init__(self, num_channels: int, hidden_channels: int, affine: bool = True, dropout: float = 0.0,
+                 padding: str = "zero"):
         super().__init__()
         self.affine = affine
         self.n_a = num_channels // 2
         n_b = num_channels - self.n_a
+        edge = padding == "edge"
         self.nn = nn.Sequential(
-            ConvActNorm(self.n_a, hidden_channels, 3),
+            ConvActNorm(self.n_a, hidden_channels, 3, edge=edge),
             nn.ReLU(inplace=True),
             ConvActNorm(hidden_channels, hidden_channels, 1),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
-            ZeroConv2d(hidden_channels, 2 * n_b if affine else n_b),
+            ZeroConv2d(hidden_channels, 2 * n_b if affine else n_b, edge=edge),
         )
         self.autocast_dtype: torch.dtype | None = None
 
@@ -315,14 +387,15 @@ class FlowStep(nn.Module):
     """One step of flow: ActNorm -> permutation (1x1 conv, shuffle or reverse) -> coupling."""
 
     def __init__(self, num_channels: int, hidden_channels: int, coupling: str = "affine",
-                 permutation: str = "invconv", lu: bool = True, dropout: float = 0.0):
+                 permutation: str = "invconv", lu: bool = True, dropout: float = 0.0, padding: str = "zero"):
         super().__init__()
         self.actnorm = ActNorm(num_channels)
         if permutation == "invconv":
             self.permute: nn.Module = InvConv1x1(num_channels, lu=lu)
         else:
             self.permute = Permute(num_channels, permutation)
-        self.coupling = Coupling(num_channels, hidden_channels, affine=coupling == "affine", dropout=dropout)
+        self.coupling = Coupling(num_channels, hidden_channels, affine=coupling == "affine", dropout=dropout,
+                                 padding=padding)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, logdet = self.actnorm(x)

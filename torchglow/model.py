@@ -24,7 +24,7 @@ from . import preprocess as pp
 from .config import GlowConfig, preset
 from .devices import random_tensor
 from .health import check_samples
-from .layers import ActNorm, FlowStep, ZeroConv2d, initializing, logdet_dtype, squeeze2d, unsqueeze2d
+from .layers import ActNorm, FlowStep, LinearZeros, ZeroConv2d, initializing, logdet_dtype, squeeze2d, unsqueeze2d
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -48,32 +48,44 @@ class FlowOutput(NamedTuple):
 
 class SplitPrior(nn.Module):
     """Conditional prior of the split-off half: ``[mean | logs]`` interleaved from a zero conv on
-    the kept half (official ``split2d_prior``). Not a flow layer: its term is a prior, not a log-det."""
+    the kept half (official ``split2d_prior``; with ``padding="edge"`` the conv sees the official
+    edge channel). Not a flow layer: its term is a prior, not a log-det."""
 
-    def __init__(self, num_channels: int):
+    def __init__(self, num_channels: int, padding: str = "zero"):
         super().__init__()
         self.n_keep = num_channels // 2
-        self.conv = ZeroConv2d(self.n_keep, 2 * (num_channels - self.n_keep))
+        self.conv = ZeroConv2d(self.n_keep, 2 * (num_channels - self.n_keep), edge=padding == "edge")
 
     def prior(self, z_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.conv(z_keep).to(logdet_dtype(z_keep))
         return h[:, 0::2], h[:, 1::2]
 
 
+def class_layer(in_features: int, out_features: int, kind: str) -> nn.Linear:
+    """The class embedding or classifier: official ``linear_zeros`` (:class:`LinearZeros`), or a
+    zero-initialised ``Linear`` (``kind="linear"``, the configs saved before ``class_layers``)."""
+    if kind == "linear_zeros":
+        return LinearZeros(in_features, out_features)
+    layer = nn.Linear(in_features, out_features)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
 class TopPrior(nn.Module):
     """Prior of the top latent: N(0, I), or with ``learn_top`` a learned mean and log-std (official:
-    a zero conv applied to zeros, i.e. a per-channel bias scaled by ``exp(3·logs)``), shifted by a
-    zero-initialised linear embedding of the one-hot class when ``num_classes`` is set."""
+    a zero conv applied to zeros; with zero padding a per-channel bias scaled by ``exp(3·logs)``,
+    with ``padding="edge"`` also a function of the edge channel, so the border positions get their
+    own mean and log-std), shifted by a zero-initialised linear embedding of the one-hot class when
+    ``num_classes`` is set (:func:`class_layer`)."""
 
-    def __init__(self, shape: tuple[int, int, int], learn_top: bool, num_classes: int | None):
+    def __init__(self, shape: tuple[int, int, int], learn_top: bool, num_classes: int | None,
+                 padding: str = "zero", class_layers: str = "linear"):
         super().__init__()
         self.shape = shape
         c = shape[0]
-        self.learned = ZeroConv2d(2 * c, 2 * c) if learn_top else None
-        self.y_emb = nn.Linear(num_classes, 2 * c) if num_classes else None
-        if self.y_emb is not None:
-            nn.init.zeros_(self.y_emb.weight)
-            nn.init.zeros_(self.y_emb.bias)
+        self.learned = ZeroConv2d(2 * c, 2 * c, edge=padding == "edge") if learn_top else None
+        self.y_emb = class_layer(num_classes, 2 * c, class_layers) if num_classes else None
 
     def forward(self, batch: int, y: torch.Tensor | None, device: torch.device,
                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,20 +121,18 @@ class Glow(nn.Module, ModelHubMixin):
         for i in range(config.n_levels):
             c, h, w = c * 4, h // 2, w // 2
             steps = nn.ModuleList(
-                FlowStep(c, config.hidden_channels, config.coupling, config.permutation, config.lu, config.dropout)
+                FlowStep(c, config.hidden_channels, config.coupling, config.permutation, config.lu, config.dropout,
+                         config.padding)
                 for _ in range(config.n_steps)
             )
             self.levels.append(steps)
             if i < config.n_levels - 1:
-                self.splits.append(SplitPrior(c))
+                self.splits.append(SplitPrior(c, config.padding))
                 self.latent_shapes.append((c - c // 2, h, w))
                 c = c // 2
         self.latent_shapes.append((c, h, w))
-        self.top = TopPrior((c, h, w), config.learn_top, config.num_classes)
-        self.classifier = nn.Linear(c, config.num_classes) if config.num_classes else None
-        if self.classifier is not None:
-            nn.init.zeros_(self.classifier.weight)
-            nn.init.zeros_(self.classifier.bias)
+        self.top = TopPrior((c, h, w), config.learn_top, config.num_classes, config.padding, config.class_layers)
+        self.classifier = class_layer(c, config.num_classes, config.class_layers) if config.num_classes else None
         self.memory_mode = "none"  # backward memory mode, see set_memory / torchglow.memory
 
     # ---------------------------------------------------------------- construction and state
