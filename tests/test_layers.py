@@ -19,7 +19,8 @@ from torchglow.layers import (
     unsqueeze2d,
 )
 
-from flow_checks import assert_invertible, assert_logdet_matches_jacobian, jacobian_logabsdet, perturb
+from flow_checks import (assert_invertible, assert_logdet_matches_jacobian, jacobian_logabsdet, perturb, unfolded_step,
+                         unfolded_step_inverse)
 
 LAYERS = {
     "actnorm": lambda c: ActNorm(c),
@@ -109,28 +110,6 @@ def test_invconv_starts_as_rotation_and_logdet(lu):
     perturb(layer)
     expected = torch.linalg.slogdet(layer.weight_matrix().double())[1]
     torch.testing.assert_close(layer.logabsdet().double(), expected, atol=1e-5, rtol=0)
-
-
-def unfolded_step(step, x):
-    """A flow step's forward from the formulas, layer after layer: ActNorm, permutation, coupling."""
-    s = torch.exp(3 * step.actnorm.logs)
-    h = (x + step.actnorm.bias) * s
-    if isinstance(step.permute, InvConv1x1):
-        w = step.permute.weight_matrix()
-        h, ld_w = torch.einsum("oc,bchw->bohw", w, h), torch.linalg.slogdet(w.double())[1].to(x.dtype)
-    else:
-        h, ld_w = h[:, step.permute.perm], 0.0
-    y, ld_coupling = step.coupling(h)
-    return y, ld_coupling + x.shape[2] * x.shape[3] * (torch.log(s).sum() + ld_w)
-
-
-def unfolded_step_inverse(step, y):
-    h = step.coupling.inverse(y)
-    if isinstance(step.permute, InvConv1x1):
-        h = torch.einsum("oc,bchw->bohw", torch.linalg.inv(step.permute.weight_matrix()), h)
-    else:
-        h = h[:, step.permute.inv_perm]
-    return h * torch.exp(-3 * step.actnorm.logs) - step.actnorm.bias
 
 
 STEPS = [name for name in LAYERS if name.startswith("flowstep")] + ["flowstep_affine_plain"]
