@@ -167,7 +167,8 @@ class InvConv1x1(nn.Module):
         """``W⁻¹`` (K, C, C) of each layer, in float64 so that it is accurate to float32 rounding:
         ``U⁻¹·L⁻¹·Pᵀ`` by triangular solves with LU, else a float64 inverse."""
         if not convs[0].lu:
-            return torch.linalg.inv(InvConv1x1._stack(convs, "weight", torch.float64))
+            # inv_ex: no host sync to check for singular matrices (a flow's W is invertible)
+            return torch.linalg.inv_ex(InvConv1x1._stack(convs, "weight", torch.float64))[0]
         lower, upper = InvConv1x1._lu_factors(convs, torch.float64)
         eye = convs[0].eye.double()
         l_inv = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
@@ -219,7 +220,8 @@ class Permute(nn.Module):
     def matrices(perms, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``W = I[perm]`` (K, C, C) (row i picks channel perm[i]) and its log|det| 0 (K,)."""
         index = torch.stack([p.perm for p in perms])
-        w = F.one_hot(index, index.shape[1]).to(dtype)
+        # rows of the identity picked by index (one_hot would check the indices on the host)
+        w = torch.eye(index.shape[1], dtype=dtype, device=index.device)[index]
         return w, w.new_zeros(len(perms))
 
     @staticmethod
