@@ -9,6 +9,10 @@ with a ``logscale_factor`` of 3, the zero-initialised last convolutions scaled b
 the sigmoid(h + 2) affine scale and float64 log-determinants of the plain 1x1 convolution. The
 official convolutions also pad with an extra "edge" channel marking the border; we pad with zeros
 only (as every PyTorch port does), which changes no log-determinant.
+
+A :class:`FlowStep` runs its ActNorm and 1x1 convolution as one folded 1x1 convolution with a bias
+(:func:`fold_steps`, batched over the K steps of a level), in float64 on CUDA so that TF32 never
+touches the invertible part; the parameters are those of the separate layers.
 """
 
 from __future__ import annotations
@@ -175,28 +179,25 @@ class InvConv1x1(nn.Module):
         u_inv = torch.linalg.solve_triangular(upper, eye, upper=True)
         return u_inv @ l_inv @ InvConv1x1._stack(convs, "perm", torch.float64).mT
 
-    def weight_matrix(self) -> torch.Tensor:
-        anchor = self.log_s if self.lu else self.weight
-        return self.matrices([self], anchor.dtype)[0][0]
+    @property
+    def _anchor(self) -> torch.Tensor:
+        """A parameter: the device and dtype of the layer."""
+        return self.log_s if self.lu else self.weight
 
-    def inverse_matrix(self) -> torch.Tensor:
-        """``W⁻¹`` in the parameters' dtype."""
-        anchor = self.log_s if self.lu else self.weight
-        return self.inverse_matrices([self])[0].to(anchor.dtype)
+    def weight_matrix(self) -> torch.Tensor:
+        return self.matrices([self], self._anchor.dtype)[0][0]
 
     def logabsdet(self) -> torch.Tensor:
-        anchor = self.log_s if self.lu else self.weight
-        return self.matrices([self], anchor.dtype)[1][0]
+        return self.matrices([self], self._anchor.dtype)[1][0]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        anchor = self.log_s if self.lu else self.weight
         with torch.autocast(x.device.type, enabled=False):
-            w, logabsdet = self.matrices([self], linear_dtype(anchor))
+            w, logabsdet = self.matrices([self], linear_dtype(self._anchor))
         logdet = (x.shape[2] * x.shape[3]) * logabsdet[0].to(logdet_dtype(x))
         return conv1x1(x, w[0]), logdet.expand(x.shape[0])
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return conv1x1(y, self.inverse_matrices([self])[0].to(linear_dtype(y)))
+        return conv1x1(y, self.inverse_matrices([self])[0].to(linear_dtype(self._anchor)))
 
 
 class Permute(nn.Module):
