@@ -450,35 +450,34 @@ def fold_steps(steps, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor,
     return list(zip(w.unbind(0), bias.unbind(0), logdet.unbind(0)))
 
 
-def _fold_inverses(steps) -> tuple[torch.Tensor, torch.Tensor]:
-    """``diag(1/s)·W⁻¹`` (K, C, C) and ``-b`` (K, C) of the steps, W⁻¹ in float64, the results in
-    :func:`linear_dtype`."""
+def fold_inverses(steps) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each step's inverse, ``x = diag(1/s)·W⁻¹·y - b``, as ``(weight (C, C), bias (C,))`` of one 1x1
+    convolution, computed afresh for the K steps of a level at once (W⁻¹ in float64, the results
+    in :func:`linear_dtype`)."""
     anchor = steps[0].actnorm.logs
     actnorms = [s.actnorm for s in steps]
     with torch.autocast(anchor.device.type, enabled=False):
-        w_inv = type(steps[0].permute).inverse_matrices([s.permute for s in steps])
+        w_inv = type(steps[0].permute).inverse_matrices([s.permute for s in steps])  # (K, C, C)
         # scales the rows: diag(1/s)·W⁻¹
         w_inv = w_inv * torch.exp(_stacked(actnorms, "logs", torch.float64) * -LOGSCALE_FACTOR)[:, :, None]
         dtype = linear_dtype(anchor)
-        return w_inv.to(dtype), -_stacked(actnorms, "bias", dtype)
+        return list(zip(w_inv.to(dtype).unbind(0), (-_stacked(actnorms, "bias", dtype)).unbind(0)))
 
 
 @torch.no_grad()
 def refresh_inverses(steps) -> None:
     """:meth:`FlowStep.refresh_inverse` for the K steps of a level, as one batched computation."""
-    w_inv, bias = _fold_inverses(steps)
-    for step, w, b in zip(steps, w_inv.unbind(0), bias.unbind(0)):
+    for step, (w, b) in zip(steps, fold_inverses(steps)):
         step._store_inverse(w, b)
 
 
 def inverse_weights(steps) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(weight, bias)`` of each step's folded inverse 1x1 convolution: computed afresh (batched)
-    when a gradient is needed, else the cached buffers, refreshed first where the parameters
-    changed since (so decoding with fixed weights computes no inverse at all)."""
+    """``(weight, bias)`` of each step's folded inverse 1x1 convolution: :func:`fold_inverses` when
+    a gradient is needed, else the cached buffers, refreshed first where the parameters changed
+    since (so decoding with fixed weights computes no inverse at all)."""
     if torch.is_grad_enabled() and any(p.requires_grad for s in steps
                                        for p in (*s.actnorm.parameters(), *s.permute.parameters())):
-        w_inv, bias = _fold_inverses(steps)
-        return list(zip(w_inv.unbind(0), bias.unbind(0)))
+        return fold_inverses(steps)
     if any(s._inverse_key != s._fold_key() for s in steps):
         refresh_inverses(steps)
     return [(s.inverse_weight, s.inverse_bias) for s in steps]

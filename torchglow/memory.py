@@ -53,7 +53,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import MEMORY_MODES, ConfigError
-from .layers import ActNorm, fold_steps, inverse_weights, logdet_dtype
+from .layers import ActNorm, fold_inverses, fold_steps, logdet_dtype
 
 
 def check_memory_mode(mode: str, dropout: float = 0.0) -> str:
@@ -178,8 +178,10 @@ class _InvertibleSteps(torch.autograd.Function):
         end = n_params
         y = y.detach()
         grad_y = grad_y.contiguous()
-        with torch.no_grad():  # the level's cached inverse weights, refreshed at once where stale
-            inverses = inverse_weights(steps)
+        with torch.no_grad():
+            # the level's inverse weights afresh, not the steps' caches: their Python staleness
+            # check would be frozen into a captured CUDA graph of the training step
+            inverses = fold_inverses(steps)
         for k in range(len(steps) - 1, -1, -1):
             step, start = steps[k], end - counts[k]
             step_params = [p for p in step.parameters()]
