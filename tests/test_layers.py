@@ -138,7 +138,8 @@ def test_a_level_folds_its_steps_in_one_batched_product():
         w1, b1, ld1 = fold_steps([step], x)[0]
         torch.testing.assert_close((w, b, ld), (w1, b1, ld1), rtol=1e-14, atol=1e-14)
     for step, (w, b) in zip(steps, inverse_weights(steps)):
-        torch.testing.assert_close(w @ fold_steps([step], x)[0][0], torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-12)
+        eye = torch.eye(4, dtype=torch.float64)
+        torch.testing.assert_close(w @ fold_steps([step], x)[0][0], eye, rtol=0, atol=1e-12)
 
 
 def test_inverse_cache_is_refreshed_in_place_when_the_weights_change():

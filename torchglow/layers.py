@@ -420,7 +420,8 @@ class FlowStep(nn.Module):
 
     def _store_inverse(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
         current = self.inverse_weight
-        if current is None or (current.shape, current.dtype, current.device) != (weight.shape, weight.dtype, weight.device):
+        layout = (weight.shape, weight.dtype, weight.device)
+        if current is None or (current.shape, current.dtype, current.device) != layout:
             self.inverse_weight, self.inverse_bias = weight.clone(), bias.clone()
         else:
             self.inverse_weight.copy_(weight)

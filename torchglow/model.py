@@ -173,8 +173,7 @@ class Glow(nn.Module, ModelHubMixin):
         stale caches; call it before capturing a decode as a CUDA graph, and again (outside the
         graph) after the weights change, so that the graph reads current inverses."""
         for steps in self.levels:
-            if len(steps):
-                refresh_inverses(steps)
+            refresh_inverses(steps)
 
     def flow_steps(self):
         for steps in self.levels:
