@@ -63,8 +63,13 @@ COMPOSITE = frozenset(
 )
 
 
-def count_kernels(prof) -> collections.Counter:
-    """Per-operator count of the kernel-launching operator calls of a profile (the module docstring's rule)."""
+def count_kernels(prof, all_calls: bool = False) -> collections.Counter:
+    """Per-operator count of the kernel-launching operator calls of a profile (the module
+    docstring's rule); with ``all_calls`` every non-metadata call at any depth instead, composites
+    and the helpers inside other operators included (an upper bound, the issues' first count)."""
+    if all_calls:
+        return collections.Counter(e.name for e in prof.events()
+                                   if e.name.startswith("aten::") and e.name not in METADATA)
     counted: collections.Counter = collections.Counter()
 
     def visit(event) -> None:
@@ -81,29 +86,30 @@ def count_kernels(prof) -> collections.Counter:
     return counted
 
 
-def _profiled(fn) -> collections.Counter:
+def _profiled(fn, all_calls: bool) -> collections.Counter:
     for _ in range(2):
         fn()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    return count_kernels(prof)
+    return count_kernels(prof, all_calls)
 
 
-def count_phases(overrides: dict, batch_size: int, precision: str) -> dict[str, collections.Counter]:
+def count_phases(overrides: dict, batch_size: int, precision: str,
+                 all_calls: bool = False) -> dict[str, collections.Counter]:
     """The kernel counts of one training step, one sampling call and one evaluation call."""
     cpu = torch.device("cpu")
     model, _, x, y = bench._build("cifar10", overrides, batch_size, cpu, precision, "none", 0)
-    counts = {"train": _profiled(bench._train_step_fn(model, x, y, precision, "none", False, "regional"))}
+    counts = {"train": _profiled(bench._train_step_fn(model, x, y, precision, "none", False, "regional"), all_calls)}
     model, config, x, y = bench._build("cifar10", overrides, batch_size, cpu, precision, "none", 0)
     model.eval()
-    counts["sample"] = _profiled(lambda: model.sample(batch_size, y=y))
+    counts["sample"] = _profiled(lambda: model.sample(batch_size, y=y), all_calls)
 
     @torch.no_grad()
     def evaluate():
         z = pp.dequantize(pp.preprocess(x, config.n_bits), config.n_bits)
         pp.bits_per_dim_from_log_prob(model(z, y).log_prob, config.n_dims, config.n_bits)
 
-    counts["eval"] = _profiled(evaluate)
+    counts["eval"] = _profiled(evaluate, all_calls)
     return counts
 
 
@@ -125,12 +131,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--count", action="store_true", help="count kernel-launching operators per call")
     parser.add_argument("--rows", type=int, default=25, help="operators shown in the --count table")
+    parser.add_argument("--all-calls", action="store_true",
+                        help="with --count: every non-metadata call at any depth (composites and helpers too)")
     parser.add_argument("--json", type=Path, help="with --count: also write the per-operator counts here")
     args = parser.parse_args()
     torch.set_num_threads(1)
     overrides = dict(n_steps=args.n_steps, hidden_channels=args.hidden_channels)
     if args.count:
-        counts = count_phases(overrides, args.batch_size, args.precision)
+        counts = count_phases(overrides, args.batch_size, args.precision, args.all_calls)
         print_counts(counts, args.rows)
         if args.json:
             args.json.write_text(json.dumps({k: dict(v.most_common()) for k, v in counts.items()}, indent=1) + "\n")

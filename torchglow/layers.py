@@ -104,11 +104,12 @@ def linear_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``weight·x + bias`` at every pixel (``weight`` (C_out, C_in), ``bias`` (C_out,)), in
+    """``weight·x + bias`` at every pixel (``weight`` (C_out, C_in, 1, 1), ``bias`` (C_out,)), in
     ``weight``'s dtype and outside any autocast region (a bf16 1x1 convolution is not invertible to
-    float precision); the result in ``x``'s dtype."""
+    float precision); the result in ``x``'s dtype. The weight comes shaped for the convolution: a
+    reshape inside a compiled flow step, of a weight with dynamic sizes, trips inductor."""
     with torch.autocast(x.device.type, enabled=False):
-        y = F.conv2d(x.to(weight.dtype), weight[:, :, None, None], bias)
+        y = F.conv2d(x.to(weight.dtype), weight, bias)
     return y.to(x.dtype)
 
 
@@ -194,10 +195,11 @@ class InvConv1x1(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             w, logabsdet = self.matrices([self], linear_dtype(self._anchor))
         logdet = (x.shape[2] * x.shape[3]) * logabsdet[0].to(logdet_dtype(x))
-        return conv1x1(x, w[0]), logdet.expand(x.shape[0])
+        return conv1x1(x, w[0, :, :, None, None]), logdet.expand(x.shape[0])
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return conv1x1(y, self.inverse_matrices([self])[0].to(linear_dtype(self._anchor)))
+        w_inv = self.inverse_matrices([self])[0, :, :, None, None]
+        return conv1x1(y, w_inv.to(linear_dtype(self._anchor)))
 
 
 class Permute(nn.Module):
@@ -436,7 +438,7 @@ def _stacked(modules, name: str, dtype: torch.dtype) -> torch.Tensor:
 
 def fold_steps(steps, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Each step's ActNorm and permutation folded into one 1x1 convolution, for the K steps of a
-    level (all alike) as batched products: ``(weight (C, C), bias (C,), logdet)`` per step with
+    level (all alike) as batched products: ``(weight (C, C, 1, 1), bias (C,), logdet)`` per step with
     ``weight = W·diag(s)``, ``bias = W·diag(s)·b`` and the per-sample log-det ``H·W·(Σ logs +
     log|det W|)`` of input ``x`` (B, C, H, W), in :func:`linear_dtype` (log-det: :func:`logdet_dtype`)."""
     anchor = steps[0].actnorm.logs
@@ -448,11 +450,11 @@ def fold_steps(steps, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor,
         w = w * torch.exp(logs)[:, None, :]  # scales the columns: W·diag(s)
         bias = (w @ _stacked(actnorms, "bias", dtype)[:, :, None])[:, :, 0]  # (K, C)
         logdet = ((logs.sum(-1) + logabsdet) * (x.shape[2] * x.shape[3])).to(logdet_dtype(x))
-    return list(zip(w.unbind(0), bias.unbind(0), logdet.unbind(0)))
+    return list(zip(w[..., None, None].unbind(0), bias.unbind(0), logdet.unbind(0)))
 
 
 def fold_inverses(steps) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each step's inverse, ``x = diag(1/s)·W⁻¹·y - b``, as ``(weight (C, C), bias (C,))`` of one 1x1
+    """Each step's inverse, ``x = diag(1/s)·W⁻¹·y - b``, as ``(weight (C, C, 1, 1), bias (C,))`` of one 1x1
     convolution, computed afresh for the K steps of a level at once (W⁻¹ in float64, the results
     in :func:`linear_dtype`)."""
     anchor = steps[0].actnorm.logs
@@ -462,7 +464,8 @@ def fold_inverses(steps) -> list[tuple[torch.Tensor, torch.Tensor]]:
         # scales the rows: diag(1/s)·W⁻¹
         w_inv = w_inv * torch.exp(_stacked(actnorms, "logs", torch.float64) * -LOGSCALE_FACTOR)[:, :, None]
         dtype = linear_dtype(anchor)
-        return list(zip(w_inv.to(dtype).unbind(0), (-_stacked(actnorms, "bias", dtype)).unbind(0)))
+        w_inv = w_inv.to(dtype)[..., None, None]
+        return list(zip(w_inv.unbind(0), (-_stacked(actnorms, "bias", dtype)).unbind(0)))
 
 
 @torch.no_grad()
