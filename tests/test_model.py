@@ -338,3 +338,33 @@ def test_refresh_inverses_in_place_and_decode_equal_to_fresh_inverses():
     fresh = model.decode(latents)  # grad enabled and the parameters require it: no cache
     assert fresh.requires_grad
     assert_relatively_close(cached, fresh.detach())
+
+
+def test_the_float64_one_by_one_path_of_cuda_on_the_cpu(monkeypatch):
+    """On CUDA the folded 1x1 convolutions run in float64 (``linear_dtype``) around float32
+    activations; forced here on the CPU: the same log-likelihood, gradients and exact decoding as
+    the float32 path, the cached inverses in float64."""
+    from torchglow import layers
+
+    model = tiny_glow("affine_lu", torch.float32).eval()
+    x = torch.rand(3, *model.config.image_shape) - 0.5
+
+    def run():
+        model.zero_grad()
+        log_prob = model.log_prob(x)
+        log_prob.sum().backward()
+        with torch.no_grad():
+            latents, _ = model.encode(x)
+            x_rec = model.decode(latents)
+        grads = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+        return log_prob.detach(), grads, x_rec
+
+    expected = run()
+    monkeypatch.setattr(layers, "linear_dtype", lambda t: torch.float64)
+    model.refresh_inverses()  # the caches follow the parameters' device, which did not change here
+    log_prob, grads, x_rec = run()
+    assert log_prob.dtype == x_rec.dtype == torch.float32
+    assert next(model.flow_steps()).inverse_weight.dtype == torch.float64
+    torch.testing.assert_close(log_prob, expected[0], rtol=1e-5, atol=1e-4)
+    assert (grads - expected[1]).norm() <= 1e-4 * expected[1].norm()
+    assert (x_rec - x).abs().max() / x.abs().max() < 1e-5
