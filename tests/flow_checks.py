@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from torchglow.layers import InvConv1x1
+
 
 @torch.no_grad()
 def perturb(module: nn.Module, scale: float = 0.1) -> None:
@@ -38,3 +40,35 @@ def assert_logdet_matches_jacobian(layer: nn.Module, x: torch.Tensor, atol: floa
     _, logdet = layer(x)
     expected = jacobian_logabsdet(lambda v: layer(v)[0], x)
     torch.testing.assert_close(logdet.detach(), expected, atol=atol, rtol=1e-9)
+
+
+def invconv_matrix(conv: InvConv1x1) -> torch.Tensor:
+    """W of a 1x1 convolution from its parameters: ``P·(L + I)·(U + diag(sign·exp(log_s)))`` with LU."""
+    if not conv.lu:
+        return conv.weight
+    lower = torch.tril(conv.lower, -1) + torch.eye(len(conv.log_s), dtype=conv.lower.dtype)
+    upper = torch.triu(conv.upper, 1) + torch.diag(conv.sign_s * torch.exp(conv.log_s))
+    return conv.perm @ lower @ upper
+
+
+def unfolded_step(step, x):
+    """A flow step's forward from the formulas, layer after layer: ActNorm, permutation, coupling."""
+    s = torch.exp(3 * step.actnorm.logs)
+    h = (x + step.actnorm.bias) * s
+    if isinstance(step.permute, InvConv1x1):
+        w = invconv_matrix(step.permute)
+        h, ld_w = torch.einsum("oc,bchw->bohw", w, h), torch.linalg.slogdet(w.double())[1].to(x.dtype)
+    else:
+        h, ld_w = h[:, step.permute.perm], 0.0
+    y, ld_coupling = step.coupling(h)
+    return y, ld_coupling + x.shape[2] * x.shape[3] * (torch.log(s).sum() + ld_w)
+
+
+def unfolded_step_inverse(step, y):
+    """Inverse of :func:`unfolded_step`, layer after layer."""
+    h = step.coupling.inverse(y)
+    if isinstance(step.permute, InvConv1x1):
+        h = torch.einsum("oc,bchw->bohw", torch.linalg.inv(invconv_matrix(step.permute)), h)
+    else:
+        h = h[:, step.permute.inv_perm]
+    return h * torch.exp(-3 * step.actnorm.logs) - step.actnorm.bias

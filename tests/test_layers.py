@@ -12,12 +12,15 @@ from torchglow.layers import (
     InvConv1x1,
     Permute,
     ZeroConv2d,
+    fold_steps,
     initializing,
+    inverse_weights,
     squeeze2d,
     unsqueeze2d,
 )
 
-from flow_checks import assert_invertible, assert_logdet_matches_jacobian, jacobian_logabsdet, perturb
+from flow_checks import (assert_invertible, assert_logdet_matches_jacobian, jacobian_logabsdet, perturb, unfolded_step,
+                         unfolded_step_inverse)
 
 LAYERS = {
     "actnorm": lambda c: ActNorm(c),
@@ -109,18 +112,72 @@ def test_invconv_starts_as_rotation_and_logdet(lu):
     torch.testing.assert_close(layer.logabsdet().double(), expected, atol=1e-5, rtol=0)
 
 
-def test_invconv_inverse_cache_follows_weight_updates():
-    layer = InvConv1x1(4, lu=True)
-    y = torch.randn(2, 4, 3, 3)
+STEPS = [name for name in LAYERS if name.startswith("flowstep")] + ["flowstep_affine_plain"]
+LAYERS["flowstep_affine_plain"] = lambda c: FlowStep(c, 8, "affine", "invconv", lu=False)
+
+
+@pytest.mark.parametrize("name", STEPS)
+def test_folded_step_equals_the_layers_one_after_another(name):
+    """ActNorm and the permutation folded into one 1x1 convolution: forward, log-det and inverse
+    equal the unfolded formulas to 1e-12 in float64."""
+    step = make(name)
+    x = torch.randn(3, 5 if name.endswith("_odd") else 4, 6, 6, dtype=torch.float64)
+    y, logdet = step(x)
+    y_ref, logdet_ref = unfolded_step(step, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(logdet, logdet_ref, rtol=1e-12, atol=1e-12)
+    for grad in (False, True):  # a fresh inverse when a gradient is wanted, the cached one otherwise
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(step.inverse(y), unfolded_step_inverse(step, y), rtol=1e-12, atol=1e-12)
+
+
+def test_a_level_folds_its_steps_in_one_batched_product():
+    steps = [make("flowstep_affine_lu") for _ in range(3)]
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    for step, (w, b, ld) in zip(steps, fold_steps(steps, x)):
+        w1, b1, ld1 = fold_steps([step], x)[0]
+        torch.testing.assert_close((w, b, ld), (w1, b1, ld1), rtol=1e-14, atol=1e-14)
+    for step, (w, b) in zip(steps, inverse_weights(steps)):
+        eye = torch.eye(4, dtype=torch.float64)
+        torch.testing.assert_close(w[:, :, 0, 0] @ fold_steps([step], x)[0][0][:, :, 0, 0], eye, rtol=0, atol=1e-12)
+
+
+def test_inverse_cache_is_refreshed_in_place_when_the_weights_change():
+    """Without grad the inverse reads the cached buffers; an in-place update (an optimiser step)
+    makes them stale, and the refresh writes the new inverse into the same storage."""
+    step = make("flowstep_affine_lu", dtype=torch.float32).eval()
+    x = torch.randn(2, 4, 3, 3)
     with torch.no_grad():
-        first = layer.inverse_matrix()
-        assert layer.inverse_matrix() is first  # cached while unchanged
-        layer.log_s.add_(0.3)  # an optimiser step is an in-place update
-        second = layer.inverse_matrix()
-    assert second is not first
-    torch.testing.assert_close(second.double() @ layer.weight_matrix().double(), torch.eye(4, dtype=torch.float64), atol=1e-5, rtol=0)
+        step.inverse(step(x)[0])
+        pointers = step.inverse_weight.data_ptr(), step.inverse_bias.data_ptr()
+        step.actnorm.logs.add_(0.2)
+        step.permute.log_s.add_(0.3)  # in-place updates, as an optimiser's
+        y, _ = step(x)
+        torch.testing.assert_close(step.inverse(y), x, rtol=0, atol=1e-5)  # refreshed by itself
+        step.permute.lower.add_(0.1)
+        step.refresh_inverse()
+        assert (step.inverse_weight.data_ptr(), step.inverse_bias.data_ptr()) == pointers
+        cached = step.inverse_weight.clone()
+    fresh = fold_steps([step], x)[0][0].detach()  # the forward weight, with grad: no cache involved
+    product = cached[:, :, 0, 0].double() @ fresh[:, :, 0, 0].double()
+    torch.testing.assert_close(product, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-5)
+    assert "inverse_weight" not in step.state_dict()
+
+
+def test_one_by_one_convolutions_stay_float32_under_bf16_autocast():
+    step = make("flowstep_affine_lu", dtype=torch.float32)
+    conv = make("invconv_lu", dtype=torch.float32)
+    x = torch.randn(2, 4, 3, 3)
     with torch.no_grad():
-        torch.testing.assert_close(layer(layer.inverse(y))[0], y, atol=1e-5, rtol=0)
+        expected = conv(x)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = conv(x)[0]
+            w, b, _ = fold_steps([step], x)[0]
+            y, _ = step(x)
+            x_rec = step.inverse(y)
+    assert got.dtype == w.dtype == b.dtype == torch.float32
+    assert torch.equal(got, expected)
+    assert (x_rec - x).abs().max() < 1e-5  # the coupling network ran in bf16 both ways
 
 
 @pytest.mark.parametrize("name", ["invconv", "invconv_lu", "shuffle"])

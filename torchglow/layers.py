@@ -10,6 +10,10 @@ the sigmoid(h + 2) affine scale and float64 log-determinants of the plain 1x1 co
 3x3 convolutions pad as the official ones (zeros plus an "edge" channel marking the border) or
 with zeros only (``padding="zero"``, as the PyTorch ports): the padding changes what the coupling
 networks and priors compute, never how a log-determinant is computed.
+
+A :class:`FlowStep` runs its ActNorm and 1x1 convolution as one folded 1x1 convolution with a bias
+(:func:`fold_steps`, batched over the K steps of a level), in float64 on CUDA so that TF32 never
+touches the invertible part; the parameters are those of the separate layers.
 """
 
 from __future__ import annotations
@@ -94,19 +98,37 @@ def initializing(module: nn.Module):
             m._init_pending = False
 
 
+def linear_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype of the 1x1 convolutions' weights and arithmetic: float64 on CUDA, where cuDNN and
+    cuBLAS would otherwise run float32 in TF32 (a 10-bit mantissa, compounded over the K steps of
+    a level) whatever the caller set, else the parameters' own dtype (float32 on the CPU is exact)."""
+    return torch.float64 if t.device.type == "cuda" else t.dtype
+
+
+def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight·x + bias`` at every pixel (``weight`` (C_out, C_in, 1, 1), ``bias`` (C_out,)), in
+    ``weight``'s dtype and outside any autocast region (a bf16 1x1 convolution is not invertible to
+    float precision); the result in ``x``'s dtype. The weight comes shaped for the convolution: a
+    reshape inside a compiled flow step, of a weight with dynamic sizes, trips inductor."""
+    with torch.autocast(x.device.type, enabled=False):
+        y = F.conv2d(x.to(weight.dtype), weight, bias)
+    return y.to(x.dtype)
+
+
 class InvConv1x1(nn.Module):
     """Invertible 1x1 convolution ``y = W x`` over channels, log-det ``H·W·log|det W|``.
 
     ``W`` starts as a random rotation (Q of the QR of a Gaussian). With ``lu=True`` it is
     parametrised as ``W = P·(L + I)·(U + diag(sign·exp(log_s)))`` with fixed P and sign, and the
     log-det is ``H·W·Σ log_s``; the inverse then comes from triangular solves with the factors.
-    Without LU the log-det is computed in float64 as in the official code.
+    Without LU the log-det is computed in float64 as in the official code. :meth:`matrices` and
+    :meth:`inverse_matrices` compute ``W`` and ``W⁻¹`` of several layers (the K steps of a level)
+    as one batched product; in a :class:`FlowStep` they are folded with the ActNorm before them.
     """
 
     def __init__(self, num_channels: int, lu: bool = True):
         super().__init__()
         self.lu = lu
-        self._inverse_cache: tuple[tuple, torch.Tensor] | None = None
         c = num_channels
         w = torch.linalg.qr(torch.randn(c, c, dtype=torch.float64))[0]
         if not lu:
@@ -122,56 +144,71 @@ class InvConv1x1(nn.Module):
         self.upper = nn.Parameter(torch.triu(u, 1).float())
         self.log_s = nn.Parameter(torch.log(torch.abs(s)).float())
 
-    def _lu_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        lower = self.lower * self.lower_mask + self.eye
-        upper = self.upper * self.lower_mask.T + torch.diag(self.sign_s * torch.exp(self.log_s))
+    @staticmethod
+    def _stack(convs, name: str, dtype: torch.dtype) -> torch.Tensor:
+        return torch.stack([getattr(c, name) for c in convs]).to(dtype)
+
+    @staticmethod
+    def _lu_factors(convs, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``L + I`` and ``U + diag(sign·exp(log_s))`` of each layer, (K, C, C)."""
+        first, stack = convs[0], InvConv1x1._stack
+        mask, eye = first.lower_mask.to(dtype), first.eye.to(dtype)
+        lower = torch.addcmul(eye, stack(convs, "lower", dtype), mask)
+        # the diagonal as eye·(sign·exp(log_s)) broadcast over rows: one op, no diag_embed
+        diag = stack(convs, "sign_s", dtype) * torch.exp(stack(convs, "log_s", dtype))
+        upper = torch.addcmul(stack(convs, "upper", dtype) * mask.T, eye, diag[:, None, :])
         return lower, upper
 
-    def weight_matrix(self) -> torch.Tensor:
-        if not self.lu:
-            return self.weight
-        lower, upper = self._lu_factors()
-        return self.perm @ lower @ upper
+    @staticmethod
+    def matrices(convs, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W`` (K, C, C) of each layer in ``convs`` (all alike) and ``log|det W|`` (K,), in ``dtype``."""
+        if not convs[0].lu:
+            w = InvConv1x1._stack(convs, "weight", dtype)
+            return w, torch.linalg.slogdet(w.double())[1].to(dtype)
+        lower, upper = InvConv1x1._lu_factors(convs, dtype)
+        perm = InvConv1x1._stack(convs, "perm", dtype)
+        return perm @ lower @ upper, InvConv1x1._stack(convs, "log_s", dtype).sum(-1)
 
-    def inverse_matrix(self) -> torch.Tensor:
-        """``W⁻¹``: from the LU factors by triangular solves (else a float64 inverse); cached while
-        the weights are unchanged and no gradient is needed (sampling and evaluation)."""
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
-            return self._compute_inverse()
-        # In-place updates (optimiser steps, load_state_dict) bump a parameter's version.
-        key = tuple((p._version, p.data_ptr(), p.device, p.dtype) for p in self.parameters())
-        if self._inverse_cache is None or self._inverse_cache[0] != key:
-            self._inverse_cache = (key, self._compute_inverse())
-        return self._inverse_cache[1]
-
-    def _compute_inverse(self) -> torch.Tensor:
-        if not self.lu:
-            return torch.linalg.inv(self.weight.double()).to(self.weight.dtype)
-        # W⁻¹ = U⁻¹ L⁻¹ Pᵀ, solved in float64 so the inverse is accurate to float32 rounding.
-        lower, upper = (m.double() for m in self._lu_factors())
-        eye = self.eye.double()
+    @staticmethod
+    def inverse_matrices(convs) -> torch.Tensor:
+        """``W⁻¹`` (K, C, C) of each layer, in float64 so that it is accurate to float32 rounding:
+        ``U⁻¹·L⁻¹·Pᵀ`` by triangular solves with LU, else a float64 inverse."""
+        if not convs[0].lu:
+            # inv_ex: no host sync to check for singular matrices (a flow's W is invertible)
+            return torch.linalg.inv_ex(InvConv1x1._stack(convs, "weight", torch.float64))[0]
+        lower, upper = InvConv1x1._lu_factors(convs, torch.float64)
+        eye = convs[0].eye.double()
         l_inv = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
         u_inv = torch.linalg.solve_triangular(upper, eye, upper=True)
-        return (u_inv @ l_inv @ self.perm.double().T).to(self.log_s.dtype)
+        return u_inv @ l_inv @ InvConv1x1._stack(convs, "perm", torch.float64).mT
+
+    @property
+    def _anchor(self) -> torch.Tensor:
+        """A parameter: the device and dtype of the layer."""
+        return self.log_s if self.lu else self.weight
+
+    def weight_matrix(self) -> torch.Tensor:
+        return self.matrices([self], self._anchor.dtype)[0][0]
 
     def logabsdet(self) -> torch.Tensor:
-        if self.lu:
-            return self.log_s.sum()
-        return torch.linalg.slogdet(self.weight.double())[1]
+        return self.matrices([self], self._anchor.dtype)[1][0]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.weight_matrix()
-        y = F.conv2d(x, w.to(x.dtype).reshape(*w.shape, 1, 1))
-        logdet = (x.shape[2] * x.shape[3]) * self.logabsdet().to(logdet_dtype(x))
-        return y, logdet.expand(x.shape[0])
+        with torch.autocast(x.device.type, enabled=False):
+            w, logabsdet = self.matrices([self], linear_dtype(self._anchor))
+        logdet = (x.shape[2] * x.shape[3]) * logabsdet[0].to(logdet_dtype(x))
+        return conv1x1(x, w[0, :, :, None, None]), logdet.expand(x.shape[0])
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        w_inv = self.inverse_matrix().to(y.dtype)
-        return F.conv2d(y, w_inv.reshape(*w_inv.shape, 1, 1))
+        w_inv = self.inverse_matrices([self])[0, :, :, None, None]
+        return conv1x1(y, w_inv.to(linear_dtype(self._anchor)))
 
 
 class Permute(nn.Module):
-    """Fixed channel permutation (``"reverse"`` or a seeded random ``"shuffle"``); log-det 0."""
+    """Fixed channel permutation (``"reverse"`` or a seeded random ``"shuffle"``); log-det 0.
+
+    As a matrix (:meth:`matrices`) it is ``W = I[perm]``, so that a :class:`FlowStep` folds it with
+    its ActNorm into one 1x1 convolution as it does an :class:`InvConv1x1`."""
 
     def __init__(self, num_channels: int, mode: str = "reverse"):
         super().__init__()
@@ -183,6 +220,18 @@ class Permute(nn.Module):
             raise ValueError(f"unknown permutation mode {mode!r}")
         self.register_buffer("perm", perm)
         self.register_buffer("inv_perm", torch.argsort(perm))
+
+    @staticmethod
+    def matrices(perms, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W = I[perm]`` (K, C, C) (row i picks channel perm[i]) and its log|det| 0 (K,)."""
+        index = torch.stack([p.perm for p in perms])
+        # rows of the identity picked by index (one_hot would check the indices on the host)
+        w = torch.eye(index.shape[1], dtype=dtype, device=index.device)[index]
+        return w, w.new_zeros(len(perms))
+
+    @staticmethod
+    def inverse_matrices(perms) -> torch.Tensor:
+        return Permute.matrices(perms, torch.float64)[0].mT  # a permutation's inverse is its transpose
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x[:, self.perm], x.new_zeros(x.shape[0], dtype=logdet_dtype(x))
@@ -356,35 +405,49 @@ class Coupling(nn.Module):
             # oneDNN's CPU convolutions are much faster on channels-last (NHWC) activations; the
             # network's output keeps that layout, which the elementwise coupling ops accept as is.
             x_a = x_a.contiguous(memory_format=torch.channels_last)
+        # the coupling arithmetic runs in the input's precision even under an outer autocast (where
+        # exp(-log s) rounded to bf16 would not undo exp(log s))
         if self.autocast_dtype is None:
-            return self.nn(x_a)
+            return self.nn(x_a).to(x_a.dtype)
         with torch.autocast(x_a.device.type, dtype=self.autocast_dtype):
             return self.nn(x_a).to(x_a.dtype)
 
-    def _shift_logscale(self, x_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # shift = h[:, 0::2], scale logits = h[:, 1::2], as views whose backward is one stack
+    def _shift_scale(self, x_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # shift = h[:, 0::2], scale = sigmoid(h[:, 1::2] + 2), from views whose backward is one stack
         shift, logits = self._net(x_a).unflatten(1, (-1, 2)).unbind(2)
-        return shift, F.logsigmoid(logits + 2.0)
+        return shift, torch.sigmoid(logits + 2.0)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x_a, x_b = x.split([self.n_a, x.shape[1] - self.n_a], 1)  # views; backward is one cat
         if not self.affine:
             y_b = x_b + self._net(x_a)
             return torch.cat([x_a, y_b], 1), x.new_zeros(x.shape[0], dtype=logdet_dtype(x))
-        shift, log_scale = self._shift_logscale(x_a)
-        y_b = (x_b + shift) * torch.exp(log_scale)
-        return torch.cat([x_a, y_b], 1), log_scale.to(logdet_dtype(x)).sum(dim=(1, 2, 3))
+        shift, scale = self._shift_scale(x_a)
+        # the log-det as the official code takes it, the log of the scale: elementwise ops that
+        # read the strided half of h as it is (the CPU's logsigmoid would copy it first)
+        y_b = (x_b + shift) * scale
+        return torch.cat([x_a, y_b], 1), torch.log(scale).sum(dim=(1, 2, 3), dtype=logdet_dtype(x))
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         y_a, y_b = y.split([self.n_a, y.shape[1] - self.n_a], 1)
         if not self.affine:
             return torch.cat([y_a, y_b - self._net(y_a)], 1)
-        shift, log_scale = self._shift_logscale(y_a)
-        return torch.cat([y_a, y_b * torch.exp(-log_scale) - shift], 1)
+        shift, scale = self._shift_scale(y_a)
+        return torch.cat([y_a, y_b / scale - shift], 1)
 
 
 class FlowStep(nn.Module):
-    """One step of flow: ActNorm -> permutation (1x1 conv, shuffle or reverse) -> coupling."""
+    """One step of flow: ActNorm -> permutation (1x1 conv, shuffle or reverse) -> coupling.
+
+    ActNorm then the permutation ``W`` is one affine map per pixel, run as ONE 1x1 convolution with
+    a bias: forward ``W·diag(s)·x + W·diag(s)·b`` (``s = exp(logs)``, ``b`` the ActNorm bias), log-det
+    ``H·W·(Σ logs + log|det W|)``; inverse ``diag(1/s)·W⁻¹·y - b``. Only while the ActNorm waits for
+    its data-dependent initialisation (which needs its raw input) do the two run one after the
+    other. The parameters are those of the separate layers (:func:`fold_steps` folds them).
+
+    The inverse's weights are cached in the non-persistent buffers ``inverse_weight`` and
+    ``inverse_bias`` (see :meth:`refresh_inverse`) and used whenever no gradient is needed.
+    """
 
     def __init__(self, num_channels: int, hidden_channels: int, coupling: str = "affine",
                  permutation: str = "invconv", lu: bool = True, dropout: float = 0.0, padding: str = "zero"):
@@ -396,15 +459,102 @@ class FlowStep(nn.Module):
             self.permute = Permute(num_channels, permutation)
         self.coupling = Coupling(num_channels, hidden_channels, affine=coupling == "affine", dropout=dropout,
                                  padding=padding)
+        self.register_buffer("inverse_weight", None, persistent=False)
+        self.register_buffer("inverse_bias", None, persistent=False)
+        self._inverse_key: tuple | None = None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, logdet = self.actnorm(x)
-        x, ld = self.permute(x)
-        logdet = logdet + ld
-        x, ld = self.coupling(x)
-        return x, logdet + ld
+    def forward(self, x: torch.Tensor, folded: tuple[torch.Tensor, ...] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``folded``: this step's ``(weight, bias, logdet)`` from :func:`fold_steps` when the level
+        folded all its steps at once; computed here otherwise."""
+        if self.actnorm._init_pending:
+            x, logdet = self.actnorm(x)
+            x, ld = self.permute(x)
+            y, ld_coupling = self.coupling(x)
+            return y, logdet + ld + ld_coupling
+        weight, bias, logdet = fold_steps([self], x)[0] if folded is None else folded
+        y, ld_coupling = self.coupling(conv1x1(x, weight, bias))
+        return y, ld_coupling + logdet
 
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        y = self.coupling.inverse(y)
-        y = self.permute.inverse(y)
-        return self.actnorm.inverse(y)
+    def inverse(self, y: torch.Tensor, folded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``folded``: this step's ``(weight, bias)`` from :func:`inverse_weights`; else found here."""
+        weight, bias = inverse_weights([self])[0] if folded is None else folded
+        return conv1x1(self.coupling.inverse(y), weight, bias)
+
+    def refresh_inverse(self) -> None:
+        """(Re)compute the cached inverse weights ``diag(1/s)·W⁻¹`` and bias ``-b`` from the current
+        parameters, in place: after the first call the buffers keep their storage (while device and
+        dtype do), so a captured CUDA graph that reads them stays valid when they are refreshed
+        outside it after the weights change. :meth:`inverse` refreshes stale caches by itself."""
+        refresh_inverses([self])
+
+    def _fold_key(self) -> tuple:
+        # In-place updates (optimiser steps, load_state_dict) bump a tensor's version.
+        tensors = (*self.actnorm.parameters(), *self.permute.parameters(), *self.permute.buffers())
+        return tuple((t._version, t.data_ptr(), t.device, t.dtype) for t in tensors)
+
+    def _store_inverse(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        current = self.inverse_weight
+        layout = (weight.shape, weight.dtype, weight.device)
+        if current is None or (current.shape, current.dtype, current.device) != layout:
+            self.inverse_weight, self.inverse_bias = weight.clone(), bias.clone()
+        else:
+            self.inverse_weight.copy_(weight)
+            self.inverse_bias.copy_(bias)
+        self._inverse_key = self._fold_key()
+
+
+def _stacked(modules, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """The (1, C, 1, 1) ActNorm tensors ``name`` of ``modules`` as (K, C) in ``dtype``."""
+    return torch.stack([getattr(m, name) for m in modules]).to(dtype).flatten(1)
+
+
+def fold_steps(steps, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Each step's ActNorm and permutation folded into one 1x1 convolution, for the K steps of a
+    level (all alike) as batched products: ``(weight (C, C, 1, 1), bias (C,), logdet)`` per step with
+    ``weight = W·diag(s)``, ``bias = W·diag(s)·b`` and the per-sample log-det ``H·W·(Σ logs +
+    log|det W|)`` of input ``x`` (B, C, H, W), in :func:`linear_dtype` (log-det: :func:`logdet_dtype`)."""
+    anchor = steps[0].actnorm.logs
+    dtype = linear_dtype(anchor)
+    actnorms = [s.actnorm for s in steps]
+    with torch.autocast(anchor.device.type, enabled=False):
+        logs = _stacked(actnorms, "logs", dtype) * LOGSCALE_FACTOR  # (K, C)
+        w, logabsdet = type(steps[0].permute).matrices([s.permute for s in steps], dtype)  # (K, C, C), (K,)
+        w = w * torch.exp(logs)[:, None, :]  # scales the columns: W·diag(s)
+        bias = (w @ _stacked(actnorms, "bias", dtype)[:, :, None])[:, :, 0]  # (K, C)
+        logdet = ((logs.sum(-1) + logabsdet) * (x.shape[2] * x.shape[3])).to(logdet_dtype(x))
+    return list(zip(w[..., None, None].unbind(0), bias.unbind(0), logdet.unbind(0)))
+
+
+def fold_inverses(steps) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each step's inverse, ``x = diag(1/s)·W⁻¹·y - b``, as ``(weight (C, C, 1, 1), bias (C,))`` of one 1x1
+    convolution, computed afresh for the K steps of a level at once (W⁻¹ in float64, the results
+    in :func:`linear_dtype`)."""
+    anchor = steps[0].actnorm.logs
+    actnorms = [s.actnorm for s in steps]
+    with torch.autocast(anchor.device.type, enabled=False):
+        w_inv = type(steps[0].permute).inverse_matrices([s.permute for s in steps])  # (K, C, C)
+        # scales the rows: diag(1/s)·W⁻¹
+        w_inv = w_inv * torch.exp(_stacked(actnorms, "logs", torch.float64) * -LOGSCALE_FACTOR)[:, :, None]
+        dtype = linear_dtype(anchor)
+        w_inv = w_inv.to(dtype)[..., None, None]
+        return list(zip(w_inv.unbind(0), (-_stacked(actnorms, "bias", dtype)).unbind(0)))
+
+
+@torch.no_grad()
+def refresh_inverses(steps) -> None:
+    """:meth:`FlowStep.refresh_inverse` for the K steps of a level, as one batched computation."""
+    for step, (w, b) in zip(steps, fold_inverses(steps)):
+        step._store_inverse(w, b)
+
+
+def inverse_weights(steps) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(weight, bias)`` of each step's folded inverse 1x1 convolution: :func:`fold_inverses` when
+    a gradient is needed, else the cached buffers, refreshed first where the parameters changed
+    since (so decoding with fixed weights computes no inverse at all)."""
+    if torch.is_grad_enabled() and any(p.requires_grad for s in steps
+                                       for p in (*s.actnorm.parameters(), *s.permute.parameters())):
+        return fold_inverses(steps)
+    if any(s._inverse_key != s._fold_key() for s in steps):
+        refresh_inverses(steps)
+    return [(s.inverse_weight, s.inverse_bias) for s in steps]

@@ -53,7 +53,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import MEMORY_MODES, ConfigError
-from .layers import ActNorm, logdet_dtype
+from .layers import ActNorm, fold_inverses, fold_steps
 
 
 def check_memory_mode(mode: str, dropout: float = 0.0) -> str:
@@ -88,22 +88,28 @@ def init_pending(steps: nn.ModuleList) -> bool:
     return any(m._init_pending for m in _level_actnorms(steps))
 
 
+def _sum_logdets(logdets: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(logdets).sum(0)  # two ops whatever K, not K additions
+
+
 def run_steps_plain(steps, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Standard autograd: ``z`` through every step, log-dets summed, shape (B,)."""
-    logdet = z.new_zeros(z.shape[0], dtype=logdet_dtype(z))
-    for step in steps:
-        z, ld = step(z)
-        logdet = logdet + ld
-    return z, logdet
+    """Standard autograd: ``z`` through every step, log-dets summed, shape (B,). The ActNorms and
+    1x1 convolutions of all steps are folded at once (:func:`torchglow.layers.fold_steps`)."""
+    logdets = []
+    for step, folded in zip(steps, fold_steps(steps, z)):
+        z, ld = step(z, folded)
+        logdets.append(ld)
+    return z, _sum_logdets(logdets)
 
 
 def run_steps_checkpoint(steps, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each step under non-reentrant gradient checkpointing: only its input is saved."""
-    logdet = z.new_zeros(z.shape[0], dtype=logdet_dtype(z))
-    for step in steps:
-        z, ld = checkpoint(step, z, use_reentrant=False)
-        logdet = logdet + ld
-    return z, logdet
+    """Each step under non-reentrant gradient checkpointing: only its input (and its share of the
+    level's folded weights) is saved."""
+    logdets = []
+    for step, folded in zip(steps, fold_steps(steps, z)):
+        z, ld = checkpoint(step, z, folded, use_reentrant=False)
+        logdets.append(ld)
+    return z, _sum_logdets(logdets)
 
 
 # After the backward of a level, its reconstructed input is compared with a sample of the true one
@@ -172,6 +178,10 @@ class _InvertibleSteps(torch.autograd.Function):
         end = n_params
         y = y.detach()
         grad_y = grad_y.contiguous()
+        with torch.no_grad():
+            # the level's inverse weights afresh, not the steps' caches: their Python staleness
+            # check would be frozen into a captured CUDA graph of the training step
+            inverses = fold_inverses(steps)
         for k in range(len(steps) - 1, -1, -1):
             step, start = steps[k], end - counts[k]
             step_params = [p for p in step.parameters()]
@@ -179,7 +189,7 @@ class _InvertibleSteps(torch.autograd.Function):
             need_x = k > 0 or needs[0]
             with torch.autocast(device_type, enabled=autocast_enabled, dtype=autocast_dtype):
                 with torch.no_grad():
-                    x = step.inverse(y)
+                    x = step.inverse(y, inverses[k])
                 x = x.detach().requires_grad_(need_x)
                 with torch.enable_grad():
                     y_re, ld = step(x)

@@ -24,7 +24,8 @@ from . import preprocess as pp
 from .config import GlowConfig, preset
 from .devices import random_tensor
 from .health import check_samples
-from .layers import ActNorm, FlowStep, LinearZeros, ZeroConv2d, initializing, logdet_dtype, squeeze2d, unsqueeze2d
+from .layers import (ActNorm, FlowStep, LinearZeros, ZeroConv2d, initializing, inverse_weights, logdet_dtype,
+                     refresh_inverses, squeeze2d, unsqueeze2d)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -176,6 +177,14 @@ class Glow(nn.Module, ModelHubMixin):
         (inputs reconstructed by inversion; activation memory independent of K)."""
         self.memory_mode = memory.check_memory_mode(mode, self.config.dropout)
 
+    def refresh_inverses(self) -> None:
+        """Recompute every flow step's cached inverse weights in place (one batched computation per
+        level; :meth:`torchglow.layers.FlowStep.refresh_inverse`). Decoding does it by itself for
+        stale caches; call it before capturing a decode as a CUDA graph, and again (outside the
+        graph) after the weights change, so that the graph reads current inverses."""
+        for steps in self.levels:
+            refresh_inverses(steps)
+
     def flow_steps(self):
         for steps in self.levels:
             yield from steps
@@ -251,8 +260,9 @@ class Glow(nn.Module, ModelHubMixin):
                     mean, logs = self.splits[i].prior(z)
                     z_out = mean.to(z.dtype) + torch.exp(logs).to(z.dtype) * z_out
                 z = torch.cat([z, z_out], 1)
-            for step in reversed(self.levels[i]):
-                z = step.inverse(z)
+            steps = self.levels[i]
+            for step, folded in zip(reversed(steps), reversed(inverse_weights(steps))):
+                z = step.inverse(z, folded)
             z = unsqueeze2d(z)
         return z
 
