@@ -137,8 +137,13 @@ class TrainStep:
     Optimiser: Adamax ``m ← β1·m + (1-β1)·g``, ``u ← max(β2·u, |g| + ε)``,
     ``p ← p·(1 - lr·wd) - lr/(1-β1ᵗ)·m/u``; or Adam ``v ← β2·v + (1-β2)·g²``,
     ``p ← p·(1 - lr·wd) - lr/(1-β1ᵗ)·m/(√(v/(1-β2ᵗ)) + ε)`` (torch.optim's formulas, ε = 1e-8).
-    EMA: ``e ← e + (1-decay)·(p - e)``. Each change is scaled by the step's finiteness (0 or 1):
-    a skipped step changes nothing.
+    EMA with TensorFlow's warm-up (``ExponentialMovingAverage`` with ``num_updates``):
+    ``e ← e + (1-d_t)·(p - e)``, ``d_t = min(decay, (1 + t) / (10 + t))``, ``t`` the optimiser steps
+    applied before this one (a device counter, saved with the state: a resumed run continues the
+    same sequence). Step 0 keeps 10% of the initialisation, step 20 about 70%, and from
+    ``t = (10·decay - 1) / (1 - decay)`` on (8,991 steps for 0.999) ``d_t = decay``: a run of a
+    few hundred steps is scored on what it learned, not on its initialisation.
+    Each change is scaled by the step's finiteness (0 or 1): a skipped step changes nothing.
 
     Calling it with a uint8 batch (this process's rows of the global batch) and labels returns the
     step's metrics as device tensors (``loss``, ``bpd`` (B,), ``grad_norm``, ``lr``, ``finite``).
@@ -174,14 +179,16 @@ class TrainStep:
     # ---- the parts of a step
     def _inputs(self, x_uint8: torch.Tensor) -> torch.Tensor:
         """Augmented, preprocessed and dequantised model inputs of this step."""
-        cfg, step = self.cfg, self.counters["steps"]
+        cfg, step, rows = self.cfg, self.counters["steps"], self.rows
+        if len(x_uint8) != len(rows):  # a partial last batch: its global rows (the shape is static)
+            rows = rows_of(len(x_uint8) * self.world, self.rank, self.world, rows.device)
         if cfg.augment_shift or cfg.augment_flip:
             # three draws per image (its global row): vertical shift, horizontal shift, flip
-            u = counter_uniform(cfg.seed, AUGMENT, step, torch.stack([self.rows + k * cfg.batch_size for k in range(3)]))
+            u = counter_uniform(cfg.seed, AUGMENT, step, torch.stack([rows + k * cfg.batch_size for k in range(3)]))
             span = 2 * cfg.augment_shift + 1
             dy, dx = ((u[:2] * span).long() - cfg.augment_shift).unbind(0)
             x_uint8 = shift_and_flip(x_uint8, dy, dx, u[2] < 0.5 if cfg.augment_flip else None)
-        noise = dequantization_noise(cfg.seed, NOISE, step, self.rows, self.config.image_shape)
+        noise = dequantization_noise(cfg.seed, NOISE, step, rows, self.config.image_shape)
         x = pp.preprocess(x_uint8, self.config.n_bits) + noise / pp.n_bins(self.config.n_bits)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
@@ -227,10 +234,15 @@ class TrainStep:
             self.flat.mul_(1.0 - lr * cfg.weight_decay * ok)
         self.flat.sub_(m / denom * step_size)
         if self.ema_flat is not None:
-            self.ema_flat.add_((self.flat - self.ema_flat) * ((1.0 - self.ema_decay) * ok))
+            self.ema_flat.add_((self.flat - self.ema_flat) * ((1.0 - self.ema_decay_now(t - 1)) * ok))
         c["opt_steps"] += finite.long()
         self._count(finite, loss, bpd, grad_norm, lr)
         return {"loss": loss, "bpd": bpd, "grad_norm": grad_norm, "lr": lr, "finite": finite}
+
+    def ema_decay_now(self, t: torch.Tensor) -> torch.Tensor:
+        """The EMA decay after ``t`` applied optimiser steps (a float32 device scalar):
+        ``min(decay, (1 + t) / (10 + t))``, computed on the device (no host sync)."""
+        return ((1.0 + t) / (10.0 + t)).clamp(max=self.ema_decay)
 
     def _count(self, finite: torch.Tensor, loss: torch.Tensor, bpd: torch.Tensor, grad_norm: torch.Tensor,
                lr: torch.Tensor) -> None:
@@ -247,7 +259,7 @@ class TrainStep:
         c["skipped"] += bad.long()
         c["bad_run"].copy_(torch.where(bad, c["bad_run"] + 1, 0))
         c["worst_run"].copy_(torch.maximum(c["worst_run"], c["bad_run"]))
-        c["images"] += finite.long() * self.cfg.batch_size
+        c["images"] += finite.long() * (len(bpd) * self.world)  # the global batch (smaller when partial)
         c["bpd_sum"] += torch.where(finite, bpd.mean().double(), 0.0)
         c["bpd_count"] += finite.long()
         c["grad_norm"].copy_(grad_norm)
