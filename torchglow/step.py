@@ -22,6 +22,8 @@ compiled whole (``torch.compile(step, fullgraph=True)``) and replayed as a CUDA 
 from __future__ import annotations
 
 import math
+import sys
+import time
 from typing import Any
 
 import torch
@@ -318,30 +320,146 @@ class TrainStep:
                 self.counters[k].copy_(v)
 
 
+def graph_blocker(step: TrainStep) -> str | None:
+    """Why ``step`` cannot be captured as a CUDA graph, or None when it can. A graph replays
+    kernels only: nothing in the step may read a device value on the host or decide on host state
+    that changes between calls."""
+    if step.cfg.memory == "invertible":
+        return ("memory 'invertible' checks each reconstruction on the host in its backward (a device sync, "
+                "which a CUDA graph cannot hold)")
+    if step.cfg.memory == "checkpoint":
+        return "memory 'checkpoint' saves and restores the RNG state on the host in its backward"
+    if step.config.dropout:
+        return "dropout draws from the global RNG, which the trainer reseeds on the host every step"
+    if step.world > 1 and torch.distributed.get_backend() != "nccl":
+        return f"the all-reduce of backend {torch.distributed.get_backend()!r} cannot be captured (NCCL can)"
+    return None
+
+
+class GraphedStep:
+    """``fn`` (``step`` or its regionally compiled form) replayed as one CUDA graph per input shape.
+
+    A call copies the batch (and labels) into the static buffers of its shape and replays that
+    shape's graph; the trainer's last partial batch would get a graph of its own (the trainer drops
+    it: ``steps_per_epoch = N // batch_size``). The first call of a shape, following PyTorch's
+    whole-network capture recipe: a snapshot of everything the step changes (weights, EMA, moments,
+    counters), ``warmup`` calls on a side stream (cuBLAS/cuDNN handles, autograd's streams, the
+    compiled code), the snapshot copied back in place, the capture of one call, its replay. The
+    state keeps its addresses throughout: the trainer's ``read_counters``, ``load_state_dict`` and
+    ``Module.load_state_dict`` all write in place (``copy_``), never rebind, so a resumed or restored
+    run replays the same graph on the loaded state.
+
+    Returns the step's outputs as static tensors, overwritten by the next call of the same shape.
+
+    ``capture=False`` (the CPU; the default off CUDA) runs the same logic -- static buffers, warm-up
+    and restore, outputs copied into static tensors -- with ``fn`` called on the buffers instead of
+    a replay: bit-identical to the plain step, which is what the CPU tests check.
+    """
+
+    def __init__(self, step: TrainStep, fn=None, capture: bool | None = None, warmup: int = 3):
+        self.step, self.fn, self.warmup = step, fn or step, warmup
+        self.capture = step.flat.device.type == "cuda" if capture is None else capture
+        self.entries: dict[tuple, dict[str, Any]] = {}
+        self.capture_seconds = 0.0  # warm-up and capture of every shape so far
+
+    def _state(self) -> list[torch.Tensor]:
+        s = self.step
+        return [s.flat, s.exp_avg, s.exp_avg2, s.skipped_flags, *s.counters.values(),
+                *([s.ema_flat] if s.ema_flat is not None else [])]
+
+    def _prepare(self, x_uint8: torch.Tensor, y: torch.Tensor | None) -> dict[str, Any]:
+        """Static buffers of this shape, the warm-up (state restored after it) and the capture."""
+        t0 = time.perf_counter()
+        entry = {"x": torch.empty_like(x_uint8), "y": None if y is None else torch.empty_like(y)}
+        entry["x"].copy_(x_uint8)
+        if y is not None:
+            entry["y"].copy_(y)
+        saved = [t.clone() for t in self._state()]
+        if self.capture:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self.fn(entry["x"], entry["y"])
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            for _ in range(self.warmup):
+                self.fn(entry["x"], entry["y"])
+        with torch.no_grad():
+            for t, v in zip(self._state(), saved):
+                t.copy_(v)
+        del saved
+        if self.capture:
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: a data loader's pinning thread may call CUDA during the capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                entry["out"] = self.fn(entry["x"], entry["y"])
+            entry["graph"] = graph
+        self.capture_seconds += time.perf_counter() - t0
+        return entry
+
+    def __call__(self, x_uint8: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        key = (tuple(x_uint8.shape), x_uint8.stride(), x_uint8.dtype,
+               None if y is None else (tuple(y.shape), y.dtype))
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = self.entries[key] = self._prepare(x_uint8, y)
+        else:
+            entry["x"].copy_(x_uint8)
+            if y is not None:
+                entry["y"].copy_(y)
+        if self.capture:
+            entry["graph"].replay()
+            return entry["out"]
+        out = self.fn(entry["x"], entry["y"])
+        if "out" not in entry:
+            entry["out"] = {k: v.detach().clone() for k, v in out.items()}
+        else:
+            for k, v in out.items():
+                entry["out"][k].copy_(v)
+        return entry["out"]
+
+
 def compile_step(step: TrainStep, mode: str = "regional", backend: str | None = None):
     """The fast path of ``step``: a callable with the same arguments and results.
+
+    ``"regional"``: each flow step is compiled (forward and backward) once per level shape and its
+    code reused by the K steps of the level; the input preparation and the update (optimiser,
+    weight decay, EMA, counters) are one compiled graph each; the rest of the forward (squeezes,
+    splits, priors) and the autograd glue run eagerly. Works with every memory mode.
+
+    ``"graph"``: no compilation, the eager step's kernels.
+
+    On CUDA both are then captured as one CUDA graph (:class:`GraphedStep`: one launch per step)
+    unless :func:`graph_blocker` names a reason, which is printed (one line) and the step runs
+    uncaptured (``"regional"``: its input and update graphs then as inductor's CUDA graphs). On the
+    CPU there is nothing to capture: ``"graph"`` is the eager step itself.
 
     ``"whole"``: ``torch.compile(step, fullgraph=True)`` -- forward, backward, optimiser and EMA in
     one graph (``torch._dynamo.config.trace_autograd_ops`` lets dynamo trace ``autograd.grad``;
     torch >= 2.11); on CUDA ``mode="reduce-overhead"`` replays it as one CUDA graph. Compile time
-    grows with the number of flow steps. Memory mode "none" only: the invertible backward is a
-    custom autograd Function with its own Python backward, and checkpointing re-runs Python.
-
-    ``"regional"``: each flow step is compiled (forward and backward) once per level shape and its
-    code reused by the K steps of the level; the update (optimiser, weight decay, EMA, counters)
-    is one compiled graph; the rest of the forward (squeezes, splits, priors) and the autograd
-    glue run eagerly. Works with every memory mode.
+    grows with the number of flow steps (minutes for the cifar10 preset). Memory mode "none" only:
+    the invertible backward is a custom autograd Function with its own Python backward, and
+    checkpointing re-runs Python.
     """
     backend = backend or COMPILE_BACKEND
     cuda = step.params[0].device.type == "cuda"
+    if mode not in ("regional", "whole", "graph"):
+        raise ValueError(f"compile mode must be 'regional', 'whole' or 'graph', got {mode!r}")
+    blocker = graph_blocker(step) if cuda and mode != "whole" else None
+    if blocker:
+        print(f"torchglow: the training step runs without a CUDA graph: {blocker}", file=sys.stderr, flush=True)
+    graphed = cuda and mode != "whole" and blocker is None
     if cuda:
-        # channels_last activations (cuDNN's fast layout; the weights stay flat views)
-        step.channels_last = True
-        # the state the step updates in place keeps its address, so a CUDA graph can replay it
+        step.channels_last = True  # cuDNN's fast layout for the activations; the weights stay flat views
+    if cuda and not graphed:
+        # the state the step updates in place keeps its address, so inductor's CUDA graphs can replay it
         for t in (step.flat, step.exp_avg, step.exp_avg2, *step.counters.values(), step.skipped_flags,
                   *([step.ema_flat] if step.ema_flat is not None else [])):
             torch._dynamo.mark_static_address(t)
-    options = dict(backend=backend, mode="reduce-overhead" if cuda and backend == "inductor" else None)
+    # inside our own graph, inductor must not capture graphs of its own
+    options = dict(backend=backend,
+                   mode="reduce-overhead" if cuda and backend == "inductor" and not graphed else None)
     if mode == "whole":
         if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
             raise ConfigError(f"compile_mode 'whole' needs torch >= 2.11 (this is {torch.__version__}): "
@@ -353,18 +471,18 @@ def compile_step(step: TrainStep, mode: str = "regional", backend: str | None = 
                 return compiled(x_uint8, y)
 
         return whole
-    if mode != "regional":
-        raise ValueError(f"compile mode must be 'regional' or 'whole', got {mode!r}")
-    # regional: no CUDA graphs per region (the eager glue between regions would re-enter them)
-    for flow_step in step.model.flow_steps():
-        flow_step.compile(backend=backend)
-    inputs = torch.compile(step._inputs, fullgraph=True, backend=backend)
-    apply = torch.compile(step._apply, fullgraph=True, backend=backend)
+    fn = step
+    if mode == "regional":
+        # no CUDA graphs per region (the eager glue between regions would re-enter them)
+        for flow_step in step.model.flow_steps():
+            flow_step.compile(backend=backend)
+        inputs = torch.compile(step._inputs, fullgraph=True, **options)
+        apply = torch.compile(step._apply, fullgraph=True, **options)
 
-    def regional_step(x_uint8: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return apply(*step._gradients(inputs(x_uint8), y))
+        def fn(x_uint8: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+            return apply(*step._gradients(inputs(x_uint8), y))
 
-    return regional_step
+    return GraphedStep(step, fn, capture=True) if graphed else fn
 
 
 def mix_seed(*values: int) -> int:
