@@ -375,26 +375,33 @@ class GraphedStep:
         if y is not None:
             entry["y"].copy_(y)
         saved = [t.clone() for t in self._state()]
-        if self.capture:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+        # autocast's cache of cast weights would outlive the capture it was filled in (PyTorch's
+        # advice for graphs under autocast); it only saves casts, the values are the same
+        cache = torch.is_autocast_cache_enabled()
+        torch.set_autocast_cache_enabled(False)
+        try:
+            if self.capture:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(self.warmup):
+                        self.fn(entry["x"], entry["y"])
+                torch.cuda.current_stream().wait_stream(side)
+            else:
                 for _ in range(self.warmup):
                     self.fn(entry["x"], entry["y"])
-            torch.cuda.current_stream().wait_stream(side)
-        else:
-            for _ in range(self.warmup):
-                self.fn(entry["x"], entry["y"])
-        with torch.no_grad():
-            for t, v in zip(self._state(), saved):
-                t.copy_(v)
-        del saved
-        if self.capture:
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: a data loader's pinning thread may call CUDA during the capture
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                entry["out"] = self.fn(entry["x"], entry["y"])
-            entry["graph"] = graph
+            with torch.no_grad():
+                for t, v in zip(self._state(), saved):
+                    t.copy_(v)
+            del saved
+            if self.capture:
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: a data loader's pinning thread may call CUDA during the capture
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    entry["out"] = self.fn(entry["x"], entry["y"])
+                entry["graph"] = graph
+        finally:
+            torch.set_autocast_cache_enabled(cache)
         self.capture_seconds += time.perf_counter() - t0
         return entry
 
