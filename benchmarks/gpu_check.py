@@ -189,7 +189,7 @@ def time_phase(s: dict, phase: str, batch: int, compile_mode: str = "regional") 
                          s["warmup"], s["repeats"], 0, compare=True, compile_mode=compile_mode,
                          fast_precision="bf16" if phase == "train" else None, count=True)
     return {k: r[k] for k in ("eager", "fast", "speedup", "compile_seconds", "graphed", "capture_seconds",
-                              "peak_cuda_mb") if k in r}
+                              "capture_failure", "peak_cuda_mb") if k in r}
 
 
 def peak_memory(s: dict, memory: str) -> dict:
@@ -207,7 +207,7 @@ def peak_memory(s: dict, memory: str) -> dict:
         warnings.simplefilter("always")
         for _ in range(3):
             fn()
-    result = {"graphed": fn.graphed is not None,
+    result = {"graphed": fn.graphed is not None and fn.graphed.captured,
               "reconstruction_warnings": sum(issubclass(w.category, ReconstructionWarning) for w in caught)}
     if dev.type != "cuda":
         return {**result, "peak_mb": None, "note": "CPU: peak CUDA memory is not measured"}
@@ -305,7 +305,8 @@ def table(report: dict) -> str:
         setup = r.get("capture_seconds", r.get("compile_seconds"))
         rows.append(f"| {name} | {_fmt(r['eager']['images_per_s'])} img/s | {_fmt(r['fast']['images_per_s'])} img/s "
                     f"| {r['speedup']:.2f}x | {kernels} | {_fmt(setup, 1)} | "
-                    f"{'graphed' if r.get('graphed') else 'not graphed'} |")
+                    f"{'graphed' if r.get('graphed') else 'not graphed'}"
+                    f"{': ' + r['capture_failure'] if r.get('capture_failure') else ''} |")
     if "exactness" in report:
         e = report["exactness"]
         for which in ("fresh", "trained"):

@@ -63,7 +63,7 @@ def test_graphed_step_equals_the_plain_step(deterministic_kernels, precision):
             assert torch.equal(a[k], b[k]), (i, k, (a[k].float() - b[k].float()).abs().max().item())
     for p, q in zip(cuda_state(plain), cuda_state(step)):
         assert torch.equal(p, q)
-    assert len(graphed.entries) == 2
+    assert len(graphed.entries) == 2 and graphed.captured, graphed.failure
     assert plain.read_counters() == step.read_counters()
 
 
@@ -74,6 +74,7 @@ def test_graphed_step_resumes_in_place(deterministic_kernels):
     graphed = compile_step(step, "graph")
     for _ in range(2):
         graphed(x_uint8, y)
+    assert graphed.captured, graphed.failure
     saved = (copy.deepcopy(step.model.state_dict()), copy.deepcopy(step.ema.state_dict()),
              copy.deepcopy(step.state_dict()))
     first = [{k: v.clone() for k, v in graphed(x_uint8, y).items()} for _ in range(2)]
@@ -95,6 +96,7 @@ def test_graphed_step_skips_a_non_finite_step(deterministic_kernels):
     step, x_uint8, y = cuda_step()
     graphed = compile_step(step, "graph")
     graphed(x_uint8, y)
+    assert graphed.captured, graphed.failure
     before = cuda_state(step)[:4]
     step.counters["loss_scale"].fill_(float("inf"))
     out = graphed(x_uint8, y)
@@ -115,7 +117,10 @@ def test_regional_compile_inside_the_graph():
     step, _, _ = cuda_step("bf16")
     graphed = compile_step(step, "regional")
     assert isinstance(graphed, GraphedStep)
-    for _ in range(3):
+    graphed(x_uint8, y)
+    plain(x_uint8, y)
+    assert graphed.captured, graphed.failure
+    for _ in range(2):
         a, b = plain(x_uint8, y), graphed(x_uint8, y)
         torch.testing.assert_close(b["loss"], a["loss"], atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(step.flat, plain.flat, atol=1e-3, rtol=1e-2)

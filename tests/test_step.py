@@ -1,6 +1,7 @@
 """The training step (torchglow.step): counter-based noise, the optimiser against torch.optim, the
 masked update of non-finite steps, the fp16 loss scale, and the fullgraph compile equal to eager."""
 
+import contextlib
 import copy
 import math
 
@@ -335,3 +336,26 @@ def test_ema_warm_up_follows_the_steps():
     assert lag < 0.35 * moved  # without the warm-up the EMA would still be 98% initialisation
     t = torch.tensor([0.0, 19.0, 8990.0, 10_000.0])
     torch.testing.assert_close(step.ema_decay_now(t), torch.tensor([0.1, 20 / 29, 8991 / 9000, 0.999]))
+
+
+def test_a_failed_capture_runs_the_shape_uncaptured(monkeypatch, capsys):
+    """Should CUDA refuse the capture, one line says why and the step runs uncaptured, with the
+    plain step's results."""
+    plain, x_uint8 = make_step()
+    step, _ = make_step()
+    graphed = GraphedStep(step, capture=False)
+
+    def refuse(entry):
+        graphed.failure = "RuntimeError: operation not permitted when stream is capturing"
+        return None
+
+    monkeypatch.setattr(graphed, "_capture", refuse)
+    graphed.capture = True  # the capture path, with the warm-up on the CPU's "streams" replaced below
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: type("S", (), {"wait_stream": lambda self, s: None})())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: type("S", (), {"wait_stream": lambda self, s: None})())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    for _ in range(2):
+        a, b = plain(x_uint8), graphed(x_uint8)
+        assert torch.equal(a["loss"], b["loss"])
+    assert_same_state(plain, step)
+    assert not graphed.captured and "not permitted" in graphed.failure

@@ -324,9 +324,11 @@ def _run_phase(phase: str, preset_name: str, overrides: dict[str, Any], batch_si
             per_mode[mode]["kernels"] = count_ops(fn, warmup=0)
     result = dict(per_mode["fast" if "fast" in per_mode else "eager"])
     graphed = getattr(fns.get("fast"), "graphed", None)
-    result["graphed"] = graphed is not None
+    result["graphed"] = graphed is not None and graphed.captured
     if graphed is not None:
         result["capture_seconds"] = graphed.capture_seconds  # warm-up calls and capture, compile included
+        if graphed.failure:
+            result["capture_failure"] = graphed.failure
     if "fast" in per_mode:
         # the first call compiles; the later warm-up calls are already fast
         result["compile_seconds"] = per_mode["fast"]["warmup_seconds"][0] - per_mode["fast"]["seconds_median"]

@@ -350,6 +350,7 @@ class GraphedStep:
     run replays the same graph on the loaded state.
 
     Returns the step's outputs as static tensors, overwritten by the next call of the same shape.
+    Should a capture fail, one line says why and that shape runs uncaptured (:attr:`captured`).
 
     ``capture=False`` (the CPU; the default off CUDA) runs the same logic -- static buffers, warm-up
     and restore, outputs copied into static tensors -- with ``fn`` called on the buffers instead of
@@ -361,6 +362,7 @@ class GraphedStep:
         self.capture = step.flat.device.type == "cuda" if capture is None else capture
         self.entries: dict[tuple, dict[str, Any]] = {}
         self.capture_seconds = 0.0  # warm-up and capture of every shape so far
+        self.failure: str | None = None  # why a capture failed
 
     def _state(self) -> list[torch.Tensor]:
         s = self.step
@@ -395,15 +397,33 @@ class GraphedStep:
                     t.copy_(v)
             del saved
             if self.capture:
-                graph = torch.cuda.CUDAGraph()
-                # thread_local: a data loader's pinning thread may call CUDA during the capture
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    entry["out"] = self.fn(entry["x"], entry["y"])
-                entry["graph"] = graph
+                entry["graph"] = self._capture(entry)
         finally:
             torch.set_autocast_cache_enabled(cache)
         self.capture_seconds += time.perf_counter() - t0
         return entry
+
+    def _capture(self, entry: dict[str, Any]) -> torch.cuda.CUDAGraph | None:
+        """The graph of one call on the entry's buffers; None (one line says why) when the capture
+        fails, and this shape then runs uncaptured: a capture records kernels without running
+        them, so the state is as it was."""
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: a data loader's pinning thread may call CUDA during the capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                entry["out"] = self.fn(entry["x"], entry["y"])
+        except RuntimeError as e:
+            self.failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            print(f"torchglow: capturing the training step failed ({self.failure}); it runs uncaptured",
+                  file=sys.stderr, flush=True)
+            entry.pop("out", None)
+            return None
+        return graph
+
+    @property
+    def captured(self) -> bool:
+        """Whether every batch shape so far replays a CUDA graph."""
+        return bool(self.entries) and all(e.get("graph") is not None for e in self.entries.values())
 
     def __call__(self, x_uint8: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         key = (tuple(x_uint8.shape), x_uint8.stride(), x_uint8.dtype,
@@ -415,7 +435,7 @@ class GraphedStep:
             entry["x"].copy_(x_uint8)
             if y is not None:
                 entry["y"].copy_(y)
-        if self.capture:
+        if entry.get("graph") is not None:
             entry["graph"].replay()
             return entry["out"]
         out = self.fn(entry["x"], entry["y"])
