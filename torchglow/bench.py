@@ -321,7 +321,10 @@ def _run_phase(phase: str, preset_name: str, overrides: dict[str, Any], batch_si
     per_mode = {mode: _stats(batch_size, t) for mode, t in times.items()}
     if count:
         for mode, fn in fns.items():
-            per_mode[mode]["kernels"] = count_ops(fn, warmup=0)
+            try:
+                per_mode[mode]["kernels"] = count_ops(fn, warmup=0)
+            except RuntimeError as e:  # a profiler that cannot run here must not cost the timings
+                per_mode[mode]["kernels_error"] = f"{type(e).__name__}: {e}"
     result = dict(per_mode["fast" if "fast" in per_mode else "eager"])
     graphed = getattr(fns.get("fast"), "graphed", None)
     result["graphed"] = graphed is not None and graphed.captured

@@ -142,9 +142,9 @@ class TrainStep:
     EMA with TensorFlow's warm-up (``ExponentialMovingAverage`` with ``num_updates``):
     ``e ← e + (1-d_t)·(p - e)``, ``d_t = min(decay, (1 + t) / (10 + t))``, ``t`` the optimiser steps
     applied before this one (a device counter, saved with the state: a resumed run continues the
-    same sequence). Step 0 keeps 10% of the initialisation, step 20 about 70%, and from
-    ``t = (10·decay - 1) / (1 - decay)`` on (8,991 steps for 0.999) ``d_t = decay``: a run of a
-    few hundred steps is scored on what it learned, not on its initialisation.
+    same sequence). ``d_0 = 0.1`` (the first update keeps 10% of the initialisation), ``d_20 ≈ 0.7``,
+    and from ``t = (10·decay - 1) / (1 - decay)`` on (t = 8,990 for 0.999) ``d_t = decay``: a run
+    of a few hundred steps is scored on what it learned, not on its initialisation.
     Each change is scaled by the step's finiteness (0 or 1): a skipped step changes nothing.
 
     Calling it with a uint8 batch (this process's rows of the global batch) and labels returns the
