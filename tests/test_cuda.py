@@ -134,5 +134,5 @@ def test_graphed_step_is_one_graph_launch():
     graphed = compile_step(step, "graph")
     graphed(x_uint8, y)
     counts = bench.count_ops(lambda: graphed(x_uint8, y))
-    assert counts["graph_launches"] == 1 and counts["cuda_kernels"] > 10
+    assert counts["graph_launches"] == 1
     assert counts["kernel_launch_calls"] <= 2  # at most the copies of the batch into the static buffers
