@@ -4,6 +4,7 @@ positive numbers, and the command line writes its JSON. No timing assertions."""
 import json
 
 import pytest
+import torch
 
 from torchglow import bench
 from torchglow import step as step_module
@@ -97,3 +98,30 @@ def test_compare_times_eager_and_fast_side_by_side(monkeypatch):
     assert t["speedup"] == t["eager"]["seconds_median"] / t["fast"]["seconds_median"]
     assert len(t["speedup_per_round"]) == 3 and r["train_images_per_s"] == t["fast"]["images_per_s"]
     assert t["compile_seconds"] == t["fast"]["warmup_seconds"][0] - t["fast"]["seconds_median"]
+
+
+def test_count_ops_counts_top_level_kernel_ops():
+    """The rule of count_ops on hand-made calls: views and metadata ops count 0, an op counts once
+    however many aten ops it calls inside, a no-op ``.to``/``.contiguous`` counts 0 and a copying one 1;
+    autograd's backward ops count one each."""
+    x = torch.randn(4, 3)
+    w = torch.randn(3, 5, requires_grad=True)
+    assert bench.count_ops(lambda: x.view(3, 4).t()[1:].unsqueeze(0).expand(2, -1, -1))["ops"] == 0
+    assert bench.count_ops(lambda: x.to(torch.float32).contiguous())["ops"] == 0
+    counts = bench.count_ops(lambda: (x.t().contiguous(), x.to(torch.float64)))
+    assert counts["ops"] == 2 and counts["ops_by_name"] == {"aten::contiguous": 1, "aten::to": 1}
+    # linear = one top-level op (its addmm/matmul inside not again); mul, sum; backward: mm etc.
+    forward = bench.count_ops(lambda: (torch.nn.functional.linear(x, w.t()) * 2).sum())
+    assert forward["ops"] == 3 and set(forward["ops_by_name"]) == {"aten::linear", "aten::mul", "aten::sum"}
+    both = bench.count_ops(lambda: torch.autograd.grad((x @ w * 2).sum(), w))
+    assert both["ops"] > 3 and "aten::mm" in both["ops_by_name"]
+
+
+def test_run_benchmark_reports_kernels_per_call():
+    r = bench.run_benchmark("digits", 4, "cpu", overrides=TINY, warmup=0, repeats=1, isolate=False)
+    for phase in PHASES:
+        k = r[phase]["kernels"]
+        assert k["ops"] == sum(k["ops_by_name"].values()) > 0
+    assert r["train"]["kernels"]["ops"] > r["eval"]["kernels"]["ops"]
+    assert "aten::convolution_backward" in r["train"]["kernels"]["ops_by_name"]
+    assert not r["train"]["graphed"]

@@ -1,6 +1,8 @@
 """The training step (torchglow.step): counter-based noise, the optimiser against torch.optim, the
 masked update of non-finite steps, the fp16 loss scale, and the fullgraph compile equal to eager."""
 
+import contextlib
+import json
 import copy
 import math
 
@@ -11,7 +13,7 @@ from torchglow import Glow
 from torchglow.config import TrainConfig
 from torchglow import preprocess as pp
 from torchglow.model import FlowOutput
-from torchglow.step import (NOISE, TrainStep, compile_step, counter_uniform, dequantization_noise, mix_seed, objective,
+from torchglow.step import (NOISE, GraphedStep, TrainStep, compile_step, graph_blocker, counter_uniform, dequantization_noise, mix_seed, objective,
                             rows_of)
 
 from conftest import tiny_config
@@ -79,7 +81,7 @@ def test_step_matches_torch_optim(optimizer):
     ref_ema = copy.deepcopy(ref).requires_grad_(False)
     opt_cls = torch.optim.Adamax if optimizer == "adamax" else torch.optim.Adam
     opt = opt_cls(ref.parameters(), lr=1e-3, betas=(0.9, 0.99))
-    for _ in range(3):
+    for t in range(3):
         x = step._inputs(x_uint8)
         metrics = step(x_uint8)
         opt.zero_grad()
@@ -92,7 +94,7 @@ def test_step_matches_torch_optim(optimizer):
         opt.step()
         with torch.no_grad():
             for e, p in zip(ref_ema.parameters(), ref.parameters()):
-                e.add_(0.1 * (p - e))
+                e.add_((1 - min(0.9, (1 + t) / (10 + t))) * (p - e))  # the EMA's warm-up
         torch.testing.assert_close(metrics["loss"], loss.detach())
         torch.testing.assert_close(metrics["grad_norm"], norm)
     for a, b in zip(step.params, ref.parameters()):
@@ -246,3 +248,142 @@ def test_regional_compile_equals_eager(memory):
         torch.testing.assert_close(b["loss"], a["loss"], atol=1e-5, rtol=1e-5)
     for p, q in zip(eager.params, compiled.params):
         torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- the graphed step (static buffers)
+def state_of(step):
+    return [t.clone() for t in (step.flat, step.ema_flat, step.exp_avg, step.exp_avg2, step.skipped_flags,
+                                *step.counters.values())]
+
+
+def assert_same_state(a, b):
+    for p, q in zip(state_of(a), state_of(b)):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, equal_nan=True)  # NaN: the skipped step's grad_norm
+
+
+def test_graphed_step_equals_the_plain_step_bit_for_bit(monkeypatch):
+    """GraphedStep's static-buffer logic (warm-up then the state restored in place, batch copied
+    into static buffers, outputs as static tensors), run without a CUDA graph: the same bits as the
+    plain step over steps that include a non-finite (skipped) one and a partial batch with its own
+    buffers; the state keeps its addresses (a captured graph writes to them)."""
+    plain, x_uint8 = make_step(grad_clip=1.0, weight_decay=0.1, warmup_images=16)
+    graphed_step, _ = make_step(grad_clip=1.0, weight_decay=0.1, warmup_images=16)
+    graphed = GraphedStep(graphed_step, capture=False)
+    addresses = [t.data_ptr() for t in graphed._state()]
+    forward = Glow.forward
+    batches = [x_uint8, x_uint8.flip(0), "nan", x_uint8[:5], x_uint8, x_uint8[:5]]
+    for i, x in enumerate(batches):
+        if isinstance(x, str):  # a step whose loss is NaN
+            monkeypatch.setattr(Glow, "forward", lambda self, x, y=None: forward(self, x, y)._replace(
+                log_prob=forward(self, x, y).log_prob * float("nan")))
+            x = x_uint8
+        a, b = plain(x), graphed(x.clone())
+        monkeypatch.setattr(Glow, "forward", forward)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, equal_nan=True, msg=f"step {i}, {k}")
+        assert_same_state(plain, graphed_step)
+    assert len(graphed.entries) == 2  # one per batch shape
+    assert [t.data_ptr() for t in graphed._state()] == addresses
+    c = graphed_step.read_counters()
+    assert c == plain.read_counters()
+    assert (c["steps"], c["skipped"], c["images"]) == (6, 1, 8 + 8 + 5 + 8 + 5)
+
+
+def test_graphed_step_resumes_in_place():
+    """A state loaded after the graph exists (resume, or the trainer's restore of last.pt) is
+    copied into the captured tensors: the next steps repeat the original ones bit for bit."""
+    step, x_uint8 = make_step(warmup_images=16)
+    graphed = GraphedStep(step, capture=False)
+    for _ in range(2):
+        graphed(x_uint8)
+    saved = (copy.deepcopy(step.model.state_dict()), copy.deepcopy(step.ema.state_dict()),
+             copy.deepcopy(step.state_dict()))
+    first = [dict((k, v.clone()) for k, v in graphed(x_uint8).items()) for _ in range(2)]
+    after_first = state_of(step)
+    step.model.load_state_dict(saved[0])
+    step.ema.load_state_dict(saved[1])
+    step.load_state_dict(saved[2], "test")
+    second = [dict((k, v.clone()) for k, v in graphed(x_uint8).items()) for _ in range(2)]
+    for a, b in zip(first, second):
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    for p, q in zip(after_first, state_of(step)):
+        assert torch.equal(p, q)
+
+
+def test_graph_blockers_and_the_graph_mode_on_cpu(capsys):
+    for memory, word in (("invertible", "sync"), ("checkpoint", "RNG")):
+        step, _ = make_step(memory=memory)
+        assert word in graph_blocker(step)
+    step, _ = make_step(dict(dropout=0.1))
+    assert "dropout" in graph_blocker(step)
+    step, _ = make_step()
+    assert graph_blocker(step) is None
+    assert compile_step(step, "graph") is step  # the CPU: nothing to capture, the eager step itself
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ValueError, match="compile mode"):
+        compile_step(step, "fused")
+
+
+def test_ema_warm_up_follows_the_steps():
+    """d_t = min(decay, (1 + t)/(10 + t)): after 20 steps the EMA is mostly the trained weights;
+    after 10,000 steps the decay is the configured 0.999."""
+    step, x_uint8 = make_step(lr=1e-2)
+    step.ema_decay = 0.999
+    init = step.flat.clone()
+    for _ in range(20):
+        step(x_uint8)
+    moved, lag = (step.flat - init).norm(), (step.flat - step.ema_flat).norm()
+    assert lag < 0.35 * moved  # without the warm-up the EMA would still be 98% initialisation
+    t = torch.tensor([0.0, 19.0, 8990.0, 10_000.0])
+    torch.testing.assert_close(step.ema_decay_now(t), torch.tensor([0.1, 20 / 29, 8991 / 9000, 0.999]))
+
+
+def test_a_failed_capture_runs_the_shape_uncaptured(monkeypatch, capsys):
+    """Should CUDA refuse the capture, one line says why and the step runs uncaptured, with the
+    plain step's results."""
+    plain, x_uint8 = make_step()
+    step, _ = make_step()
+    graphed = GraphedStep(step, capture=False)
+
+    def refuse(entry):
+        graphed.failure = "RuntimeError: operation not permitted when stream is capturing"
+        return None
+
+    monkeypatch.setattr(graphed, "_capture", refuse)
+    graphed.capture = True  # the capture path, with the warm-up on the CPU's "streams" replaced below
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: type("S", (), {"wait_stream": lambda self, s: None})())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: type("S", (), {"wait_stream": lambda self, s: None})())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    for _ in range(2):
+        a, b = plain(x_uint8), graphed(x_uint8)
+        assert torch.equal(a["loss"], b["loss"])
+    assert_same_state(plain, step)
+    assert not graphed.captured and "not permitted" in graphed.failure
+
+
+def test_the_trainer_with_the_graphed_step_resumes_exactly(tmp_path, monkeypatch):
+    """``torchglow.train`` with the graphed step (its static-buffer logic; on CUDA compile_step
+    returns it captured), logging every 5 steps, stopped after 7 steps and resumed: the weights,
+    EMA and logged bits/dim of an uninterrupted plain run, bit for bit."""
+    import dataclasses
+
+    from torchglow import train as train_module
+    from torchglow.checkpoint import load_checkpoint
+    from conftest import tiny_model_config, tiny_train_config
+
+    config = tiny_model_config(dropout=0.0)
+    plain = train_module.train(config, tiny_train_config(tmp_path / "plain", max_steps=14), progress=False)
+    monkeypatch.setattr(train_module, "compile_step", lambda step, mode: GraphedStep(step, capture=False))
+    half = tiny_train_config(tmp_path / "graphed", max_steps=7, fast=True)
+    train_module.train(config, half, progress=False)
+    graphed = train_module.train(config, dataclasses.replace(half, max_steps=14), resume=True, progress=False)
+    assert graphed.summary["steps"] == plain.summary["steps"] == 14
+    a, b = (load_checkpoint(tmp_path / name / "last.pt") for name in ("plain", "graphed"))
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    logged = [{r["step"]: r["train_bpd"] for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text()
+                                                       .splitlines()) if "train_bpd" in r}
+              for name in ("plain", "graphed")]
+    # the windows that both runs logged whole (the resume at step 7 starts a new one: 8-10)
+    assert [logged[0][s] for s in (5, 14)] == [logged[1][s] for s in (5, 14)]

@@ -17,7 +17,7 @@ PERMUTATIONS = ("invconv", "shuffle", "reverse")
 OPTIMIZERS = ("adamax", "adam")
 PRECISIONS = ("fp32", "bf16", "fp16")
 MEMORY_MODES = ("none", "checkpoint", "invertible")
-COMPILE_MODES = ("regional", "whole")
+COMPILE_MODES = ("regional", "whole", "graph")
 PADDINGS = ("zero", "edge")
 CLASS_LAYERS = ("linear", "linear_zeros")
 
@@ -232,9 +232,12 @@ class TrainConfig(_DictConfig):
         precision: "fp32", or "bf16"/"fp16" autocast for the coupling networks (log-dets, priors
             and the 1x1 convolutions stay float32; fp16 adds a loss scale).
         fast: the fast path: the training step compiled with torch.compile (see compile_mode);
-            on CUDA also CUDA graphs and channels_last. Off by default (compiling takes time).
+            on CUDA also captured as one CUDA graph, with channels_last. Off by default (compiling
+            takes time).
         compile_mode: "regional" (each flow step's code compiled once per level shape, short
-            compile) or "whole" (the whole step in one graph, fullgraph; memory "none" only).
+            compile; on CUDA inside one CUDA graph of the step), "graph" (no compilation: on CUDA
+            the eager step's kernels as one CUDA graph) or "whole" (the whole step in one graph,
+            fullgraph; memory "none" only).
         memory: "none", "checkpoint" (per-step gradient checkpointing) or "invertible"
             (activations recomputed through each step's inverse).
         augment_shift: random translations of up to this many pixels (official code: 0 for CIFAR).

@@ -22,6 +22,8 @@ compiled whole (``torch.compile(step, fullgraph=True)``) and replayed as a CUDA 
 from __future__ import annotations
 
 import math
+import sys
+import time
 from typing import Any
 
 import torch
@@ -137,8 +139,13 @@ class TrainStep:
     Optimiser: Adamax ``m ← β1·m + (1-β1)·g``, ``u ← max(β2·u, |g| + ε)``,
     ``p ← p·(1 - lr·wd) - lr/(1-β1ᵗ)·m/u``; or Adam ``v ← β2·v + (1-β2)·g²``,
     ``p ← p·(1 - lr·wd) - lr/(1-β1ᵗ)·m/(√(v/(1-β2ᵗ)) + ε)`` (torch.optim's formulas, ε = 1e-8).
-    EMA: ``e ← e + (1-decay)·(p - e)``. Each change is scaled by the step's finiteness (0 or 1):
-    a skipped step changes nothing.
+    EMA with TensorFlow's warm-up (``ExponentialMovingAverage`` with ``num_updates``):
+    ``e ← e + (1-d_t)·(p - e)``, ``d_t = min(decay, (1 + t) / (10 + t))``, ``t`` the optimiser steps
+    applied before this one (a device counter, saved with the state: a resumed run continues the
+    same sequence). ``d_0 = 0.1`` (the first update keeps 10% of the initialisation), ``d_20 ≈ 0.7``,
+    and from ``t = (10·decay - 1) / (1 - decay)`` on (t = 8,990 for 0.999) ``d_t = decay``: a run
+    of a few hundred steps is scored on what it learned, not on its initialisation.
+    Each change is scaled by the step's finiteness (0 or 1): a skipped step changes nothing.
 
     Calling it with a uint8 batch (this process's rows of the global batch) and labels returns the
     step's metrics as device tensors (``loss``, ``bpd`` (B,), ``grad_norm``, ``lr``, ``finite``).
@@ -174,14 +181,16 @@ class TrainStep:
     # ---- the parts of a step
     def _inputs(self, x_uint8: torch.Tensor) -> torch.Tensor:
         """Augmented, preprocessed and dequantised model inputs of this step."""
-        cfg, step = self.cfg, self.counters["steps"]
+        cfg, step, rows = self.cfg, self.counters["steps"], self.rows
+        if len(x_uint8) != len(rows):  # a partial last batch: its global rows (the shape is static)
+            rows = rows_of(len(x_uint8) * self.world, self.rank, self.world, rows.device)
         if cfg.augment_shift or cfg.augment_flip:
             # three draws per image (its global row): vertical shift, horizontal shift, flip
-            u = counter_uniform(cfg.seed, AUGMENT, step, torch.stack([self.rows + k * cfg.batch_size for k in range(3)]))
+            u = counter_uniform(cfg.seed, AUGMENT, step, torch.stack([rows + k * cfg.batch_size for k in range(3)]))
             span = 2 * cfg.augment_shift + 1
             dy, dx = ((u[:2] * span).long() - cfg.augment_shift).unbind(0)
             x_uint8 = shift_and_flip(x_uint8, dy, dx, u[2] < 0.5 if cfg.augment_flip else None)
-        noise = dequantization_noise(cfg.seed, NOISE, step, self.rows, self.config.image_shape)
+        noise = dequantization_noise(cfg.seed, NOISE, step, rows, self.config.image_shape)
         x = pp.preprocess(x_uint8, self.config.n_bits) + noise / pp.n_bins(self.config.n_bits)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
@@ -227,10 +236,15 @@ class TrainStep:
             self.flat.mul_(1.0 - lr * cfg.weight_decay * ok)
         self.flat.sub_(m / denom * step_size)
         if self.ema_flat is not None:
-            self.ema_flat.add_((self.flat - self.ema_flat) * ((1.0 - self.ema_decay) * ok))
+            self.ema_flat.add_((self.flat - self.ema_flat) * ((1.0 - self.ema_decay_now(t - 1)) * ok))
         c["opt_steps"] += finite.long()
         self._count(finite, loss, bpd, grad_norm, lr)
         return {"loss": loss, "bpd": bpd, "grad_norm": grad_norm, "lr": lr, "finite": finite}
+
+    def ema_decay_now(self, t: torch.Tensor) -> torch.Tensor:
+        """The EMA decay after ``t`` applied optimiser steps (a float32 device scalar):
+        ``min(decay, (1 + t) / (10 + t))``, computed on the device (no host sync)."""
+        return ((1.0 + t) / (10.0 + t)).clamp(max=self.ema_decay)
 
     def _count(self, finite: torch.Tensor, loss: torch.Tensor, bpd: torch.Tensor, grad_norm: torch.Tensor,
                lr: torch.Tensor) -> None:
@@ -247,7 +261,7 @@ class TrainStep:
         c["skipped"] += bad.long()
         c["bad_run"].copy_(torch.where(bad, c["bad_run"] + 1, 0))
         c["worst_run"].copy_(torch.maximum(c["worst_run"], c["bad_run"]))
-        c["images"] += finite.long() * self.cfg.batch_size
+        c["images"] += finite.long() * (len(bpd) * self.world)  # the global batch (smaller when partial)
         c["bpd_sum"] += torch.where(finite, bpd.mean().double(), 0.0)
         c["bpd_count"] += finite.long()
         c["grad_norm"].copy_(grad_norm)
@@ -306,30 +320,173 @@ class TrainStep:
                 self.counters[k].copy_(v)
 
 
+def graph_blocker(step: TrainStep) -> str | None:
+    """Why ``step`` cannot be captured as a CUDA graph, or None when it can. A graph replays
+    kernels only: nothing in the step may read a device value on the host or decide on host state
+    that changes between calls."""
+    if step.cfg.memory == "invertible":
+        return ("memory 'invertible' checks each reconstruction on the host in its backward (a device sync, "
+                "which a CUDA graph cannot hold)")
+    if step.cfg.memory == "checkpoint":
+        return "memory 'checkpoint' saves and restores the RNG state on the host in its backward"
+    if step.config.dropout:
+        return "dropout draws from the global RNG, which the trainer reseeds on the host every step"
+    if step.world > 1 and torch.distributed.get_backend() != "nccl":
+        return f"the all-reduce of backend {torch.distributed.get_backend()!r} cannot be captured (NCCL can)"
+    return None
+
+
+class GraphedStep:
+    """``fn`` (``step`` or its regionally compiled form) replayed as one CUDA graph per input shape.
+
+    A call copies the batch (and labels) into the static buffers of its shape and replays that
+    shape's graph; the trainer's last partial batch would get a graph of its own (the trainer drops
+    it: ``steps_per_epoch = N // batch_size``). The first call of a shape, following PyTorch's
+    whole-network capture recipe: a snapshot of everything the step changes (weights, EMA, moments,
+    counters), ``warmup`` calls on a side stream (cuBLAS/cuDNN handles, autograd's streams, the
+    compiled code), the snapshot copied back in place, the capture of one call, its replay. The
+    state keeps its addresses throughout: the trainer's ``read_counters``, ``load_state_dict`` and
+    ``Module.load_state_dict`` all write in place (``copy_``), never rebind, so a resumed or restored
+    run replays the same graph on the loaded state.
+
+    Returns the step's outputs as static tensors, overwritten by the next call of the same shape.
+    Should a capture fail, one line says why and that shape runs uncaptured (:attr:`captured`).
+
+    ``capture=False`` (the CPU; the default off CUDA) runs the same logic -- static buffers, warm-up
+    and restore, outputs copied into static tensors -- with ``fn`` called on the buffers instead of
+    a replay: bit-identical to the plain step, which is what the CPU tests check.
+    """
+
+    def __init__(self, step: TrainStep, fn=None, capture: bool | None = None, warmup: int = 3):
+        self.step, self.fn, self.warmup = step, fn or step, warmup
+        self.capture = step.flat.device.type == "cuda" if capture is None else capture
+        self.entries: dict[tuple, dict[str, Any]] = {}
+        self.capture_seconds = 0.0  # warm-up and capture of every shape so far
+        self.failure: str | None = None  # why a capture failed
+
+    def _state(self) -> list[torch.Tensor]:
+        s = self.step
+        return [s.flat, s.exp_avg, s.exp_avg2, s.skipped_flags, *s.counters.values(),
+                *([s.ema_flat] if s.ema_flat is not None else [])]
+
+    def _prepare(self, x_uint8: torch.Tensor, y: torch.Tensor | None) -> dict[str, Any]:
+        """Static buffers of this shape, the warm-up (state restored after it) and the capture."""
+        t0 = time.perf_counter()
+        entry = {"x": torch.empty_like(x_uint8), "y": None if y is None else torch.empty_like(y)}
+        entry["x"].copy_(x_uint8)
+        if y is not None:
+            entry["y"].copy_(y)
+        saved = [t.clone() for t in self._state()]
+        # autocast's cache of cast weights would outlive the capture it was filled in (PyTorch's
+        # advice for graphs under autocast); it only saves casts, the values are the same
+        cache = torch.is_autocast_cache_enabled()
+        torch.set_autocast_cache_enabled(False)
+        try:
+            if self.capture:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(self.warmup):
+                        self.fn(entry["x"], entry["y"])
+                torch.cuda.current_stream().wait_stream(side)
+            else:
+                for _ in range(self.warmup):
+                    self.fn(entry["x"], entry["y"])
+            with torch.no_grad():
+                for t, v in zip(self._state(), saved):
+                    t.copy_(v)
+            del saved
+            if self.capture:
+                entry["graph"] = self._capture(entry)
+        finally:
+            torch.set_autocast_cache_enabled(cache)
+        self.capture_seconds += time.perf_counter() - t0
+        return entry
+
+    def _capture(self, entry: dict[str, Any]) -> torch.cuda.CUDAGraph | None:
+        """The graph of one call on the entry's buffers; None (one line says why) when the capture
+        fails, and this shape then runs uncaptured: a capture records kernels without running
+        them, so the state is as it was."""
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: a data loader's pinning thread may call CUDA during the capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                entry["out"] = self.fn(entry["x"], entry["y"])
+        except RuntimeError as e:
+            self.failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            print(f"torchglow: capturing the training step failed ({self.failure}); it runs uncaptured",
+                  file=sys.stderr, flush=True)
+            entry.pop("out", None)
+            return None
+        return graph
+
+    @property
+    def captured(self) -> bool:
+        """Whether every batch shape so far replays a CUDA graph."""
+        return bool(self.entries) and all(e.get("graph") is not None for e in self.entries.values())
+
+    def __call__(self, x_uint8: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        key = (tuple(x_uint8.shape), x_uint8.stride(), x_uint8.dtype,
+               None if y is None else (tuple(y.shape), y.dtype))
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = self.entries[key] = self._prepare(x_uint8, y)
+        else:
+            entry["x"].copy_(x_uint8)
+            if y is not None:
+                entry["y"].copy_(y)
+        if entry.get("graph") is not None:
+            entry["graph"].replay()
+            return entry["out"]
+        out = self.fn(entry["x"], entry["y"])
+        if "out" not in entry:
+            entry["out"] = {k: v.detach().clone() for k, v in out.items()}
+        else:
+            for k, v in out.items():
+                entry["out"][k].copy_(v)
+        return entry["out"]
+
+
 def compile_step(step: TrainStep, mode: str = "regional", backend: str | None = None):
     """The fast path of ``step``: a callable with the same arguments and results.
+
+    ``"regional"``: each flow step is compiled (forward and backward) once per level shape and its
+    code reused by the K steps of the level; the input preparation and the update (optimiser,
+    weight decay, EMA, counters) are one compiled graph each; the rest of the forward (squeezes,
+    splits, priors) and the autograd glue run eagerly. Works with every memory mode.
+
+    ``"graph"``: no compilation, the eager step's kernels.
+
+    On CUDA both are then captured as one CUDA graph (:class:`GraphedStep`: one launch per step)
+    unless :func:`graph_blocker` names a reason, which is printed (one line) and the step runs
+    uncaptured (``"regional"``: its input and update graphs then as inductor's CUDA graphs). On the
+    CPU there is nothing to capture: ``"graph"`` is the eager step itself.
 
     ``"whole"``: ``torch.compile(step, fullgraph=True)`` -- forward, backward, optimiser and EMA in
     one graph (``torch._dynamo.config.trace_autograd_ops`` lets dynamo trace ``autograd.grad``;
     torch >= 2.11); on CUDA ``mode="reduce-overhead"`` replays it as one CUDA graph. Compile time
-    grows with the number of flow steps. Memory mode "none" only: the invertible backward is a
-    custom autograd Function with its own Python backward, and checkpointing re-runs Python.
-
-    ``"regional"``: each flow step is compiled (forward and backward) once per level shape and its
-    code reused by the K steps of the level; the update (optimiser, weight decay, EMA, counters)
-    is one compiled graph; the rest of the forward (squeezes, splits, priors) and the autograd
-    glue run eagerly. Works with every memory mode.
+    grows with the number of flow steps (minutes for the cifar10 preset). Memory mode "none" only:
+    the invertible backward is a custom autograd Function with its own Python backward, and
+    checkpointing re-runs Python.
     """
     backend = backend or COMPILE_BACKEND
     cuda = step.params[0].device.type == "cuda"
+    if mode not in ("regional", "whole", "graph"):
+        raise ValueError(f"compile mode must be 'regional', 'whole' or 'graph', got {mode!r}")
+    blocker = graph_blocker(step) if cuda and mode != "whole" else None
+    if blocker:
+        print(f"torchglow: the training step runs without a CUDA graph: {blocker}", file=sys.stderr, flush=True)
+    graphed = cuda and mode != "whole" and blocker is None
     if cuda:
-        # channels_last activations (cuDNN's fast layout; the weights stay flat views)
-        step.channels_last = True
-        # the state the step updates in place keeps its address, so a CUDA graph can replay it
+        step.channels_last = True  # cuDNN's fast layout for the activations; the weights stay flat views
+    if cuda and not graphed:
+        # the state the step updates in place keeps its address, so inductor's CUDA graphs can replay it
         for t in (step.flat, step.exp_avg, step.exp_avg2, *step.counters.values(), step.skipped_flags,
                   *([step.ema_flat] if step.ema_flat is not None else [])):
             torch._dynamo.mark_static_address(t)
-    options = dict(backend=backend, mode="reduce-overhead" if cuda and backend == "inductor" else None)
+    # inside our own graph, inductor must not capture graphs of its own
+    options = dict(backend=backend,
+                   mode="reduce-overhead" if cuda and backend == "inductor" and not graphed else None)
     if mode == "whole":
         if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
             raise ConfigError(f"compile_mode 'whole' needs torch >= 2.11 (this is {torch.__version__}): "
@@ -341,18 +498,18 @@ def compile_step(step: TrainStep, mode: str = "regional", backend: str | None = 
                 return compiled(x_uint8, y)
 
         return whole
-    if mode != "regional":
-        raise ValueError(f"compile mode must be 'regional' or 'whole', got {mode!r}")
-    # regional: no CUDA graphs per region (the eager glue between regions would re-enter them)
-    for flow_step in step.model.flow_steps():
-        flow_step.compile(backend=backend)
-    inputs = torch.compile(step._inputs, fullgraph=True, backend=backend)
-    apply = torch.compile(step._apply, fullgraph=True, backend=backend)
+    fn = step
+    if mode == "regional":
+        # no CUDA graphs per region (the eager glue between regions would re-enter them)
+        for flow_step in step.model.flow_steps():
+            flow_step.compile(backend=backend)
+        inputs = torch.compile(step._inputs, fullgraph=True, **options)
+        apply = torch.compile(step._apply, fullgraph=True, **options)
 
-    def regional_step(x_uint8: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return apply(*step._gradients(inputs(x_uint8), y))
+        def fn(x_uint8: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+            return apply(*step._gradients(inputs(x_uint8), y))
 
-    return regional_step
+    return GraphedStep(step, fn, capture=True) if graphed else fn
 
 
 def mix_seed(*values: int) -> int:
