@@ -16,8 +16,8 @@ error, the next part goes on), all within a total budget (``--budget``, 480 s), 
    (:func:`torchglow.bench._run_phase`), with kernels per step (:func:`torchglow.bench.count_ops`)
    and the fast step's compile + capture time; ``train_graph_b64``: the same with
    ``compile_mode="graph"`` (the eager step's kernels in the graph, no compilation).
-4. ``sample_b256``, ``eval_b256``: eager against :func:`torchglow.step.fast_sampler` and
-   :func:`torchglow.step.fast_forward`, fp32.
+4. ``sample_b256``, ``eval_b256``: eager against :func:`torchglow.fast.fast_sampler` and
+   :func:`torchglow.fast.fast_forward`, fp32.
 5. ``memory_none_b64``, ``memory_invertible_b64``: peak ``torch.cuda.max_memory_allocated`` of the
    fast training step (bf16) in each memory mode, capture included, and its reconstruction warnings.
 6. ``run``: ``torchglow.train`` for ``--minutes`` (3, shortened when the budget is short) on the
@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from torchglow import bench  # noqa: E402
-from torchglow import step as step_module  # noqa: E402
+from torchglow import graphs  # noqa: E402
 from torchglow.config import TrainConfig, preset  # noqa: E402
 
 DEFAULT_NPZ = ROOT / "benchmarks" / "data" / "cifar10_jpegq75_bytes.npz"
@@ -250,7 +250,7 @@ def child(name: str, payload: str) -> int:
     the file for its JSON result."""
     job = json.loads(payload)
     if job["mode"] == "smoke":
-        step_module.COMPILE_BACKEND = "aot_eager"
+        graphs.COMPILE_BACKEND = "aot_eager"
         torch.set_num_threads(1)
     result = PARTS[name](sizes(job["mode"]), *job["args"])
     Path(job["result"]).write_text(json.dumps(result, default=str))

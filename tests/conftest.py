@@ -69,21 +69,21 @@ FUZZ = settings(max_examples=int(os.environ.get("TORCHGLOW_FUZZ_EXAMPLES", "50")
 
 @pytest.fixture
 def aot_eager(monkeypatch) -> list:
-    """The fast paths (:mod:`torchglow.step`'s compiled decode and forward) under the aot_eager
+    """The fast paths' compiled code (:data:`torchglow.graphs.COMPILE_BACKEND`) under the aot_eager
     backend: the traced graph run with eager kernels, no code generation, so a test compiles in
     seconds and differs from eager only by float rounding. Returns the list of the graphs compiled
     (so a test can tell that the fast path did not fall back to eager)."""
-    from torchglow import step
+    from torchglow import graphs
 
-    graphs = []
+    compiled = []
 
     def backend(gm, example_inputs):
-        graphs.append(gm)
+        compiled.append(gm)
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
 
     torch._dynamo.reset()
-    monkeypatch.setattr(step, "COMPILE_BACKEND", backend)
-    return graphs
+    monkeypatch.setattr(graphs, "COMPILE_BACKEND", backend)
+    return compiled
 
 
 @pytest.fixture(scope="module")

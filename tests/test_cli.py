@@ -606,10 +606,10 @@ def test_manipulate_by_class_name_keeps_earlier_files(folder_run, capsys, tmp_pa
 
 def test_fast_on_the_cpu_says_when_it_pays(run, capsys, tmp_path, monkeypatch):
     """One note line; the compile itself is replaced by the eager model here (it takes half a minute)."""
-    from torchglow import sampling, step
+    from torchglow import fast, sampling
 
     monkeypatch.setattr(sampling, "fast_decode", lambda model: model.decode)
-    monkeypatch.setattr(step, "fast_forward", lambda model: model)
+    monkeypatch.setattr(fast, "fast_forward", lambda model: model)
     for command in (["sample", run, "--temperatures", "0", "--out", tmp_path], ["evaluate", run]):
         code, _, err = call(capsys, *command, "--device", "cpu", "--fast")
         assert code == 0

@@ -118,20 +118,17 @@ def test_bad_options(model, cond_model, tmp_path):
 
 
 # ---------------------------------------------------------------- the fast path
-def test_fast_temperature_rows_equal_eager(model, cond_model, aot_eager):
-    """The compiled decode gives the eager decode's rows to float rounding (atol 1e-5 in model
-    space, where pixels span [-0.5, 0.5)), the conditional model's labels included."""
+def test_fast_temperature_rows_equal_eager(model, cond_model):
+    """The fast decode (static buffers; a CUDA graph on CUDA) gives the eager decode's rows (atol
+    1e-5 in model space, where pixels span [-0.5, 0.5)), the conditional model's labels included."""
     for m in (model, cond_model):
         eager = sampling.temperature_rows(m, (0.0, 0.7, 1.0), n_per_row=4, seed=3)
-        assert not aot_eager
         fast = sampling.temperature_rows(m, (0.0, 0.7, 1.0), n_per_row=4, seed=3, fast=True)
-        assert aot_eager  # compiled, not an eager fallback
-        aot_eager.clear()
         for a, b in zip(eager, fast):
             torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
 
 
-def test_sample_fast_command_draws_the_eager_grid(model, cond_model, tmp_path, capsys, aot_eager):
+def test_sample_fast_command_draws_the_eager_grid(model, cond_model, tmp_path, capsys):
     """``torchglow sample --fast`` writes the grids of the eager command, pixel for pixel to one
     display level (a value on a bin edge may round either way): one grid, or one per temperature."""
     for m in (model, cond_model):

@@ -12,9 +12,9 @@ the reported rate is ``batch_size / median(iteration time)``:
     rounds (eager, fast, eager, fast, ...) so that a machine busy with other work slows both alike;
     the result has both rates, their ratio and the compile time (the fast step's first call).
 ``sample``
-    ``model.sample(batch_size)`` in eval mode (``fast``: a compiled decode, :func:`torchglow.step.fast_sampler`).
+    ``model.sample(batch_size)`` in eval mode (``fast``: the decode as a CUDA graph, :func:`torchglow.fast.fast_sampler`).
 ``eval``
-    ``model.bits_per_dim(x_uint8)`` in eval mode under ``torch.no_grad`` (``fast``: a compiled forward).
+    ``model.bits_per_dim(x_uint8)`` in eval mode under ``torch.no_grad`` (``fast``: :func:`torchglow.fast.fast_forward`).
 
 On CUDA every timed iteration is bracketed by ``torch.cuda.synchronize()`` and peak memory is
 ``torch.cuda.max_memory_allocated`` (reset before each phase). On CPU peak memory is the peak
@@ -268,7 +268,7 @@ def _phase_fns(phase: str, preset_name: str, overrides: dict[str, Any], batch_si
                fast_precision: str | None = None):
     """The callables timed in one phase: ``{"eager": ...}``, ``{"fast": ...}`` or both (``compare``),
     each on its own model built from the same seed; the fast one in ``fast_precision`` when given."""
-    from .step import fast_forward, fast_sampler
+    from .fast import fast_forward, fast_sampler
 
     modes = ("eager", "fast") if compare else (("fast",) if fast else ("eager",))
     fns = {}

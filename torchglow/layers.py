@@ -555,6 +555,12 @@ def inverse_weights(steps) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if torch.is_grad_enabled() and any(p.requires_grad for s in steps
                                        for p in (*s.actnorm.parameters(), *s.permute.parameters())):
         return fold_inverses(steps)
+    refresh_stale_inverses(steps)
+    return [(s.inverse_weight, s.inverse_bias) for s in steps]
+
+
+def refresh_stale_inverses(steps) -> None:
+    """:func:`refresh_inverses` if the parameters of any of ``steps`` changed since their caches were
+    computed (a few attribute reads per step when none did)."""
     if any(s._inverse_key != s._fold_key() for s in steps):
         refresh_inverses(steps)
-    return [(s.inverse_weight, s.inverse_bias) for s in steps]

@@ -25,7 +25,7 @@ from .config import GlowConfig, preset
 from .devices import random_tensor
 from .health import check_samples
 from .layers import (ActNorm, FlowStep, LinearZeros, ZeroConv2d, initializing, inverse_weights, logdet_dtype,
-                     refresh_inverses, squeeze2d, unsqueeze2d)
+                     refresh_stale_inverses, squeeze2d, unsqueeze2d)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -178,12 +178,12 @@ class Glow(nn.Module, ModelHubMixin):
         self.memory_mode = memory.check_memory_mode(mode, self.config.dropout)
 
     def refresh_inverses(self) -> None:
-        """Recompute every flow step's cached inverse weights in place (one batched computation per
-        level; :meth:`torchglow.layers.FlowStep.refresh_inverse`). Decoding does it by itself for
-        stale caches; call it before capturing a decode as a CUDA graph, and again (outside the
-        graph) after the weights change, so that the graph reads current inverses."""
+        """Recompute the cached inverse weights of every flow step whose parameters changed since,
+        in place (one batched computation per level; :meth:`torchglow.layers.FlowStep.refresh_inverse`).
+        Decoding does it by itself; a decode captured as a CUDA graph cannot, so call it before each
+        replay (:mod:`torchglow.fast` does), outside the graph."""
         for steps in self.levels:
-            refresh_inverses(steps)
+            refresh_stale_inverses(steps)
 
     def flow_steps(self):
         for steps in self.levels:

@@ -19,7 +19,7 @@ from .files import write_json_atomic
 from .health import check_samples
 from .images import save_grid, to_display
 from .model import Glow
-from .step import fast_decode
+from .fast import fast_decode
 
 DEFAULT_TEMPERATURES = (0.0, 0.5, 0.7, 0.8, 0.9, 1.0)
 
@@ -60,8 +60,8 @@ def temperature_rows(model: Glow, temperatures: Sequence[float] = DEFAULT_TEMPER
     """One row of ``n_per_row`` samples per temperature, in model space (float32, CPU), from one
     seeded ε draw shared by all rows. For a class-conditional model, ``y`` gives the class of each
     column (one label, or ``n_per_row``); by default column j is class ``j % num_classes``.
-    ``fast``: decode through :func:`torchglow.step.fast_decode` (compiled; equal to the eager decode
-    up to the compiler's float rounding). :func:`torchglow.images.to_display` turns the rows into
+    ``fast``: decode through :func:`torchglow.fast.fast_decode` (a CUDA graph on CUDA, the same
+    kernels as the eager decode). :func:`torchglow.images.to_display` turns the rows into
     images for :func:`save_grid`."""
     return _rows(model, _decoder(model, fast), temperatures, n_per_row, seed, y)
 

@@ -23,19 +23,17 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from typing import Any
 
 import torch
 
 from . import preprocess as pp
 from .config import ConfigError, GlowConfig, TrainConfig
+from . import graphs
+from .graphs import GraphedCall
 from .model import FlowOutput, Glow
 
 MASK32 = 0xFFFFFFFF
-# torch.compile backend of the fast path; "aot_eager" (no code generation) runs the same graphs
-# with eager kernels, e.g. to check the fast path cheaply on a CPU
-COMPILE_BACKEND = "inductor"
 # fp16 loss scale: torch.amp.GradScaler's defaults
 SCALE_INIT, SCALE_GROWTH_INTERVAL = 2.0**16, 2000
 
@@ -336,115 +334,31 @@ def graph_blocker(step: TrainStep) -> str | None:
     return None
 
 
-class GraphedStep:
-    """``fn`` (``step`` or its regionally compiled form) replayed as one CUDA graph per input shape.
+class GraphedStep(GraphedCall):
+    """``fn`` (``step`` or its regionally compiled form) replayed as one CUDA graph per batch shape
+    (:class:`torchglow.graphs.GraphedCall`).
 
     A call copies the batch (and labels) into the static buffers of its shape and replays that
     shape's graph; the trainer's last partial batch would get a graph of its own (the trainer drops
-    it: ``steps_per_epoch = N // batch_size``). The first call of a shape, following PyTorch's
-    whole-network capture recipe: a snapshot of everything the step changes (weights, EMA, moments,
-    counters), ``warmup`` calls on a side stream (cuBLAS/cuDNN handles, autograd's streams, the
-    compiled code), the snapshot copied back in place, the capture of one call, its replay. The
-    state keeps its addresses throughout: the trainer's ``read_counters``, ``load_state_dict`` and
-    ``Module.load_state_dict`` all write in place (``copy_``), never rebind, so a resumed or restored
-    run replays the same graph on the loaded state.
-
-    Returns the step's outputs as static tensors, overwritten by the next call of the same shape.
-    Should a capture fail, one line says why and that shape runs uncaptured (:attr:`captured`).
-
-    ``capture=False`` (the CPU; the default off CUDA) runs the same logic -- static buffers, warm-up
-    and restore, outputs copied into static tensors -- with ``fn`` called on the buffers instead of
-    a replay: bit-identical to the plain step, which is what the CPU tests check.
+    it: ``steps_per_epoch = N // batch_size``). Before a capture, everything the step changes
+    (weights, EMA, moments, counters) is snapshotted, ``warmup`` steps run, and the snapshot is
+    copied back in place. The state keeps its addresses throughout: the trainer's
+    ``read_counters``, ``load_state_dict`` and ``Module.load_state_dict`` all write in place
+    (``copy_``), never rebind, so a resumed or restored run replays the same graph on the loaded
+    state. Returns the step's outputs as static tensors, overwritten by the next call of the same
+    shape. ``capture=False`` (the default off CUDA) is bit-identical to the plain step.
     """
 
+    what = "the training step"
+
     def __init__(self, step: TrainStep, fn=None, capture: bool | None = None, warmup: int = 3):
-        self.step, self.fn, self.warmup = step, fn or step, warmup
-        self.capture = step.flat.device.type == "cuda" if capture is None else capture
-        self.entries: dict[tuple, dict[str, Any]] = {}
-        self.capture_seconds = 0.0  # warm-up and capture of every shape so far
-        self.failure: str | None = None  # why a capture failed
+        super().__init__(fn or step, step.flat.device.type == "cuda" if capture is None else capture, warmup)
+        self.step = step
 
     def _state(self) -> list[torch.Tensor]:
         s = self.step
         return [s.flat, s.exp_avg, s.exp_avg2, s.skipped_flags, *s.counters.values(),
                 *([s.ema_flat] if s.ema_flat is not None else [])]
-
-    def _prepare(self, x_uint8: torch.Tensor, y: torch.Tensor | None) -> dict[str, Any]:
-        """Static buffers of this shape, the warm-up (state restored after it) and the capture."""
-        t0 = time.perf_counter()
-        entry = {"x": torch.empty_like(x_uint8), "y": None if y is None else torch.empty_like(y)}
-        entry["x"].copy_(x_uint8)
-        if y is not None:
-            entry["y"].copy_(y)
-        saved = [t.clone() for t in self._state()]
-        # autocast's cache of cast weights would outlive the capture it was filled in (PyTorch's
-        # advice for graphs under autocast); it only saves casts, the values are the same
-        cache = torch.is_autocast_cache_enabled()
-        torch.set_autocast_cache_enabled(False)
-        try:
-            if self.capture:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(self.warmup):
-                        self.fn(entry["x"], entry["y"])
-                torch.cuda.current_stream().wait_stream(side)
-            else:
-                for _ in range(self.warmup):
-                    self.fn(entry["x"], entry["y"])
-            with torch.no_grad():
-                for t, v in zip(self._state(), saved):
-                    t.copy_(v)
-            del saved
-            if self.capture:
-                entry["graph"] = self._capture(entry)
-        finally:
-            torch.set_autocast_cache_enabled(cache)
-        self.capture_seconds += time.perf_counter() - t0
-        return entry
-
-    def _capture(self, entry: dict[str, Any]) -> torch.cuda.CUDAGraph | None:
-        """The graph of one call on the entry's buffers; None (one line says why) when the capture
-        fails, and this shape then runs uncaptured: a capture records kernels without running
-        them, so the state is as it was."""
-        graph = torch.cuda.CUDAGraph()
-        try:
-            # thread_local: a data loader's pinning thread may call CUDA during the capture
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                entry["out"] = self.fn(entry["x"], entry["y"])
-        except RuntimeError as e:
-            self.failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            print(f"torchglow: capturing the training step failed ({self.failure}); it runs uncaptured",
-                  file=sys.stderr, flush=True)
-            entry.pop("out", None)
-            return None
-        return graph
-
-    @property
-    def captured(self) -> bool:
-        """Whether every batch shape so far replays a CUDA graph."""
-        return bool(self.entries) and all(e.get("graph") is not None for e in self.entries.values())
-
-    def __call__(self, x_uint8: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        key = (tuple(x_uint8.shape), x_uint8.stride(), x_uint8.dtype,
-               None if y is None else (tuple(y.shape), y.dtype))
-        entry = self.entries.get(key)
-        if entry is None:
-            entry = self.entries[key] = self._prepare(x_uint8, y)
-        else:
-            entry["x"].copy_(x_uint8)
-            if y is not None:
-                entry["y"].copy_(y)
-        if entry.get("graph") is not None:
-            entry["graph"].replay()
-            return entry["out"]
-        out = self.fn(entry["x"], entry["y"])
-        if "out" not in entry:
-            entry["out"] = {k: v.detach().clone() for k, v in out.items()}
-        else:
-            for k, v in out.items():
-                entry["out"][k].copy_(v)
-        return entry["out"]
 
 
 def compile_step(step: TrainStep, mode: str = "regional", backend: str | None = None):
@@ -469,7 +383,7 @@ def compile_step(step: TrainStep, mode: str = "regional", backend: str | None = 
     the invertible backward is a custom autograd Function with its own Python backward, and
     checkpointing re-runs Python.
     """
-    backend = backend or COMPILE_BACKEND
+    backend = backend or graphs.COMPILE_BACKEND
     cuda = step.params[0].device.type == "cuda"
     if mode not in ("regional", "whole", "graph"):
         raise ValueError(f"compile mode must be 'regional', 'whole' or 'graph', got {mode!r}")
@@ -519,43 +433,3 @@ def mix_seed(*values: int) -> int:
     for v in values:
         h = (h * 1_000_003 + int(v)) % 2**63
     return h
-
-
-def _graph_mode(device: torch.device) -> str | None:
-    """``torch.compile``'s mode for the fast decode and forward: CUDA graphs on CUDA under inductor."""
-    return "reduce-overhead" if device.type == "cuda" and COMPILE_BACKEND == "inductor" else None
-
-
-def fast_decode(model: Glow):
-    """``model.decode`` compiled (static shapes: one graph per batch size; replayed as a CUDA graph
-    on CUDA), the same arguments and results. The 1x1 convolutions' cached inverses are Python
-    state, so the decode is compiled with graph breaks allowed (not fullgraph)."""
-    decode = torch.compile(model.decode, dynamic=False, backend=COMPILE_BACKEND, mode=_graph_mode(model.device))
-
-    def fast(z: list[torch.Tensor], y: torch.Tensor | None = None, standardized: bool = False) -> torch.Tensor:
-        return decode(z, y, standardized=standardized).clone()  # a CUDA graph's output is overwritten by the next replay
-
-    return fast
-
-
-def fast_sampler(model: Glow, batch: int):
-    """``model.sample`` through :func:`fast_decode`, for a fixed ``batch``:
-    ``sample(n=batch, temperature=1.0, y=None, generator=None)``, the same arguments and results."""
-    device = model.device
-    decode = fast_decode(model)
-
-    @torch.no_grad()
-    def sample(n: int = batch, temperature: float = 1.0, y: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        if n != batch:
-            raise ValueError(f"this sampler is compiled for batches of {batch}, got {n}")
-        eps = [torch.randn((n, *s), generator=generator, device=device) * temperature for s in model.latent_shapes]
-        return decode(eps, y, standardized=True)
-
-    return sample
-
-
-def fast_forward(model: Glow):
-    """``model``'s forward compiled for evaluation (static shapes; a CUDA graph on CUDA: use each
-    output before the next call)."""
-    return torch.compile(model, dynamic=False, backend=COMPILE_BACKEND, mode=_graph_mode(model.device))
