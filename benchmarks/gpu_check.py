@@ -16,8 +16,10 @@ error, the next part goes on), all within a total budget (``--budget``, 480 s), 
    (:func:`torchglow.bench._run_phase`), with kernels per step (:func:`torchglow.bench.count_ops`)
    and the fast step's compile + capture time; ``train_graph_b64``: the same with
    ``compile_mode="graph"`` (the eager step's kernels in the graph, no compilation).
-4. ``sample_b256``, ``eval_b256``: eager against :func:`torchglow.fast.fast_sampler` and
-   :func:`torchglow.fast.fast_forward`, fp32.
+4. ``sample_b256``, ``eval_b256``, ``eval_graph_b256``: eager against
+   :func:`torchglow.fast.fast_sampler` (the decode as a CUDA graph) and
+   :func:`torchglow.fast.fast_forward` (its flow steps compiled, then captured; ``eval_graph``: the
+   eager kernels captured), fp32.
 5. ``memory_none_b64``, ``memory_invertible_b64``: peak ``torch.cuda.max_memory_allocated`` of the
    fast training step (bf16) in each memory mode, capture included, and its reconstruction warnings.
 6. ``run``: ``torchglow.train`` for ``--minutes`` (3, shortened when the budget is short) on the
@@ -61,6 +63,7 @@ from torchglow import graphs  # noqa: E402
 from torchglow.config import TrainConfig, preset  # noqa: E402
 
 DEFAULT_NPZ = ROOT / "benchmarks" / "data" / "cifar10_jpegq75_bytes.npz"
+PART_GROUPS = ("data", "exactness", "train", "sample", "eval", "memory", "run")
 OUT_FILES = ("gpu_check.json", "table.md", "curve.png", "samples.png", "run_summary.json", "run_metrics.jsonl")
 
 
@@ -340,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--smoke", action="store_true", help="the same code paths on the CPU, tiny sizes")
     parser.add_argument("--minutes", type=float, help="length of the training run (default 3; quick 0.33; smoke 0.05)")
     parser.add_argument("--budget", type=float, help="total seconds (default 480; quick 300): every part's cap ends by then")
+    parser.add_argument("--parts", nargs="+", choices=PART_GROUPS, default=PART_GROUPS, metavar="PART",
+                        help=f"the parts to run, in their fixed order (default all: {' '.join(PART_GROUPS)})")
     parser.add_argument("--run-compile-mode", default="regional", choices=("regional", "graph"),
                         help="compile_mode of the training run's fast step")
     args = parser.parse_args(argv)
@@ -361,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     caps = s["caps"]
 
     def part(name, fn, fn_args, cap):
+        if name.split("_")[0] not in args.parts:  # its group: train_graph_b64 is of "train"
+            return
         run_part(report, name, fn, fn_args, cap, mode, work, deadline)
         (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
 
@@ -375,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         part(f"train_graph_b{s['graph_batch']}", "time_phase", ["train", s["graph_batch"], "graph"], caps["graph"])
         part(f"sample_b{s['sample_batch']}", "time_phase", ["sample", s["sample_batch"]], caps["sample"])
         part(f"eval_b{s['eval_batch']}", "time_phase", ["eval", s["eval_batch"]], caps["eval"])
+        part(f"eval_graph_b{s['eval_batch']}", "time_phase", ["eval", s["eval_batch"], "graph"], caps["eval"])
         for memory in ("none", "invertible"):
             part(f"memory_{memory}_b{s['memory_batch']}", "peak_memory", [memory], caps["memory"])
         if Path(npz).is_file():

@@ -281,9 +281,11 @@ def _phase_fns(phase: str, preset_name: str, overrides: dict[str, Any], batch_si
             model.eval()
             sample = fast_sampler(model, batch_size) if mode == "fast" else model.sample
             fns[mode] = lambda sample=sample, y=y: sample(batch_size, y=y)
+            fns[mode].graphed = getattr(sample, "graphed", None)
         elif phase == "eval":
             model.eval()
-            forward = fast_forward(model) if mode == "fast" else model
+            # the fast forward: a CUDA graph, its flow steps compiled unless compile_mode is "graph"
+            forward = fast_forward(model, compile=compile_mode != "graph") if mode == "fast" else model
 
             def fns_eval(forward=forward, x_uint8=x_uint8, y=y, n_bits=config.n_bits, n_dims=config.n_dims):
                 from . import preprocess as pp
@@ -293,6 +295,7 @@ def _phase_fns(phase: str, preset_name: str, overrides: dict[str, Any], batch_si
                     pp.bits_per_dim_from_log_prob(forward(x, y).log_prob, n_dims, n_bits)
 
             fns[mode] = fns_eval
+            fns_eval.graphed = getattr(forward, "graphed", None)
         else:
             raise ValueError(f"unknown phase {phase!r}; choose from {PHASES}")
     return fns, sum(p.numel() for p in model.parameters())
