@@ -387,3 +387,29 @@ def test_the_trainer_with_the_graphed_step_resumes_exactly(tmp_path, monkeypatch
               for name in ("plain", "graphed")]
     # the windows that both runs logged whole (the resume at step 7 starts a new one: 8-10)
     assert [logged[0][s] for s in (5, 14)] == [logged[1][s] for s in (5, 14)]
+
+
+def test_decode_after_flat_updates_uses_current_inverses():
+    """The optimiser updates the flat parameter vector, whose views (the parameters) keep version
+    counters of their own: the cached 1x1 inverses must still follow (a decode filled them, a step
+    changed the weights, the next decode equals one with inverses computed afresh). Before, the
+    stale caches made decode(encode(x)) of a trained model inexact and the trainer's sample grids
+    decode with the initial inverses."""
+    import copy
+
+    from conftest import tiny_glow
+    from torchglow.config import TrainConfig
+
+    model = tiny_glow("affine_lu", torch.float32)
+    x_uint8 = torch.randint(0, 256, (4, *model.config.image_shape), dtype=torch.uint8,
+                            generator=torch.Generator().manual_seed(0))
+    step = TrainStep(model, TrainConfig(batch_size=4, lr=1e-2, warmup_images=0), beta2=0.999)
+    latents = [torch.randn(4, *s) for s in model.latent_shapes]
+    with torch.no_grad():
+        before = model.decode(latents)  # fills the caches
+    step(x_uint8)
+    with torch.no_grad():
+        after = model.decode(latents)
+        fresh = copy.deepcopy(model).decode(latents)
+    assert not torch.equal(after, before)
+    torch.testing.assert_close(after, fresh, rtol=0, atol=0)

@@ -450,6 +450,17 @@ class Coupling(nn.Module):
         return torch.cat([y_a, y_b / scale - shift], 1)
 
 
+def tensor_version(t: torch.Tensor) -> tuple[int, int]:
+    """What changes when ``t``'s values change in place: its version counter (optimiser steps,
+    ``load_state_dict``) and, for a parameter made a slice of one flat vector
+    (:func:`torchglow.step.flatten_parameters`, which records the vector in ``_flat_base``), that
+    vector's counter: ``p.data = view`` gives ``p`` a counter of its own, which updates of the
+    whole vector do not bump."""
+    base = getattr(t, "_flat_base", None)
+    flat = base() if base is not None else None
+    return t._version, -1 if flat is None else flat._version
+
+
 class FlowStep(nn.Module):
     """One step of flow: ActNorm -> permutation (1x1 conv, shuffle or reverse) -> coupling.
 
@@ -503,9 +514,8 @@ class FlowStep(nn.Module):
         refresh_inverses([self])
 
     def _fold_key(self) -> tuple:
-        # In-place updates (optimiser steps, load_state_dict) bump a tensor's version.
         tensors = (*self.actnorm.parameters(), *self.permute.parameters(), *self.permute.buffers())
-        return tuple((t._version, t.data_ptr(), t.device, t.dtype) for t in tensors)
+        return tuple((*tensor_version(t), t.data_ptr(), t.device, t.dtype) for t in tensors)
 
     def _store_inverse(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
         current = self.inverse_weight

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
 from typing import Any
 
 import torch
@@ -122,11 +123,15 @@ def warmup_lr(lr: float, warmup_images: int, images: torch.Tensor, batch_size: i
 def flatten_parameters(params: list[torch.Tensor]) -> torch.Tensor:
     """One contiguous vector holding ``params`` in order; each parameter becomes a view of its slice
     (``p.data``), so in-place changes of the vector are changes of the parameters and back.
-    (Moving the module to another device or dtype afterwards breaks the link.)"""
+    (Moving the module to another device or dtype afterwards breaks the link.) Each parameter
+    keeps a weak reference to the vector (``_flat_base``): updates of the vector bump the vector's
+    version counter, not the parameter's, and caches of values computed from the parameters (the
+    1x1 inverses, :func:`torchglow.layers.tensor_version`) must see them."""
     flat = torch.cat([p.detach().reshape(-1) for p in params])
     offset = 0
     for p in params:
         p.data = flat[offset:offset + p.numel()].view(p.shape)
+        p._flat_base = weakref.ref(flat)
         offset += p.numel()
     return flat
 
