@@ -80,7 +80,7 @@ def sizes(mode: str) -> dict:
                 trained_steps=50 if full else 10, exact_images=64, minutes=3.0 if full else 0.33, run_batch=64,
                 device="cuda", max_train=None if full else 5000, max_test=None if full else 1000,
                 budget=480 if full else 300,
-                caps=dict(data=30, exactness=50, train=90, graph=45, sample=40, eval=40, memory=25) if full else
+                caps=dict(data=30, exactness=50, train=90, graph=45, sample=40, eval=75, memory=25) if full else
                 dict(data=20, exactness=35, train=75, graph=40, sample=30, eval=30, memory=20))
 
 

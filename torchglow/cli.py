@@ -371,10 +371,10 @@ def _source(args: argparse.Namespace, picked) -> dict[str, Any]:
 
 
 def _fast_note(args: argparse.Namespace, run) -> None:
-    """One line on stderr when ``--fast`` runs on the CPU, where compiling costs more than it saves."""
+    """One line on stderr when ``--fast`` runs on the CPU, where there is no CUDA graph to replay."""
     if args.fast and run.model.device.type == "cpu":
-        print(f"torchglow {args.command}: note: --fast compiles the model first (about half a minute on a CPU); "
-              f"it pays off only for long jobs or on a GPU", file=sys.stderr)
+        print(f"torchglow {args.command}: note: --fast replays CUDA graphs on a GPU; on a CPU it runs the eager "
+              f"kernels, so it pays off only on a GPU", file=sys.stderr)
 
 
 def _print(summary: dict[str, Any]) -> int:
