@@ -41,11 +41,11 @@ def test_gpu_check_smoke(tmp_path):
     assert report["errors"] == {}
     assert report["data"] == {**report["data"], "images": 52, "train": 40, "test": 12}
     assert list(report["part_seconds"]) == ["data", "exactness", "train_b4", "train_graph_b4", "sample_b8", "eval_b8",
-                                            "memory_none_b4", "memory_invertible_b4", "run"]
+                                            "eval_graph_b8", "memory_none_b4", "memory_invertible_b4", "run"]
     for which in ("fresh", "trained"):
         assert report["exactness"][which]["relative_error"] < 1e-5
         assert report["exactness"][which]["invertible"]["steps"] == 3
-    for part in ("train_b4", "train_graph_b4", "sample_b8", "eval_b8"):
+    for part in ("train_b4", "train_graph_b4", "sample_b8", "eval_b8", "eval_graph_b8"):
         r = report[part]
         assert r["speedup"] == r["eager"]["seconds_median"] / r["fast"]["seconds_median"]
         assert r["eager"]["kernels"]["ops"] > 0
@@ -76,3 +76,14 @@ def test_a_part_over_its_cap_is_killed_and_recorded(tmp_path, monkeypatch):
     assert "timed out after 6 s" in report["errors"]["sleepy"] and "sleepy" not in report
     gpu_check.run_part(report, "late", "sleep", [], 60, "smoke", tmp_path, time.perf_counter() + 2)
     assert report["errors"]["late"] == "skipped: the time budget is spent"
+
+
+def test_gpu_check_parts_runs_only_the_named_groups(tmp_path):
+    """``--parts sample``: the sampling part alone (no data, no run), for a short follow-up call."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), "--npz", str(tmp_path / "absent.npz"), "--smoke",
+                           "--parts", "sample"], capture_output=True, text=True, timeout=300,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert list(report["part_seconds"]) == ["sample_b8"], proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert report["sample_b8"]["fast"]["images_per_s"] > 0

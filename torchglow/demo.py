@@ -43,6 +43,7 @@ import torch
 
 from . import preprocess as pp
 from .images import data_max_level, display_uint8, grid_array, to_display
+from .fast import fast_decode
 from .latent import decode_eps, encode_eps, slerp
 from .model import Glow
 from .ood import complexity_scores, scores_bpd
@@ -290,6 +291,8 @@ class DemoSession:
                  max_level: int | None = None, n_samples: int = 24, cache_size: int = 64, per_client: int = 16,
                  seed: int = 0):
         self.model = model.eval()
+        # a slider update is one small decode: on a GPU replayed as a CUDA graph per batch shape
+        self._decode = fast_decode(model) if model.device.type == "cuda" else model.decode
         cfg = model.config
         self.name = name
         self.n_bits = cfg.n_bits
@@ -320,7 +323,7 @@ class DemoSession:
         return png_data_url(display_uint8(x_uint8, self.n_bits, self.max_level))
 
     def _decoded_url(self, eps: Sequence[torch.Tensor], y: torch.Tensor | None, nrow: int = 8) -> str:
-        x = decode_eps(self.model, eps, y).float().cpu()
+        x = decode_eps(self.model, eps, y, decode=self._decode).float().cpu()
         return png_data_url(to_display(x, self.n_bits, self.max_level), nrow)
 
     def _encoded(self, token: str) -> Encoded:

@@ -26,7 +26,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -83,17 +83,21 @@ def encode_eps(model: Glow, x_uint8: torch.Tensor, y=None, batch_size: int = 256
 
 @torch.no_grad()
 def decode_eps(model: Glow, eps: Sequence[torch.Tensor], y=None, batch_size: int = 256,
-               check: str | None = "decoded latents") -> torch.Tensor:
+               check: str | None = "decoded latents", decode: Callable[..., torch.Tensor] | None = None
+               ) -> torch.Tensor:
     """Model-space images from standardised latents (inverse of :func:`encode_eps`). ``check``:
     the words of a :class:`~torchglow.health.NumericalHealthWarning` when some images are non-finite
-    or mostly clipped (:func:`~torchglow.health.check_frames`); None when the caller counts them."""
+    or mostly clipped (:func:`~torchglow.health.check_frames`); None when the caller counts them.
+    ``decode``: the model's decode (default) or one with its arguments, e.g.
+    :func:`torchglow.fast.fast_decode`."""
+    decode = decode or model.decode
     device, dtype = model.device, model.dtype
     n = eps[0].shape[0]
     y = check_labels(model, y, n, device)
     out = []
     for sl in _batches(n, batch_size):
-        out.append(model.decode([e[sl].to(device=device, dtype=dtype) for e in eps],
-                                None if y is None else y[sl], standardized=True))
+        out.append(decode([e[sl].to(device=device, dtype=dtype) for e in eps],
+                          None if y is None else y[sl], standardized=True))
     x = torch.cat(out)
     if check is not None:
         check_frames(x, check)
