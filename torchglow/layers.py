@@ -13,7 +13,9 @@ networks and priors compute, never how a log-determinant is computed.
 
 A :class:`FlowStep` runs its ActNorm and 1x1 convolution as one folded 1x1 convolution with a bias
 (:func:`fold_steps`, batched over the K steps of a level), in float64 on CUDA so that TF32 never
-touches the invertible part; the parameters are those of the separate layers.
+touches the invertible part; the parameters are those of the separate layers. The scales of the
+coupling networks' convolutions are likewise folded into their weights for the K steps of a level
+at once (:func:`fold_networks`).
 """
 
 from __future__ import annotations
