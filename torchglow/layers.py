@@ -384,6 +384,23 @@ def full_precision_convolutions(x: torch.Tensor):
                        allow_tf32=False)
 
 
+class CouplingNetwork(nn.Sequential):
+    """A coupling network: ConvActNorm (3x3), ReLU, ConvActNorm (1x1), ReLU, Dropout, ZeroConv2d
+    (an ``nn.Sequential``, so the state_dict keys are the layers' indices)."""
+
+    def forward(self, x: torch.Tensor, net: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """From ``net`` (its scaled weights from :func:`fold_networks`) when given and no ActNorm of
+        it waits for its data-dependent initialisation (which needs the raw convolution outputs),
+        else layer by layer."""
+        first, _, hidden, _, dropout, _ = self
+        if net is None or first.actnorm._init_pending or hidden.actnorm._init_pending:
+            return super().forward(x)
+        w1, b1, w2, b2, w3, b3 = net
+        h = F.relu(conv2d_same(x, w1, b1), inplace=True)
+        h = dropout(F.relu(conv2d_same(h, w2, b2), inplace=True))
+        return conv2d_same(h, w3, b3)
+
+
 class Coupling(nn.Module):
     """Affine or additive coupling on the channel halves ``x = [x_a, x_b]``.
 
@@ -405,7 +422,7 @@ class Coupling(nn.Module):
         self.n_a = num_channels // 2
         n_b = num_channels - self.n_a
         edge = padding == "edge"
-        self.nn = nn.Sequential(
+        self.nn = CouplingNetwork(
             ConvActNorm(self.n_a, hidden_channels, 3, edge=edge),
             nn.ReLU(inplace=True),
             ConvActNorm(hidden_channels, hidden_channels, 1),
@@ -424,21 +441,9 @@ class Coupling(nn.Module):
         # exp(-log s) rounded to bf16 would not undo exp(log s))
         if self.autocast_dtype is None:
             with full_precision_convolutions(x_a):
-                return self._run_net(x_a, net).to(x_a.dtype)
+                return self.nn(x_a, net).to(x_a.dtype)
         with torch.autocast(x_a.device.type, dtype=self.autocast_dtype):
-            return self._run_net(x_a, net).to(x_a.dtype)
-
-    def _run_net(self, x: torch.Tensor, net: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
-        """The network, from ``net`` (its scaled weights from :func:`fold_networks`) when given and
-        no ActNorm of it waits for its data-dependent initialisation (which needs the raw
-        convolution outputs), else layer by layer."""
-        first, _, hidden, _, dropout, _ = self.nn
-        if net is None or first.actnorm._init_pending or hidden.actnorm._init_pending:
-            return self.nn(x)
-        w1, b1, w2, b2, w3, b3 = net
-        h = F.relu(conv2d_same(x, w1, b1), inplace=True)
-        h = dropout(F.relu(conv2d_same(h, w2, b2), inplace=True))
-        return conv2d_same(h, w3, b3)
+            return self.nn(x_a, net).to(x_a.dtype)
 
     def _shift_scale(self, x_a: torch.Tensor, net: tuple[torch.Tensor, ...] | None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
