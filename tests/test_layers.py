@@ -12,6 +12,7 @@ from torchglow.layers import (
     InvConv1x1,
     Permute,
     ZeroConv2d,
+    fold_networks,
     fold_steps,
     initializing,
     inverse_weights,
@@ -140,6 +141,28 @@ def test_a_level_folds_its_steps_in_one_batched_product():
     for step, (w, b) in zip(steps, inverse_weights(steps)):
         eye = torch.eye(4, dtype=torch.float64)
         torch.testing.assert_close(w[:, :, 0, 0] @ fold_steps([step], x)[0][0][:, :, 0, 0], eye, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("padding", ["zero", "edge"])
+def test_a_level_scales_its_coupling_networks_in_one_batched_computation(padding):
+    """The K networks' scaled weights computed at once are the ones each layer computes alone, so
+    the coupling equals its network run layer by layer, bit for bit."""
+    steps = []
+    for _ in range(3):
+        step = FlowStep(4, 8, "affine", "invconv", padding=padding).double()
+        perturb(step)
+        steps.append(step)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    for step, net in zip(steps, fold_networks(steps)):
+        first, _, hidden, _, _, last = step.coupling.nn
+        expected = []
+        for layer, logs, bias in ((first, first.actnorm.logs, first.actnorm.bias),
+                                  (hidden, hidden.actnorm.logs, hidden.actnorm.bias), (last, last.logs, last.conv.bias)):
+            scale = torch.exp(logs * 3).reshape(-1)
+            expected += [layer.conv.weight * scale[:, None, None, None], bias.reshape(-1) * scale]
+        for got, want in zip(net, expected):
+            assert torch.equal(got, want)
+        assert torch.equal(step.coupling(x, net)[0], step.coupling(x, None)[0])
 
 
 def test_inverse_cache_is_refreshed_in_place_when_the_weights_change():

@@ -230,7 +230,7 @@ def test_invertible_warns_when_reconstruction_is_off(monkeypatch):
     model = make()
     step = model.levels[0][0]
     inverse = step.inverse
-    monkeypatch.setattr(step, "inverse", lambda y, folded=None: inverse(y, folded) + 1e-3)
+    monkeypatch.setattr(step, "inverse", lambda y, *folded: inverse(y, *folded) + 1e-3)
     model.set_memory("invertible")
     x = torch.rand(2, 1, 4, 4, dtype=torch.float64) - 0.5
     with pytest.warns(memory.ReconstructionWarning, match="relative error"):

@@ -13,7 +13,9 @@ networks and priors compute, never how a log-determinant is computed.
 
 A :class:`FlowStep` runs its ActNorm and 1x1 convolution as one folded 1x1 convolution with a bias
 (:func:`fold_steps`, batched over the K steps of a level), in float64 on CUDA so that TF32 never
-touches the invertible part; the parameters are those of the separate layers.
+touches the invertible part; the parameters are those of the separate layers. The scales of the
+coupling networks' convolutions are likewise folded into their weights for the K steps of a level
+at once (:func:`fold_networks`).
 """
 
 from __future__ import annotations
@@ -382,6 +384,23 @@ def full_precision_convolutions(x: torch.Tensor):
                        allow_tf32=False)
 
 
+class CouplingNetwork(nn.Sequential):
+    """A coupling network: ConvActNorm (3x3), ReLU, ConvActNorm (1x1), ReLU, Dropout, ZeroConv2d
+    (an ``nn.Sequential``, so the state_dict keys are the layers' indices)."""
+
+    def forward(self, x: torch.Tensor, net: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """From ``net`` (its scaled weights from :func:`fold_networks`) when given and no ActNorm of
+        it waits for its data-dependent initialisation (which needs the raw convolution outputs),
+        else layer by layer."""
+        first, _, hidden, _, dropout, _ = self
+        if net is None or first.actnorm._init_pending or hidden.actnorm._init_pending:
+            return super().forward(x)
+        w1, b1, w2, b2, w3, b3 = net
+        h = F.relu(conv2d_same(x, w1, b1), inplace=True)
+        h = dropout(F.relu(conv2d_same(h, w2, b2), inplace=True))
+        return conv2d_same(h, w3, b3)
+
+
 class Coupling(nn.Module):
     """Affine or additive coupling on the channel halves ``x = [x_a, x_b]``.
 
@@ -403,7 +422,7 @@ class Coupling(nn.Module):
         self.n_a = num_channels // 2
         n_b = num_channels - self.n_a
         edge = padding == "edge"
-        self.nn = nn.Sequential(
+        self.nn = CouplingNetwork(
             ConvActNorm(self.n_a, hidden_channels, 3, edge=edge),
             nn.ReLU(inplace=True),
             ConvActNorm(hidden_channels, hidden_channels, 1),
@@ -413,7 +432,7 @@ class Coupling(nn.Module):
         )
         self.autocast_dtype: torch.dtype | None = None
 
-    def _net(self, x_a: torch.Tensor) -> torch.Tensor:
+    def _net(self, x_a: torch.Tensor, net: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
         if x_a.device.type == "cpu" and x_a.dtype in _CHANNELS_LAST_DTYPES:
             # oneDNN's CPU convolutions are much faster on channels-last (NHWC) activations; the
             # network's output keeps that layout, which the elementwise coupling ops accept as is.
@@ -422,31 +441,34 @@ class Coupling(nn.Module):
         # exp(-log s) rounded to bf16 would not undo exp(log s))
         if self.autocast_dtype is None:
             with full_precision_convolutions(x_a):
-                return self.nn(x_a).to(x_a.dtype)
+                return self.nn(x_a, net).to(x_a.dtype)
         with torch.autocast(x_a.device.type, dtype=self.autocast_dtype):
-            return self.nn(x_a).to(x_a.dtype)
+            return self.nn(x_a, net).to(x_a.dtype)
 
-    def _shift_scale(self, x_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _shift_scale(self, x_a: torch.Tensor, net: tuple[torch.Tensor, ...] | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         # shift = h[:, 0::2], scale = sigmoid(h[:, 1::2] + 2), from views whose backward is one stack
-        shift, logits = self._net(x_a).unflatten(1, (-1, 2)).unbind(2)
+        shift, logits = self._net(x_a, net).unflatten(1, (-1, 2)).unbind(2)
         return shift, torch.sigmoid(logits + 2.0)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, net: tuple[torch.Tensor, ...] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``net``: the network's scaled weights from :func:`fold_networks`; computed here otherwise."""
         x_a, x_b = x.split([self.n_a, x.shape[1] - self.n_a], 1)  # views; backward is one cat
         if not self.affine:
-            y_b = x_b + self._net(x_a)
+            y_b = x_b + self._net(x_a, net)
             return torch.cat([x_a, y_b], 1), x.new_zeros(x.shape[0], dtype=logdet_dtype(x))
-        shift, scale = self._shift_scale(x_a)
+        shift, scale = self._shift_scale(x_a, net)
         # the log-det as the official code takes it, the log of the scale: elementwise ops that
         # read the strided half of h as it is (the CPU's logsigmoid would copy it first)
         y_b = (x_b + shift) * scale
         return torch.cat([x_a, y_b], 1), torch.log(scale).sum(dim=(1, 2, 3), dtype=logdet_dtype(x))
 
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+    def inverse(self, y: torch.Tensor, net: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         y_a, y_b = y.split([self.n_a, y.shape[1] - self.n_a], 1)
         if not self.affine:
-            return torch.cat([y_a, y_b - self._net(y_a)], 1)
-        shift, scale = self._shift_scale(y_a)
+            return torch.cat([y_a, y_b - self._net(y_a, net)], 1)
+        shift, scale = self._shift_scale(y_a, net)
         return torch.cat([y_a, y_b / scale - shift], 1)
 
 
@@ -488,23 +510,26 @@ class FlowStep(nn.Module):
         self.register_buffer("inverse_bias", None, persistent=False)
         self._inverse_key: tuple | None = None
 
-    def forward(self, x: torch.Tensor, folded: tuple[torch.Tensor, ...] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``folded``: this step's ``(weight, bias, logdet)`` from :func:`fold_steps` when the level
-        folded all its steps at once; computed here otherwise."""
+    def forward(self, x: torch.Tensor, folded: tuple[torch.Tensor, ...] | None = None,
+                net: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``folded``: this step's ``(weight, bias, logdet)`` from :func:`fold_steps` and ``net`` its
+        coupling network's scaled weights from :func:`fold_networks`, when the level folded all its
+        steps at once; computed here otherwise."""
         if self.actnorm._init_pending:
             x, logdet = self.actnorm(x)
             x, ld = self.permute(x)
             y, ld_coupling = self.coupling(x)
             return y, logdet + ld + ld_coupling
         weight, bias, logdet = fold_steps([self], x)[0] if folded is None else folded
-        y, ld_coupling = self.coupling(conv1x1(x, weight, bias))
+        y, ld_coupling = self.coupling(conv1x1(x, weight, bias), fold_networks([self])[0] if net is None else net)
         return y, ld_coupling + logdet
 
-    def inverse(self, y: torch.Tensor, folded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """``folded``: this step's ``(weight, bias)`` from :func:`inverse_weights`; else found here."""
+    def inverse(self, y: torch.Tensor, folded: tuple[torch.Tensor, torch.Tensor] | None = None,
+                net: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """``folded``: this step's ``(weight, bias)`` from :func:`inverse_weights` and ``net`` as in
+        :meth:`forward`; else found here."""
         weight, bias = inverse_weights([self])[0] if folded is None else folded
-        return conv1x1(self.coupling.inverse(y), weight, bias)
+        return conv1x1(self.coupling.inverse(y, fold_networks([self])[0] if net is None else net), weight, bias)
 
     def refresh_inverse(self) -> None:
         """(Re)compute the cached inverse weights ``diag(1/s)·W⁻¹`` and bias ``-b`` from the current
@@ -548,6 +573,34 @@ def fold_steps(steps, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor,
         bias = (w @ _stacked(actnorms, "bias", dtype)[:, :, None])[:, :, 0]  # (K, C)
         logdet = ((logs.sum(-1) + logabsdet) * (x.shape[2] * x.shape[3])).to(logdet_dtype(x))
     return list(zip(w[..., None, None].unbind(0), bias.unbind(0), logdet.unbind(0)))
+
+
+def _scaled_convs(convs, logs: list[torch.Tensor], biases: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight·s, bias·s)`` with ``s = exp(3·logs)`` per output channel for K convolutions at once:
+    ``(K, out, in, k, k)`` and ``(K, out)``, elementwise the products each layer computes alone."""
+    scale = torch.exp(torch.stack(logs) * LOGSCALE_FACTOR).reshape(len(convs), -1)  # (K, out)
+    weight = torch.stack([c.weight for c in convs]) * scale[:, :, None, None, None]
+    return weight, torch.stack(biases).reshape(len(convs), -1) * scale
+
+
+def fold_networks(steps) -> list[tuple[torch.Tensor, ...]]:
+    """The scaled weights ``(w1, b1, w2, b2, w3, b3)`` of each step's coupling network, for the K
+    steps of a level at once: the two :class:`ConvActNorm` layers as ``conv(x, W·s) + b·s`` with their
+    ActNorm's ``s = exp(3·logs)`` and bias ``b``, the :class:`ZeroConv2d` as ``conv(x, W·s) + b·s``
+    with its own ``s`` and bias, in the parameters' dtype (elementwise the same products as
+    :meth:`ConvActNorm.forward` and :meth:`ZeroConv2d.forward`, a few batched operations per level
+    instead of a dozen per step). :meth:`Coupling.forward` uses them while no ActNorm of the network
+    waits for its initialisation."""
+    nets = [s.coupling.nn for s in steps]
+    with torch.autocast(steps[0].actnorm.logs.device.type, enabled=False):
+        folded = []
+        for i in (0, 2):  # the ConvActNorm layers
+            layers = [n[i] for n in nets]
+            folded += _scaled_convs([m.conv for m in layers], [m.actnorm.logs for m in layers],
+                                    [m.actnorm.bias for m in layers])
+        last = [n[-1] for n in nets]
+        folded += _scaled_convs([m.conv for m in last], [m.logs for m in last], [m.conv.bias for m in last])
+    return list(zip(*(t.unbind(0) for t in folded)))
 
 
 def fold_inverses(steps) -> list[tuple[torch.Tensor, torch.Tensor]]:

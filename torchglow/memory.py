@@ -53,7 +53,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import MEMORY_MODES, ConfigError
-from .layers import ActNorm, fold_inverses, fold_steps
+from .layers import ActNorm, fold_inverses, fold_networks, fold_steps
 
 
 def check_memory_mode(mode: str, dropout: float = 0.0) -> str:
@@ -94,10 +94,11 @@ def _sum_logdets(logdets: list[torch.Tensor]) -> torch.Tensor:
 
 def run_steps_plain(steps, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Standard autograd: ``z`` through every step, log-dets summed, shape (B,). The ActNorms and
-    1x1 convolutions of all steps are folded at once (:func:`torchglow.layers.fold_steps`)."""
+    1x1 convolutions of all steps are folded at once (:func:`torchglow.layers.fold_steps`), and so
+    are the scales of their coupling networks (:func:`torchglow.layers.fold_networks`)."""
     logdets = []
-    for step, folded in zip(steps, fold_steps(steps, z)):
-        z, ld = step(z, folded)
+    for step, folded, net in zip(steps, fold_steps(steps, z), fold_networks(steps)):
+        z, ld = step(z, folded, net)
         logdets.append(ld)
     return z, _sum_logdets(logdets)
 
@@ -106,8 +107,8 @@ def run_steps_checkpoint(steps, z: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     """Each step under non-reentrant gradient checkpointing: only its input (and its share of the
     level's folded weights) is saved."""
     logdets = []
-    for step, folded in zip(steps, fold_steps(steps, z)):
-        z, ld = checkpoint(step, z, folded, use_reentrant=False)
+    for step, folded, net in zip(steps, fold_steps(steps, z), fold_networks(steps)):
+        z, ld = checkpoint(step, z, folded, net, use_reentrant=False)
         logdets.append(ld)
     return z, _sum_logdets(logdets)
 
@@ -182,6 +183,7 @@ class _InvertibleSteps(torch.autograd.Function):
             # the level's inverse weights afresh, not the steps' caches: their Python staleness
             # check would be frozen into a captured CUDA graph of the training step
             inverses = fold_inverses(steps)
+            nets = fold_networks(steps)
         for k in range(len(steps) - 1, -1, -1):
             step, start = steps[k], end - counts[k]
             step_params = [p for p in step.parameters()]
@@ -189,7 +191,7 @@ class _InvertibleSteps(torch.autograd.Function):
             need_x = k > 0 or needs[0]
             with torch.autocast(device_type, enabled=autocast_enabled, dtype=autocast_dtype):
                 with torch.no_grad():
-                    x = step.inverse(y, inverses[k])
+                    x = step.inverse(y, inverses[k], nets[k])
                 x = x.detach().requires_grad_(need_x)
                 with torch.enable_grad():
                     y_re, ld = step(x)

@@ -24,8 +24,8 @@ from . import preprocess as pp
 from .config import GlowConfig, preset
 from .devices import random_tensor
 from .health import check_samples
-from .layers import (ActNorm, FlowStep, LinearZeros, ZeroConv2d, initializing, inverse_weights, logdet_dtype,
-                     refresh_stale_inverses, squeeze2d, unsqueeze2d)
+from .layers import (ActNorm, FlowStep, LinearZeros, ZeroConv2d, fold_networks, initializing, inverse_weights,
+                     logdet_dtype, refresh_stale_inverses, squeeze2d, unsqueeze2d)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -261,8 +261,9 @@ class Glow(nn.Module, ModelHubMixin):
                     z_out = mean.to(z.dtype) + torch.exp(logs).to(z.dtype) * z_out
                 z = torch.cat([z, z_out], 1)
             steps = self.levels[i]
-            for step, folded in zip(reversed(steps), reversed(inverse_weights(steps))):
-                z = step.inverse(z, folded)
+            for step, folded, net in zip(reversed(steps), reversed(inverse_weights(steps)),
+                                         reversed(fold_networks(steps))):
+                z = step.inverse(z, folded, net)
             z = unsqueeze2d(z)
         return z
 
