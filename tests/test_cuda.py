@@ -14,6 +14,8 @@ from torchglow.config import GlowConfig, TrainConfig
 from torchglow.layers import fold_steps, squeeze2d
 from torchglow.step import GraphedStep, TrainStep, compile_step
 
+from test_step import assert_resumes_in_place, state_of
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -85,17 +87,9 @@ def test_fp32_reconstruction_of_a_perturbed_model_with_tf32_enabled_globally():
     assert err <= 1e-5, f"relative reconstruction error {err:.3g} on CUDA with TF32 on"
 
 
-def test_invertible_backward_without_warnings_after_training_steps_with_tf32_enabled():
-    model, x = initialised_model(noise=1e-3)
-    model = model.cuda().train()
-    model.set_memory("invertible")
-    with tf32(True), warnings.catch_warnings():
-        warnings.simplefilter("error", ReconstructionWarning)
-        model.log_prob(x.cuda()).mean().backward()
-
-
-def test_invertible_backward_without_warnings_with_tf32_enabled():
-    model, x = initialised_model()
+@pytest.mark.parametrize("noise", [0.0, 1e-3], ids=["fresh", "trained-like"])
+def test_invertible_backward_without_warnings_with_tf32_enabled(noise):
+    model, x = initialised_model(noise=noise)
     model = model.cuda().train()
     model.set_memory("invertible")
     with tf32(True), warnings.catch_warnings():
@@ -199,11 +193,6 @@ def cuda_step(precision="fp32", **train_overrides):
     return step, x_uint8, y
 
 
-def cuda_state(step):
-    return [t.clone() for t in (step.flat, step.ema_flat, step.exp_avg, step.exp_avg2, step.skipped_flags,
-                                *step.counters.values())]
-
-
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_graphed_step_equals_the_plain_step(deterministic_kernels, precision):
     """compile_step(..., "graph") on CUDA is a GraphedStep that captures; over steps with a partial
@@ -217,7 +206,7 @@ def test_graphed_step_equals_the_plain_step(deterministic_kernels, precision):
         a, b = plain(x, labels), graphed(x, labels)
         for k in a:
             assert torch.equal(a[k], b[k]), (i, k, (a[k].float() - b[k].float()).abs().max().item())
-    for p, q in zip(cuda_state(plain), cuda_state(step)):
+    for p, q in zip(state_of(plain), state_of(step)):
         assert torch.equal(p, q)
     assert len(graphed.entries) == 2 and graphed.captured, graphed.failure
     assert plain.read_counters() == step.read_counters()
@@ -231,19 +220,7 @@ def test_graphed_step_resumes_in_place(deterministic_kernels):
     for _ in range(2):
         graphed(x_uint8, y)
     assert graphed.captured, graphed.failure
-    saved = (copy.deepcopy(step.model.state_dict()), copy.deepcopy(step.ema.state_dict()),
-             copy.deepcopy(step.state_dict()))
-    first = [{k: v.clone() for k, v in graphed(x_uint8, y).items()} for _ in range(2)]
-    after = cuda_state(step)
-    step.model.load_state_dict(saved[0])
-    step.ema.load_state_dict(saved[1])
-    step.load_state_dict(saved[2], "test")
-    second = [{k: v.clone() for k, v in graphed(x_uint8, y).items()} for _ in range(2)]
-    for a, b in zip(first, second):
-        for k in a:
-            assert torch.equal(a[k], b[k]), k
-    for p, q in zip(after, cuda_state(step)):
-        assert torch.equal(p, q)
+    assert_resumes_in_place(step, lambda: graphed(x_uint8, y))
 
 
 def test_graphed_step_skips_a_non_finite_step(deterministic_kernels):
@@ -253,11 +230,11 @@ def test_graphed_step_skips_a_non_finite_step(deterministic_kernels):
     graphed = compile_step(step, "graph")
     graphed(x_uint8, y)
     assert graphed.captured, graphed.failure
-    before = cuda_state(step)[:4]
+    before = state_of(step)[:4]
     step.counters["loss_scale"].fill_(float("inf"))
     out = graphed(x_uint8, y)
     assert not out["finite"].item()
-    for p, q in zip(before, cuda_state(step)[:4]):
+    for p, q in zip(before, state_of(step)[:4]):
         assert torch.equal(p, q)
     step.counters["loss_scale"].fill_(1.0)
     assert graphed(x_uint8, y)["finite"].item()

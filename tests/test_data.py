@@ -698,6 +698,9 @@ def test_lsun_lmdb_folders(tmp_path, monkeypatch):
         assert torch.equal(ds[i][0], _official_lsun_image(pixels, 8))
     test = load_dataset("lsun-tower", "test", data_dir=tmp_path, image_size=16, channels=1)
     assert_image_dataset(test, 1, (1, 16, 16))
+    every = load_dataset("lsun-tower", "all", data_dir=tmp_path, image_size=8)  # both folders, in order
+    assert_image_dataset(every, 4, (3, 8, 8), labels=[-1] * 4)
+    assert torch.equal(every.take([1, 3])[0], torch.stack([ds[1][0], _official_lsun_image(val[0], 8)]))
     again = pickle.loads(pickle.dumps(ds))  # a spawned DataLoader worker gets it so
     assert torch.equal(again[2][0], ds[2][0])
     loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=1)  # a worker process opens its own

@@ -289,26 +289,31 @@ def test_graphed_step_equals_the_plain_step_bit_for_bit(monkeypatch):
     assert (c["steps"], c["skipped"], c["images"]) == (6, 1, 8 + 8 + 5 + 8 + 5)
 
 
-def test_graphed_step_resumes_in_place():
-    """A state loaded after the graph exists (resume, or the trainer's restore of last.pt) is
-    copied into the captured tensors: the next steps repeat the original ones bit for bit."""
-    step, x_uint8 = make_step(warmup_images=16)
-    graphed = GraphedStep(step, capture=False)
-    for _ in range(2):
-        graphed(x_uint8)
+def assert_resumes_in_place(step, call):
+    """After ``call()`` (a graphed step) has run: a state loaded into the step (resume, or the
+    trainer's restore of last.pt) is copied into the captured tensors, so the next two calls repeat
+    the two after the save bit for bit, and end in the same state."""
     saved = (copy.deepcopy(step.model.state_dict()), copy.deepcopy(step.ema.state_dict()),
              copy.deepcopy(step.state_dict()))
-    first = [dict((k, v.clone()) for k, v in graphed(x_uint8).items()) for _ in range(2)]
+    first = [{k: v.clone() for k, v in call().items()} for _ in range(2)]
     after_first = state_of(step)
     step.model.load_state_dict(saved[0])
     step.ema.load_state_dict(saved[1])
     step.load_state_dict(saved[2], "test")
-    second = [dict((k, v.clone()) for k, v in graphed(x_uint8).items()) for _ in range(2)]
+    second = [{k: v.clone() for k, v in call().items()} for _ in range(2)]
     for a, b in zip(first, second):
         for k in a:
             assert torch.equal(a[k], b[k]), k
     for p, q in zip(after_first, state_of(step)):
         assert torch.equal(p, q)
+
+
+def test_graphed_step_resumes_in_place():
+    step, x_uint8 = make_step(warmup_images=16)
+    graphed = GraphedStep(step, capture=False)
+    for _ in range(2):
+        graphed(x_uint8)
+    assert_resumes_in_place(step, lambda: graphed(x_uint8))
 
 
 def test_graph_blockers_and_the_graph_mode_on_cpu(capsys):

@@ -546,7 +546,7 @@ def test_summary_text_says_which_weights_and_counts_in_words(tmp_path):
                "epochs": 1, "steps": 1, "wall_time_s": 6.0, "evaluated_with": "ema", "ema_decay": 0.999,
                "samples": None}
     text = train_module.summary_text(summary)
-    assert "after 1 epoch, 1 step, 0.1 min; scored with the EMA of the weights (decay 0.999)" in text
+    assert "after 1 epoch, 1 step, 0.1 min; scored with the EMA of the weights (decay 0.999, with warm-up)" in text
     raw = train_module.summary_text({**summary, "epochs": 2, "steps": 3, "evaluated_with": "weights",
                                      "ema_decay": None})
     assert "after 2 epochs, 3 steps" in raw and "scored with the raw weights (no EMA)" in raw

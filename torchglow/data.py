@@ -180,7 +180,39 @@ class TensorImageDataset(ImageDataset):
         return self.images[index], self.labels[index]
 
 
-class ImageFileDataset(ImageDataset):
+class DecodedImageDataset(ImageDataset):
+    """Base of the data sets whose images are decoded on access into ``channels`` x ``image_size`` x
+    ``image_size`` (:class:`ImageFileDataset`, :class:`LSUNDataset`)."""
+
+    def __init__(self, labels: torch.Tensor, *, image_size: int, channels: int, **metadata):
+        super().__init__(labels, **metadata)
+        self.image_size = image_size
+        self.channels = channels
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
+
+
+class ConcatImageDataset(ImageDataset):
+    """Data sets of one image shape one after the other, each image read from its part (the
+    ``"all"`` split of a data set read lazily from more than one source, e.g. LSUN's two folders)."""
+
+    def __init__(self, parts: Sequence[ImageDataset], labels: torch.Tensor, **metadata):
+        super().__init__(labels, **metadata)
+        self.parts = list(parts)
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts[:-1]])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.parts[0].image_shape
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.parts[k][index - int(self.starts[k])][0], self.labels[index]
+
+
+class ImageFileDataset(DecodedImageDataset):
     """A data set of image files decoded on access (CelebA, image folders).
 
     Each image is converted to RGB (grey "L" when ``channels == 1``; a GIF gives its first frame),
@@ -189,14 +221,8 @@ class ImageFileDataset(ImageDataset):
     """
 
     def __init__(self, paths: Sequence[Path], labels: torch.Tensor, *, image_size: int, channels: int, **metadata):
-        super().__init__(labels, **metadata)
+        super().__init__(labels, image_size=image_size, channels=channels, **metadata)
         self.paths = list(paths)
-        self.image_size = image_size
-        self.channels = channels
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (self.channels, self.image_size, self.image_size)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return _read_image(self.paths[index], self.image_size, self.channels), self.labels[index]
@@ -345,8 +371,10 @@ def _concat(parts: list[ImageDataset], name: str) -> ImageDataset:
     labels = torch.cat([p.labels for p in parts])
     if isinstance(first, TensorImageDataset):
         return TensorImageDataset(torch.cat([p.images for p in parts]), labels, **metadata)
-    return ImageFileDataset([path for p in parts for path in p.paths], labels, image_size=first.image_size,
-                            channels=first.channels, **metadata)
+    if isinstance(first, ImageFileDataset):
+        return ImageFileDataset([path for p in parts for path in p.paths], labels, image_size=first.image_size,
+                                channels=first.channels, **metadata)
+    return ConcatImageDataset(parts, labels, **metadata)
 
 
 def is_folder(name: str) -> bool:
@@ -935,7 +963,7 @@ def _npz_keys(path: Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------- LSUN (LMDB folders)
-class LSUNDataset(ImageDataset):
+class LSUNDataset(DecodedImageDataset):
     """One split of an LSUN category, read from its LMDB folder (the layout of the LSUN release and
     of torchvision's ``LSUN``: keys are image ids, values encoded images), decoded on access.
 
@@ -951,15 +979,10 @@ class LSUNDataset(ImageDataset):
     """
 
     def __init__(self, path: Path, keys: list[bytes], *, image_size: int, channels: int, name: str):
-        super().__init__(torch.full((len(keys),), -1, dtype=torch.int64), name=name)
+        super().__init__(torch.full((len(keys),), -1, dtype=torch.int64), image_size=image_size, channels=channels,
+                         name=name)
         self.path = path
         self.keys = keys
-        self.image_size = image_size
-        self.channels = channels
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (self.channels, self.image_size, self.image_size)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = self.keys[index]

@@ -23,15 +23,17 @@ from .model import FlowOutput, Glow
 
 
 class _Graphed(GraphedCall):
-    """A no-grad call of ``model`` replayed as a CUDA graph on CUDA, its cached 1x1 inverses
-    refreshed before each replay; the result is cloned (a replay overwrites the graph's output)."""
+    """A no-grad call of ``model`` replayed as a CUDA graph on CUDA; the result is cloned (a replay
+    overwrites the graph's output). ``inverses``: the call decodes, so the flow steps' cached 1x1
+    inverses are refreshed before each replay (the forward reads none)."""
 
-    def __init__(self, model: Glow, fn: Callable, what: str):
+    def __init__(self, model: Glow, fn: Callable, what: str, inverses: bool = False):
         super().__init__(torch.no_grad()(fn), capture=model.device.type == "cuda")
-        self.model, self.what = model, what
+        self.model, self.what, self.inverses = model, what, inverses
 
     def __call__(self, *args):
-        self.model.refresh_inverses()
+        if self.inverses:
+            self.model.refresh_inverses()
         out = super().__call__(*args)
         return out.clone() if isinstance(out, torch.Tensor) else type(out)(*(
             None if t is None else t.clone() for t in out))
@@ -41,7 +43,7 @@ def fast_decode(model: Glow) -> Callable[..., torch.Tensor]:
     """``model.decode`` replayed as a CUDA graph per latent shapes and flags on CUDA (the eager decode
     elsewhere): ``decode(latents, y=None, standardized=False)``, the same results."""
     graphed = _Graphed(model, lambda z, y, standardized: model.decode(z, y, standardized=standardized),
-                       "the decode")
+                       "the decode", inverses=True)
 
     def decode(latents: list[torch.Tensor], y: torch.Tensor | None = None, standardized: bool = False) -> torch.Tensor:
         return graphed(list(latents), y, bool(standardized))

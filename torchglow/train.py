@@ -49,6 +49,7 @@ from .evaluate import categorical_baseline_bpd, evaluate_bpd, plot_curves
 from .files import make_readable, write_json_atomic
 from .memory import check_memory_mode
 from .model import Glow
+from .runs import read_run_config
 from .step import INIT_NOISE, TrainStep, compile_step, dequantization_noise, mix_seed
 
 # The per-pixel baseline of data sets that are not held in memory is fitted on this many images.
@@ -366,7 +367,7 @@ def start_run(model_config: GlowConfig, cfg: TrainConfig, resume: bool, data: Tr
     if rank == 0:
         print(f"torchglow train: {data_line(model_config, cfg, data, defaults)}", file=sys.stderr)
     if resume and cfg.out:
-        command = _recorded_command(Path(cfg.out))
+        command = (read_run_config(cfg.out) or {}).get("command")  # the command that started the run
     out = _run_folder(model_config, cfg, resume, rank == 0, command)
     model = Glow(model_config).to(device)
     model.set_memory(cfg.memory)
@@ -462,15 +463,6 @@ def _run_folder(model_config: GlowConfig, cfg: TrainConfig, resume: bool, is_mai
         except OSError as e:
             raise CheckpointError(f"cannot write to run folder {out}: {e.strerror or e}") from None
     return out
-
-
-def _recorded_command(out: Path) -> str | None:
-    """The command that started the run in ``out`` (None when its config.json does not say)."""
-    try:
-        recorded = json.loads((out / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return recorded.get("command") if isinstance(recorded, dict) else None
 
 
 def _resume_checkpoint(out: Path, model_config: GlowConfig, device: torch.device) -> dict[str, Any]:
@@ -719,7 +711,7 @@ def summary_text(summary: dict[str, Any]) -> str:
     lines = []
     if summary["test_bpd"] is not None:
         best = summary["best_test_bpd"]
-        weights = (f"the EMA of the weights (decay {summary['ema_decay']:.4g})" if summary["evaluated_with"] == "ema"
+        weights = (f"the EMA of the weights (decay {summary['ema_decay']:.4g}, with warm-up)" if summary["evaluated_with"] == "ema"
                    else "the raw weights (no EMA)")
         lines.append(f"test {summary['test_bpd']:.4f} bits/dim" + (f" (best {best:.4f}, in best.pt)" if best is not None else "")
                      + f" after {plural(summary['epochs'], 'epoch')}, {plural(summary['steps'], 'step')}, "
