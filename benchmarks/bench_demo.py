@@ -26,8 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from torchglow import Glow, preset
-from torchglow.demo import DemoSession
+from torchglow import Glow
+
+from torchglow import preset
+from torchglow.cli.demo.session import DemoSession
 from torchglow.preprocess import dequantize, preprocess
 
 MODELS = {
@@ -55,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     from starlette.testclient import TestClient
 
-    from torchglow.demo_server import create_app
+    from torchglow.cli.demo.server import create_app
 
     cases = {}
     for label, spec in MODELS.items():

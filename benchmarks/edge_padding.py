@@ -14,7 +14,7 @@ import statistics
 
 import torch
 
-from torchglow import bench
+from torchglow.train import bench
 
 
 def main() -> None:

@@ -13,16 +13,16 @@ error, the next part goes on), all within a total budget (``--budget``, 480 s), 
    invertible backward (``memory="invertible"``, fp32, eager) over 3 steps of each.
 3. ``train_b64``, ``train_b256``: the training step, eager fp32 against the fast path (bf16, flow
    steps compiled regionally inside one CUDA graph of the step), interleaved rounds
-   (:func:`torchglow.bench._run_phase`), with kernels per step (:func:`torchglow.bench.count_ops`)
+   (:func:`torchglow.train.bench._run_phase`), with kernels per step (:func:`torchglow.train.bench.count_ops`)
    and the fast step's compile + capture time; ``train_graph_b64``: the same with
    ``compile_mode="graph"`` (the eager step's kernels in the graph, no compilation).
 4. ``sample_b256``, ``eval_b256``, ``eval_graph_b256``: eager against
-   :func:`torchglow.fast.fast_sampler` (the decode as a CUDA graph) and
-   :func:`torchglow.fast.fast_forward` (its flow steps compiled, then captured; ``eval_graph``: the
+   :func:`torchglow.tools.fast.fast_sampler` (the decode as a CUDA graph) and
+   :func:`torchglow.tools.fast.fast_forward` (its flow steps compiled, then captured; ``eval_graph``: the
    eager kernels captured), fp32.
 5. ``memory_none_b64``, ``memory_invertible_b64``: peak ``torch.cuda.max_memory_allocated`` of the
    fast training step (bf16) in each memory mode, capture included, and its reconstruction warnings.
-6. ``run``: ``torchglow.train`` for ``--minutes`` (3, shortened when the budget is short) on the
+6. ``run``: ``torchglow.train.loop`` for ``--minutes`` (3, shortened when the budget is short) on the
    JPEG copy, bf16 on the fast path, scored on all 10,000 test images with the EMA weights.
 
 It prints one markdown table at the end and leaves at most 8 files in OUT_DIR, none in a
@@ -58,8 +58,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from torchglow import bench  # noqa: E402
-from torchglow import graphs  # noqa: E402
+from torchglow.train import bench# noqa: E402
+from torchglow import graphs# noqa: E402
 from torchglow.config import TrainConfig, preset  # noqa: E402
 
 DEFAULT_NPZ = ROOT / "benchmarks" / "data" / "cifar10_jpegq75_bytes.npz"
@@ -139,7 +139,7 @@ def _invertible_warnings(model, x_uint8: torch.Tensor, steps: int) -> dict:
     import re
 
     from torchglow.memory import ReconstructionWarning
-    from torchglow.step import TrainStep
+    from torchglow.train.step import TrainStep
 
     model = copy.deepcopy(model)
     model.set_autocast(None)
@@ -160,7 +160,7 @@ def exactness(s: dict, npz: str) -> dict:
     """fp32 reconstruction of a fresh and a trained cifar10 model, and the invertible backward's warnings."""
     from torchglow import preprocess as pp
     from torchglow.model import Glow
-    from torchglow.step import TrainStep, compile_step
+    from torchglow.train.step import TrainStep, compile_step
 
     dev = torch.device(s["device"])
     torch.manual_seed(0)
@@ -219,10 +219,10 @@ def peak_memory(s: dict, memory: str) -> dict:
 
 
 def timed_run(s: dict, npz: str, work: str, out: str, minutes: float, compile_mode: str) -> dict:
-    """``torchglow.train`` for ``minutes``, bf16 on the fast path, then the test bits/dim of the EMA
+    """``torchglow.train.loop`` for ``minutes``, bf16 on the fast path, then the test bits/dim of the EMA
     weights on every test image; the run's summary, metrics, last sample grid and curve into ``out``."""
-    from torchglow.evaluate import plot_curves
-    from torchglow.train import train
+    from torchglow.tools.evaluate import plot_curves
+    from torchglow.train.loop import train
 
     run_dir, out = Path(work) / "run", Path(out)
     model_config = preset("cifar10", **s["overrides"])

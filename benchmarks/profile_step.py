@@ -5,7 +5,7 @@
 
 The cifar10 preset (reduced by the options) on the CPU, one thread. Without ``--count`` it prints
 the operators of a few training steps by self CPU time. With ``--count`` it counts the
-kernel-launching operators of ONE training step (the :class:`torchglow.step.TrainStep` of
+kernel-launching operators of ONE training step (the :class:`torchglow.train.step.TrainStep` of
 ``torchglow train``: forward, backward, update, EMA), ONE sampling call (``model.sample(batch)``
 in eval mode) and ONE evaluation call (the bits/dim forward under ``no_grad``), each after two
 warm-up calls, and prints a per-operator table.
@@ -32,8 +32,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from torchglow import bench  # noqa: E402
-from torchglow import preprocess as pp  # noqa: E402
+from torchglow.train import bench# noqa: E402
+from torchglow import preprocess as pp# noqa: E402
 
 # Operators that only make views, read or change metadata, or allocate uninitialised memory.
 METADATA = frozenset(

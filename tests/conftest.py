@@ -5,10 +5,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from torchglow import Glow, GlowConfig, preset
+from torchglow import Glow
+
+from torchglow import GlowConfig
+
+from torchglow import preset
 from torchglow.cli import main
 from torchglow.config import TrainConfig
-from torchglow.train import train
+from torchglow.train.loop import train
 
 from flow_checks import perturb
 from tool_checks import make_model

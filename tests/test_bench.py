@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from torchglow import bench
-from torchglow import step as step_module
+from torchglow.train import bench
+from torchglow.train import step as step_module
 
 TINY = dict(image_shape=(1, 8, 8), n_levels=2, n_steps=2, hidden_channels=8, dropout=0.0)
 PHASES = ("train", "sample", "eval")

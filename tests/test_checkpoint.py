@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from torchglow import Glow
-from torchglow.checkpoint import (FORMAT, CheckpointError, atomic_save, config_diff, load_checkpoint, load_model,
+from torchglow.train.checkpoint import (FORMAT, CheckpointError, atomic_save, config_diff, load_checkpoint, load_model,
                                   model_from_checkpoint)
 
 from conftest import TINY, assert_one_error_line, cli, tiny_config
@@ -225,7 +225,7 @@ def test_atomic_writes_honour_the_umask(tmp_path):
     """mkstemp makes 0600 files; a checkpoint and a JSON file get 0o666 & ~umask, as open() gives."""
     import os
 
-    from torchglow.checkpoint import atomic_save
+    from torchglow.train.checkpoint import atomic_save
     from torchglow.files import default_file_mode, write_json_atomic
 
     old = os.umask(0o027)
@@ -241,7 +241,7 @@ def test_atomic_writes_honour_the_umask(tmp_path):
 
 
 def test_brief_messages_end_on_a_whole_word():
-    from torchglow.checkpoint import _brief
+    from torchglow.train.checkpoint import _brief
 
     text = _brief(RuntimeError("word " * 60), limit=50)
     assert len(text) <= 50 and text.endswith("word...")

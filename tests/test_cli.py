@@ -11,7 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from torchglow import cli, preset
+from torchglow.cli import app as cli
+
+from torchglow import preset
 
 from conftest import assert_one_error_line, cli as call
 from tool_checks import open_png
@@ -23,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, one_thread) -> str:
     from torchglow.config import TrainConfig
-    from torchglow.train import train
+    from torchglow.train.loop import train
 
     out = tmp_path_factory.mktemp("run")
     train(preset("digits", n_steps=2, hidden_channels=16),
@@ -34,9 +36,9 @@ def run(tmp_path_factory, one_thread) -> str:
 
 # ------------------------------------------------------------------ train / evaluate / sample
 def test_evaluate(run, capsys, tmp_path):
-    from torchglow.checkpoint import load_model
+    from torchglow.train.checkpoint import load_model
     from torchglow.data import load_dataset
-    from torchglow.ood import scores_bpd
+    from torchglow.tools.ood import scores_bpd
 
     code, out, _ = call(capsys, "evaluate", run, "--device", "cpu", "--out", tmp_path / "eval.json")
     assert code == 0
@@ -76,7 +78,7 @@ def test_sample_white_level_is_the_same_from_the_run_and_its_model_folder(run, c
 
 
 def test_sample_outside_a_run_shows_the_top_bin(run, capsys, tmp_path):
-    from torchglow.checkpoint import load_model
+    from torchglow.train.checkpoint import load_model
 
     load_model(run).save_pretrained(tmp_path / "pre")
     code, out, _ = call(capsys, "sample", tmp_path / "pre", "--device", "cpu", "--n", 2)
@@ -172,8 +174,8 @@ def test_ood_builtin_sets(run, capsys, tmp_path):
         assert set(summary["metrics"][name]) == {"bpd", "complexity", "typicality_m2", "typicality_m5"}
     assert summary["noise_max_level"] == 16
     # the same numbers as the library on the same images: the CLI only parses and calls
-    from torchglow.ood import ood_report, ood_sets
-    from torchglow.runs import open_run
+    from torchglow.tools.ood import ood_report, ood_sets
+    from torchglow.train.runs import open_run
 
     picked = open_run(run).pick("test", 100, 0, labels=False)
     sets = ood_sets(picked.images, 5, ("flipped", "inverted", "noise"), seed=0)

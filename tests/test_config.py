@@ -5,8 +5,12 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from torchglow import ConfigError, GlowConfig, preset
-from torchglow.cli import CLIError, build_configs, read_config_file
+from torchglow import ConfigError
+
+from torchglow import GlowConfig
+
+from torchglow import preset
+from torchglow.cli.app import CLIError, build_configs, read_config_file
 from torchglow.config import TrainConfig
 
 from conftest import FUZZ, assert_one_error_line, cli

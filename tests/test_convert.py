@@ -1,4 +1,4 @@
-"""torchglow.convert: y0ast/Glow-PyTorch checkpoints.
+"""torchglow.tools.convert: y0ast/Glow-PyTorch checkpoints.
 
 The state dicts are built here in y0ast's exact key layout and shapes (github.com/y0ast/Glow-PyTorch,
 ``model.py``/``modules.py``) with random values, and the converted model's likelihood is compared with
@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torchglow import cli
-from torchglow.checkpoint import load_model
-from torchglow.convert import ConversionError, y0ast_to_glow
+from torchglow.cli import app as cli
+from torchglow.train.checkpoint import load_model
+from torchglow.tools.convert import ConversionError, y0ast_to_glow
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

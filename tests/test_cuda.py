@@ -12,7 +12,7 @@ from torchglow import preprocess as pp
 from torchglow.memory import ReconstructionWarning
 from torchglow.config import GlowConfig, TrainConfig
 from torchglow.layers import fold_steps, squeeze2d
-from torchglow.step import GraphedStep, TrainStep, compile_step
+from torchglow.train.step import GraphedStep, TrainStep, compile_step
 
 from test_step import assert_resumes_in_place, state_of
 
@@ -261,7 +261,7 @@ def test_regional_compile_inside_the_graph():
 
 def test_graphed_step_is_one_graph_launch():
     """bench.count_ops on the captured step: one cudaGraphLaunch, no kernel launched one by one."""
-    from torchglow import bench
+    from torchglow.train import bench
 
     step, x_uint8, y = cuda_step("bf16")
     graphed = compile_step(step, "graph")
@@ -273,9 +273,9 @@ def test_graphed_step_is_one_graph_launch():
 
 # ---------------------------------------------------------------- sampling and evaluation as CUDA graphs
 def test_fast_decode_and_forward_replay_graphs_equal_to_eager():
-    """torchglow.fast on CUDA: the decode and the forward captured (one graph per signature), equal to
+    """torchglow.tools.fast on CUDA: the decode and the forward captured (one graph per signature), equal to
     the eager calls, and the decode follows an in-place weight change (inverses refreshed outside)."""
-    from torchglow.fast import fast_decode, fast_forward
+    from torchglow.tools.fast import fast_decode, fast_forward
 
     torch.manual_seed(0)
     model = Glow(GlowConfig(image_shape=(3, 8, 8), n_levels=2, n_steps=2, hidden_channels=16, n_bits=5)).cuda()

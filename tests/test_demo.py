@@ -22,8 +22,10 @@ import pytest
 import torch
 from PIL import Image
 
-from torchglow import cli, preset
-from torchglow import demo
+from torchglow.cli import app as cli
+
+from torchglow import preset
+from torchglow.cli.demo import session as demo
 
 from tool_checks import digits_like, make_model
 
@@ -48,7 +50,7 @@ def session():
     x = digits_like(40, seed=2)
     labels = torch.arange(40) % 4
     attrs, names = demo.class_attributes(labels, ["a", "b", "c", "d"])
-    from torchglow.latent import attribute_directions
+    from torchglow.tools.latent import attribute_directions
 
     directions = attribute_directions(model, x, attrs, names)
     return demo.DemoSession(model, name="tiny", test_images=x, test_labels=labels, directions=directions,
@@ -258,7 +260,7 @@ def test_concurrent_requests_give_the_serial_results(session):
 
 
 def test_class_conditional_session(cond_session):
-    from torchglow.ood import scores_bpd
+    from torchglow.tools.ood import scores_bpd
 
     x = digits_like(1, seed=5)
     r = cond_session.encode(x)
@@ -296,7 +298,7 @@ def client(session):
     require("httpx")
     from starlette.testclient import TestClient
 
-    from torchglow.demo_server import create_app
+    from torchglow.cli.demo.server import create_app
 
     return TestClient(create_app(session, max_upload_bytes=20_000, token=TOKEN), base_url="http://127.0.0.1:8000",
                       headers={"X-Torchglow-Token": TOKEN})
@@ -358,7 +360,7 @@ def test_api_errors_are_messages(client, path, kwargs, status, needle):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, one_thread) -> str:
     from torchglow.config import TrainConfig
-    from torchglow.train import train
+    from torchglow.train.loop import train
 
     out = tmp_path_factory.mktemp("run")
     train(preset("digits", n_steps=2, hidden_channels=16),
@@ -418,7 +420,7 @@ def test_a_network_bind_warns_in_one_line_and_keeps_the_host_check(run, monkeypa
     import uvicorn
     from starlette.testclient import TestClient
 
-    from torchglow import demo_server
+    from torchglow.cli.demo import server as demo_server
 
     served = {}
     monkeypatch.setattr(demo_server, "_listen", lambda h, port: Unbound(demo_server._resolve(h, 8768)[1]))
@@ -453,8 +455,8 @@ def test_allow_host_takes_names_only(run, capsys, name, needle):
 def test_directions_from_classes_csv_and_file(run, tmp_path, capsys):
     import argparse
 
-    from torchglow.latent import save_directions
-    from torchglow.runs import open_run
+    from torchglow.tools.latent import save_directions
+    from torchglow.train.runs import open_run
 
     opened = open_run(run)
 

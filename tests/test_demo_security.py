@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from torchglow import demo
+from torchglow.cli.demo import session as demo
 
 from tool_checks import digits_like, make_model
 
@@ -37,7 +37,8 @@ sys.path[:0] = [{root!r}, {tests!r}]
 import torch
 torch.set_num_threads(1)
 from tool_checks import digits_like, make_model
-from torchglow import demo, demo_server
+from torchglow.cli.demo import session as demo
+from torchglow.cli.demo import server as demo_server
 
 def exit_with_the_tests():
     sys.stdin.read()  # returns when the tests close stdin, or end in any way

@@ -15,7 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torchglow import Glow, GlowConfig, preset
+from torchglow import Glow
+
+from torchglow import GlowConfig
+
+from torchglow import preset
 from torchglow.layers import ConvActNorm, Coupling, FlowStep, LinearZeros, ZeroConv2d, edge_image
 
 from flow_checks import assert_invertible, assert_logdet_matches_jacobian, perturb
@@ -312,7 +316,7 @@ def test_pretrained_folder_written_before_the_fields_scores_as_before():
 def test_checkpoint_written_before_the_fields_loads_as_before(tmp_path):
     """A training checkpoint whose model_config has no padding/class_layers (as every checkpoint
     written before them) loads the fixture's weights into the same model."""
-    from torchglow.checkpoint import FORMAT, load_model
+    from torchglow.train.checkpoint import FORMAT, load_model
 
     model = Glow.from_pretrained(FIXTURE)
     old = {k: v for k, v in model.config.to_dict().items() if k not in ("padding", "class_layers")}
@@ -344,7 +348,7 @@ def test_compiled_edge_step_equals_eager(mode, memory):
 
     from torchglow import preprocess as pp
     from torchglow.config import TrainConfig
-    from torchglow.step import TrainStep, compile_step
+    from torchglow.train.step import TrainStep, compile_step
 
     if mode == "whole" and not hasattr(torch._dynamo.config, "trace_autograd_ops"):
         pytest.skip("torch < 2.11: dynamo cannot trace autograd.grad")

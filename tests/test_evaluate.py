@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from torchglow.evaluate import MIN_EVAL_IMAGES, categorical_baseline_bpd, evaluate_bpd, few_images_caveat
+from torchglow.tools.evaluate import MIN_EVAL_IMAGES, categorical_baseline_bpd, evaluate_bpd, few_images_caveat
 
 from conftest import cli
 from tool_checks import digits_like
@@ -32,7 +32,7 @@ def test_evaluate_bpd_in_the_models_dtype(model):
     dtype, as ``Glow.bits_per_dim`` does with the same generator."""
     import copy
 
-    from torchglow.step import mix_seed
+    from torchglow.noise import mix_seed
 
     images = digits_like(6, seed=3)
     m64 = copy.deepcopy(model).double()

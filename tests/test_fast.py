@@ -1,4 +1,4 @@
-"""The fast inference paths (torchglow.fast) and the graph wrapper under them (torchglow.graphs), on
+"""The fast inference paths (torchglow.tools.fast) and the graph wrapper under them (torchglow.graphs), on
 the CPU: the static-buffer logic that a CUDA graph replays (tests/test_cuda.py replays it)."""
 
 import copy
@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from torchglow.fast import fast_decode, fast_forward, fast_sampler
+from torchglow.tools.fast import fast_decode, fast_forward, fast_sampler
 from torchglow.graphs import GraphedCall
 
 from conftest import tiny_glow

@@ -11,7 +11,7 @@ from torchglow import Glow, preset, to_uint8
 from torchglow.health import (NumericalHealthWarning, check_samples, coupling_scales, health_record,
                               health_warnings, invconv_condition_numbers, min_coupling_scale, sample_checked)
 from torchglow.layers import Coupling, InvConv1x1
-from torchglow.sampling import sample_grid
+from torchglow.tools.sampling import sample_grid
 
 from flow_checks import perturb
 

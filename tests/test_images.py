@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from torchglow.images import bin_centres, data_max_level, display_max_level, display_uint8, grid_array, save_grid, to_display
+from torchglow.tools.images import bin_centres, data_max_level, display_max_level, display_uint8, grid_array, save_grid, to_display
 from torchglow.preprocess import preprocess, to_uint8
 
 from tool_checks import digits_like, open_png

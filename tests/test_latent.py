@@ -4,8 +4,9 @@ import json
 import pytest
 import torch
 
-from torchglow import latent
-from torchglow.images import bin_centres
+from torchglow.data import labels as label_sources
+from torchglow.tools import latent
+from torchglow.tools.images import bin_centres
 from torchglow.preprocess import to_uint8
 
 from conftest import amplifying_model, cli
@@ -102,7 +103,7 @@ def test_interpolate_single_method_and_conditional(cond_model, tmp_path):
 def test_attribute_directions_match_the_official_formula(model):
     x = digits_like(40, seed=10)
     classes = torch.arange(40) % 10
-    labels, names = latent.binary_labels_from_classes(classes, 3)
+    labels, names = label_sources.binary_labels_from_classes(classes, 3)
     assert names == ["class_3"] and labels.shape == (40, 1) and labels.sum() == 4
     two = torch.cat([labels, (classes < 5)[:, None]], 1)
     dirs = latent.attribute_directions(model, x, two, names=["three", "small"], batch_size=7)
@@ -180,18 +181,18 @@ def test_labels_from_csv(tmp_path):
                     "a.png,1,-1,1\n"
                     "b.png,-1,1,0\n"
                     "c.png,1,1,true\n")
-    labels, names = latent.labels_from_csv(path)
+    labels, names = label_sources.labels_from_csv(path)
     assert names == ["Smiling", "Eyeglasses", "Young"]
     assert labels.dtype == torch.bool
     assert labels.tolist() == [[True, False, True], [False, True, False], [True, True, True]]
-    reordered, _ = latent.labels_from_csv(path, ids=["c.png", "a.png"])
+    reordered, _ = label_sources.labels_from_csv(path, ids=["c.png", "a.png"])
     assert reordered.tolist() == [[True, True, True], [True, False, True]]
     with pytest.raises(ValueError, match="not in the file"):
-        latent.labels_from_csv(path, ids=["zzz.png"])
+        label_sources.labels_from_csv(path, ids=["zzz.png"])
     bad = tmp_path / "bad.csv"
     bad.write_text("id,Smiling\nx.png,2\n")
     with pytest.raises(ValueError, match="Smiling"):
-        latent.labels_from_csv(bad)
+        label_sources.labels_from_csv(bad)
 
 
 def test_attribute_labels_from_a_dataset():
@@ -199,14 +200,14 @@ def test_attribute_labels_from_a_dataset():
         attributes = torch.tensor([[1, -1], [-1, 1]])
         attribute_names = ["Smiling", "Male"]
 
-    labels, names = latent.attribute_labels(Fake())
+    labels, names = label_sources.attribute_labels(Fake())
     assert names == ["Smiling", "Male"] and labels.tolist() == [[True, False], [False, True]]
 
     class NoAttrs:
         pass
 
     with pytest.raises(ValueError, match="no per-image attributes"):
-        latent.attribute_labels(NoAttrs())
+        label_sources.attribute_labels(NoAttrs())
 
 
 def test_cli_sample_warns_about_non_finite_pixels(capsys, tmp_path, monkeypatch):
@@ -271,48 +272,48 @@ def test_classes_by_name():
     class Named(_Data):
         class_names = ["cat", "dog", "emu", "fox"]
 
-    labels, names, _ = latent.labels_for(Named(), [1, 2, 3], classes=["fox", "1", 3])
+    labels, names, _ = label_sources.labels_for(Named(), [1, 2, 3], classes=["fox", "1", 3])
     assert names == ["class_fox", "class_dog"] and labels.tolist() == [[True, False], [False, True], [True, False]]
-    with pytest.raises(latent.LabelsError, match="gnu is not a class of toy .cat, dog, emu, fox, or 0..3.") as e:
-        latent.labels_for(Named(), [0], classes=["gnu"])
+    with pytest.raises(label_sources.LabelsError, match="gnu is not a class of toy .cat, dog, emu, fox, or 0..3.") as e:
+        label_sources.labels_for(Named(), [0], classes=["gnu"])
     assert e.value.cli_message.startswith("--class-attribute gnu is not a class of toy")
 
 
 def test_labels_for_classes_csv_and_attributes(tmp_path):
-    labels, names, source = latent.labels_for(_Data(), [1, 2, 3], classes=[3, 1, 3])
+    labels, names, source = label_sources.labels_for(_Data(), [1, 2, 3], classes=[3, 1, 3])
     assert names == ["class_3", "class_1"] and source == "classes of toy"
     assert labels.tolist() == [[True, False], [False, True], [True, False]]
-    with pytest.raises(latent.LabelsError, match=r"^classes: 4 is not a class of toy \(0..3\)$") as e:
-        latent.labels_for(_Data(), [0], classes=[4])
+    with pytest.raises(label_sources.LabelsError, match=r"^classes: 4 is not a class of toy \(0..3\)$") as e:
+        label_sources.labels_for(_Data(), [0], classes=[4])
     assert e.value.cli_message == "--class-attribute 4 is not a class of toy (0..3)"
-    with pytest.raises(latent.LabelsError, match="^attributes picks") as e:
-        latent.labels_for(_Data(), [0], classes=[1], attributes=["b"])
+    with pytest.raises(label_sources.LabelsError, match="^attributes picks") as e:
+        label_sources.labels_for(_Data(), [0], classes=[1], attributes=["b"])
     assert "--class-attribute" in e.value.cli_message and "--" not in str(e.value)
     csv = tmp_path / "l.csv"
     csv.write_text("id,a,b\n" + "".join(f"{i},{i % 2},{int(i > 2)}\n" for i in range(6)))
-    labels, names, source = latent.labels_for(_Data(), [5, 0], csv_path=csv, attributes=["b"])
+    labels, names, source = label_sources.labels_for(_Data(), [5, 0], csv_path=csv, attributes=["b"])
     assert names == ["b"] and source == str(csv) and labels.tolist() == [[True], [False]]
     with pytest.raises(ValueError, match="unknown attribute.*available: a, b"):
-        latent.labels_for(_Data(), [0], csv_path=csv, attributes=["c"])
-    with pytest.raises(latent.LabelsError, match="no per-image attributes: pass classes or csv_path$") as e:
-        latent.labels_for(_Data(), [0])
+        label_sources.labels_for(_Data(), [0], csv_path=csv, attributes=["c"])
+    with pytest.raises(label_sources.LabelsError, match="no per-image attributes: pass classes or csv_path$") as e:
+        label_sources.labels_for(_Data(), [0])
     assert e.value.cli_message.endswith("pass --class-attribute C, --labels-csv FILE or --directions FILE")
 
     class Unlabelled(_Data):
         labels = torch.full((6,), -1)
 
-    with pytest.raises(latent.LabelsError, match="toy has no class labels: use csv_path") as e:
-        latent.labels_for(Unlabelled(), [0], classes=[1])
+    with pytest.raises(label_sources.LabelsError, match="toy has no class labels: use csv_path") as e:
+        label_sources.labels_for(Unlabelled(), [0], classes=[1])
     assert "--labels-csv" in e.value.cli_message
 
     class Faces(_Data):
         attributes = torch.tensor([[1, -1], [-1, 1], [1, 1]])
         attribute_names = ["Smiling", "Male"]
 
-    labels, names, _ = latent.labels_for(Faces(), [2, 0], attributes=["Male"])
+    labels, names, _ = label_sources.labels_for(Faces(), [2, 0], attributes=["Male"])
     assert names == ["Male"] and labels.tolist() == [[True], [False]]
-    with pytest.raises(latent.LabelsError, match="^pass attributes .*Smiling, Male") as e:
-        latent.labels_for(Faces(), [0])
+    with pytest.raises(label_sources.LabelsError, match="^pass attributes .*Smiling, Male") as e:
+        label_sources.labels_for(Faces(), [0])
     assert e.value.cli_message.startswith("pass --attribute NAME")
 
 
@@ -320,8 +321,8 @@ def test_image_ids():
     class Files:
         paths = ["/data/celeba/000001.jpg", "/data/celeba/000002.jpg"]
 
-    assert latent.image_ids(Files()) == ["000001.jpg", "000002.jpg"]
-    assert latent.image_ids([10, 20, 30]) == ["0", "1", "2"]
+    assert label_sources.image_ids(Files()) == ["000001.jpg", "000002.jpg"]
+    assert label_sources.image_ids([10, 20, 30]) == ["0", "1", "2"]
 
 
 def test_manipulate_all_and_directions_file_errors(model, tmp_path, monkeypatch):

@@ -13,7 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torchglow import ConfigError, Glow, preset
+from torchglow import ConfigError
+
+from torchglow import Glow
+
+from torchglow import preset
 from torchglow import memory
 from torchglow.layers import initializing
 

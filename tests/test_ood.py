@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from torchglow import ood
+from torchglow.tools import ood
 
 from tool_checks import digits_like, make_model, open_png
 

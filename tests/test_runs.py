@@ -6,9 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from torchglow import Glow, preset
+from torchglow import Glow
+
+from torchglow import preset
 from torchglow.data import load_dataset, pick_indices
-from torchglow.runs import open_run, read_run_config, run_folder_of
+from torchglow.train.runs import open_run, read_run_config, run_folder_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

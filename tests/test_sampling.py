@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from torchglow import sampling
+from torchglow.tools import sampling
 from torchglow.health import NumericalHealthWarning
 
 from conftest import cli

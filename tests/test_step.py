@@ -1,4 +1,4 @@
-"""The training step (torchglow.step): counter-based noise, the optimiser against torch.optim, the
+"""The training step (torchglow.train.step): counter-based noise, the optimiser against torch.optim, the
 masked update of non-finite steps, the fp16 loss scale, and the fullgraph compile equal to eager."""
 
 import contextlib
@@ -13,8 +13,8 @@ from torchglow import Glow
 from torchglow.config import TrainConfig
 from torchglow import preprocess as pp
 from torchglow.model import FlowOutput
-from torchglow.step import (NOISE, GraphedStep, TrainStep, compile_step, graph_blocker, counter_uniform, dequantization_noise, mix_seed, objective,
-                            rows_of)
+from torchglow.noise import NOISE, counter_uniform, dequantization_noise, mix_seed, rows_of
+from torchglow.train.step import GraphedStep, TrainStep, compile_step, graph_blocker, objective
 
 from conftest import tiny_config
 
@@ -368,13 +368,13 @@ def test_a_failed_capture_runs_the_shape_uncaptured(monkeypatch, capsys):
 
 
 def test_the_trainer_with_the_graphed_step_resumes_exactly(tmp_path, monkeypatch):
-    """``torchglow.train`` with the graphed step (its static-buffer logic; on CUDA compile_step
+    """``torchglow.train.loop`` with the graphed step (its static-buffer logic; on CUDA compile_step
     returns it captured), logging every 5 steps, stopped after 7 steps and resumed: the weights,
     EMA and logged bits/dim of an uninterrupted plain run, bit for bit."""
     import dataclasses
 
-    from torchglow import train as train_module
-    from torchglow.checkpoint import load_checkpoint
+    from torchglow.train import loop as train_module
+    from torchglow.train.checkpoint import load_checkpoint
     from conftest import tiny_model_config, tiny_train_config
 
     config = tiny_model_config(dropout=0.0)

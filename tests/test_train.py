@@ -24,15 +24,17 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from torchglow import Glow, GlowConfig
-from torchglow import checkpoint as ckpt_module
-from torchglow import train as train_module
-from torchglow.checkpoint import CheckpointError, load_checkpoint
+from torchglow import Glow
+
+from torchglow import GlowConfig
+from torchglow.train import checkpoint as ckpt_module
+from torchglow.train import loop as train_module
+from torchglow.train.checkpoint import CheckpointError, load_checkpoint
 from torchglow import ConfigError
 from torchglow.config import train_preset
 from torchglow.data import DatasetError
 from torchglow.health import invconv_condition_numbers
-from torchglow.train import TrainingError, train
+from torchglow.train.loop import TrainingError, train
 
 from conftest import TINY, assert_one_error_line, cli, tiny_model_config, tiny_train_config
 from tool_checks import image_folder
@@ -480,8 +482,8 @@ def test_resume_of_a_finished_run_says_so_and_keeps_totals(tmp_path, capsys):
 
 
 def test_ctrl_c_exits_130_with_the_resume_command(tmp_path, capsys, monkeypatch):
-    from torchglow import cli
-    from torchglow.step import TrainStep
+    from torchglow.cli import app as cli
+    from torchglow.train.step import TrainStep
 
     call = TrainStep.__call__
 
@@ -529,8 +531,8 @@ def test_augmentation_inside_training_is_seeded(tmp_path):
 
 
 def test_eval_draws_average_seeded_draws():
-    from torchglow.evaluate import evaluate_bpd
-    from torchglow.step import mix_seed
+    from torchglow.tools.evaluate import evaluate_bpd
+    from torchglow.noise import mix_seed
 
     model = Glow(tiny_model_config()).eval()
     x = torch.randint(0, 129, (10, 1, 8, 8), dtype=torch.uint8)

@@ -5,7 +5,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from torchglow import Glow, preset
+from torchglow import Glow
+
+from torchglow import preset
 from torchglow.preprocess import dequantize, preprocess
 
 from flow_checks import perturb

@@ -15,10 +15,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .files import write_json_atomic
-from .health import check_samples
+from ..files import write_json_atomic
+from ..health import check_samples
 from .images import save_grid, to_display
-from .model import Glow
+from ..model import Glow
 from .fast import fast_decode
 
 DEFAULT_TEMPERATURES = (0.0, 0.5, 0.7, 0.8, 0.9, 1.0)

@@ -46,8 +46,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .config import COMPILE_MODES, PRECISIONS
-from .devices import resolve_device
+from ..config import COMPILE_MODES, PRECISIONS
+from ..devices import resolve_device
 
 PHASES = ("train", "sample", "eval")
 
@@ -217,9 +217,9 @@ def _time(fns: dict[str, Any], device: torch.device, warmup: int, repeats: int) 
 def _build(preset_name: str, overrides: dict[str, Any], batch_size: int, device: torch.device,
            precision: str, memory: str, seed: int):
     """The model on ``device``, ActNorm initialised from a dequantised batch, plus that batch."""
-    from . import preprocess as pp
-    from .config import preset
-    from .model import Glow
+    from .. import preprocess as pp
+    from ..config import preset
+    from ..model import Glow
 
     torch.manual_seed(seed)
     config = preset(preset_name, **overrides)
@@ -246,7 +246,7 @@ def _train_step_fn(model, x_uint8, y, precision: str, memory: str, fast: bool, c
     :class:`torchglow.step.TrainStep`; lr 1e-4 without warm-up, no clipping, EMA)."""
     import copy
 
-    from .config import TrainConfig
+    from ..config import TrainConfig
     from .step import GraphedStep, TrainStep, compile_step
 
     cfg = TrainConfig(batch_size=x_uint8.shape[0], lr=1e-4, warmup_images=0, precision=precision, fast=fast,
@@ -268,7 +268,7 @@ def _phase_fns(phase: str, preset_name: str, overrides: dict[str, Any], batch_si
                fast_precision: str | None = None):
     """The callables timed in one phase: ``{"eager": ...}``, ``{"fast": ...}`` or both (``compare``),
     each on its own model built from the same seed; the fast one in ``fast_precision`` when given."""
-    from .fast import fast_forward, fast_sampler
+    from ..tools.fast import fast_forward, fast_sampler
 
     modes = ("eager", "fast") if compare else (("fast",) if fast else ("eager",))
     fns = {}
@@ -288,7 +288,7 @@ def _phase_fns(phase: str, preset_name: str, overrides: dict[str, Any], batch_si
             forward = fast_forward(model, compile=compile_mode != "graph") if mode == "fast" else model
 
             def fns_eval(forward=forward, x_uint8=x_uint8, y=y, n_bits=config.n_bits, n_dims=config.n_dims):
-                from . import preprocess as pp
+                from .. import preprocess as pp
 
                 with torch.no_grad():
                     x = pp.dequantize(pp.preprocess(x_uint8, n_bits), n_bits)
@@ -351,7 +351,7 @@ def _run_phase(phase: str, preset_name: str, overrides: dict[str, Any], batch_si
 def _run_phase_subprocess(kwargs: dict[str, Any], threads: int) -> dict[str, Any]:
     """:func:`_run_phase` in a fresh interpreter (so its peak RSS is its own)."""
     env = {**os.environ, "TORCHGLOW_BENCH_THREADS": str(threads)}
-    proc = subprocess.run([sys.executable, "-m", "torchglow.bench", "_phase", json.dumps(kwargs)],
+    proc = subprocess.run([sys.executable, "-m", "torchglow.train.bench", "_phase", json.dumps(kwargs)],
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark phase {kwargs['phase']!r} failed in its subprocess:\n{proc.stderr[-4000:]}")
@@ -398,8 +398,8 @@ def run_benchmark(preset: str, batch_size: int, device: str, precision: str = "f
         memory in MiB (CUDA max allocated, or the CPU peak RSS described in the module docstring),
         ``peak_memory_kind`` says which.
     """
-    from .config import preset as make_preset
-    from .memory import check_memory_mode
+    from ..config import preset as make_preset
+    from ..memory import check_memory_mode
 
     overrides = dict(overrides or {})
     config = make_preset(preset, **overrides)  # validate before spending any time
@@ -480,8 +480,8 @@ def _parse_override(text: str) -> tuple[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``torchglow bench`` / ``python -m torchglow.bench``."""
-    from .config import PRESETS
-    from .memory import MEMORY_MODES
+    from ..config import PRESETS
+    from ..memory import MEMORY_MODES
 
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cifar10", help="model architecture")
     parser.add_argument("--batch-size", type=int, default=16, help="images per iteration")

@@ -33,10 +33,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from . import preprocess as pp
-from .files import write_json_atomic
+from .. import preprocess as pp
+from ..files import write_json_atomic
 from .images import data_max_level
-from .model import Glow
+from ..model import Glow
 
 NOISE_CHUNK = 1024  # dequantisation noise is drawn per chunk of this many images, whatever the batch size
 
@@ -226,7 +226,7 @@ def ood_sets(x_in: torch.Tensor, n_bits: int, transforms: Sequence[str] = TRANSF
     Data sets and folders give at most ``max_images`` images each (seeded choice; 0: all).
     Raises ValueError for an unknown transform and :class:`~torchglow.data.DatasetError` for data
     that cannot be loaded or converted."""
-    from .data import load_dataset, pick_indices
+    from ..data import load_dataset, pick_indices
 
     unknown = sorted(set(transforms) - set(TRANSFORMS))
     if unknown:

@@ -41,11 +41,11 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import CheckpointError
-from .config import ConfigError, GlowConfig
-from .files import default_folder_mode, make_readable
-from .layers import LOGSCALE_FACTOR, ConvActNorm, ZeroConv2d
-from .model import CONFIG_NAME, Glow
+from ..train.checkpoint import CheckpointError
+from ..config import ConfigError, GlowConfig
+from ..files import default_folder_mode, make_readable
+from ..layers import LOGSCALE_FACTOR, ConvActNorm, ZeroConv2d
+from ..model import CONFIG_NAME, Glow
 
 # hparams.json keys that define the architecture (all required), and the training options the
 # versions of y0ast's train.py also write (ignored here).

@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import preprocess as pp
+from .. import preprocess as pp
 
 MIN_DISPLAY_PX = 32  # small images are upscaled by an integer factor to at least this size
 

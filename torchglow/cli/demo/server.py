@@ -65,13 +65,13 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .demo import MAX_ALPHA, MAX_PIXELS, MAX_SEED, MAX_TEMPERATURE, MAX_UPLOAD_BYTES, DemoSession
-from .demo_http import (
+from .session import MAX_ALPHA, MAX_PIXELS, MAX_SEED, MAX_TEMPERATURE, MAX_UPLOAD_BYTES, DemoSession
+from .guards import (
     BadRequest, check_content_type, check_same_origin, error_response, guard, json_body, number_field, read_body,
     short, timed_protocol, token_field,
 )
 
-STATIC_DIR = files("torchglow") / "demo_static"
+STATIC_DIR = files("torchglow.cli.demo") / "static"
 TOKEN_META = '<meta name="torchglow-token" content="">'  # in index.html; the server fills in its token
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 UPLOADS_IN_FLIGHT = 4  # bodies held at once: at most 4 x max_upload_bytes

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from .checkpoint import load_model
-from .data import DATASETS, DatasetError, ImageDataset, load_dataset, missing_folder_error, pick_indices
-from .images import display_max_level
-from .model import Glow
-from .sampling import check_labels
+from ..data import DATASETS, DatasetError, ImageDataset, load_dataset, missing_folder_error, pick_indices
+from ..tools.images import display_max_level
+from ..model import Glow
+from ..tools.sampling import check_labels
 
 RUN_CONFIG = "config.json"
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, GlowConfig
-from .files import default_file_mode
-from .model import CONFIG_NAME, WEIGHTS_NAME, Glow
+from ..config import ConfigError, GlowConfig
+from ..files import default_file_mode
+from ..model import CONFIG_NAME, WEIGHTS_NAME, Glow
 
 FORMAT = "torchglow-checkpoint-v1"
 

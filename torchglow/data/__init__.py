@@ -225,7 +225,7 @@ class ImageFileDataset(DecodedImageDataset):
         self.paths = list(paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return _read_image(self.paths[index], self.image_size, self.channels), self.labels[index]
+        return read_image(self.paths[index], self.image_size, self.channels), self.labels[index]
 
 
 @dataclass(frozen=True)
@@ -904,7 +904,7 @@ def _header(path: Path) -> tuple[tuple[int, int], str] | None:
         return None
 
 
-def _read_image(path: Path, size: int, channels: int) -> torch.Tensor:
+def read_image(path: Path, size: int, channels: int) -> torch.Tensor:
     """Decode ``path`` to uint8 (channels, size, size): centred square crop, then Lanczos resize."""
     from PIL import Image
 

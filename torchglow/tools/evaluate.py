@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from . import preprocess as pp
-from .distributed import all_reduce_sum, rank_and_world
-from .model import Glow
+from .. import preprocess as pp
+from ..distributed import all_reduce_sum, rank_and_world
+from ..model import Glow
 
 # A test bits/dim from fewer images carries a caveat: the mean of N per-image scores whose spread is
 # typically 0.1-0.5 bits/dim has a standard error of 0.01-0.05 at N = 100, more below.
@@ -34,7 +34,7 @@ def evaluate_bpd(model: Glow, images: torch.Tensor, labels: torch.Tensor | None 
     copies of its first images, which are not counted; equal to the eager forward up to the
     compiler's float rounding."""
     from .fast import fast_forward
-    from .step import mix_seed
+    from ..noise import mix_seed
 
     device = model.device
     n_bits, n_dims = model.config.n_bits, model.config.n_dims

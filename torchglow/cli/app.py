@@ -22,14 +22,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .config import PRESETS, ConfigError, GlowConfig, TrainConfig
-from .threads import add_threads_option, set_threads
+from ..config import PRESETS, ConfigError, GlowConfig, TrainConfig
+from ..threads import add_threads_option, set_threads
 
-EXIT_USAGE = 2
-
-
-class CLIError(Exception):
-    """A user error found by the CLI itself."""
+from .errors import EXIT_USAGE, CLIError, in_flags
 
 
 # --------------------------------------------------------------------------- parser and messages
@@ -200,7 +196,7 @@ def build_configs(values: dict[str, Any], preset_name: str | None) -> tuple[Glow
     (:func:`torchglow.data.infer_image_shape`) unless given. Returns the configs and a line saying
     where they come from. CLIError for a data source that cannot work with them
     (:func:`check_data_source`)."""
-    from .config import TRAIN_PRESETS
+    from ..config import TRAIN_PRESETS
 
     model_fields = {f.name for f in dataclasses.fields(GlowConfig)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -236,7 +232,7 @@ def build_configs(values: dict[str, Any], preset_name: str | None) -> tuple[Glow
 
 def _own_data(dataset: str) -> bool:
     """Whether ``dataset`` is the user's own images: a folder or an ``.npz`` file."""
-    from .data import DatasetError, check_dataset_name, is_folder
+    from ..data import DatasetError, check_dataset_name, is_folder
 
     try:
         return dataset.endswith(".npz") or is_folder(check_dataset_name(dataset))
@@ -248,7 +244,7 @@ def _own_data_defaults(dataset: str, values: dict[str, Any], model_fields: set[s
                        ) -> tuple[dict[str, Any], dict[str, Any], str]:
     """Model and training values for a folder or ``.npz`` file without a preset, and the words for
     them: the image shape from the data unless given, the warm-up 10 epochs of its training images."""
-    from .data import DatasetError, folder_layout, infer_image_shape, load_npz
+    from ..data import DatasetError, folder_layout, infer_image_shape, load_npz
 
     try:
         if dataset.endswith(".npz"):
@@ -280,8 +276,8 @@ def check_data_source(dataset: str, data_dir: str | None, dataset_given: bool, m
     """CLIError (one line, naming the options) for a data set that training cannot use as asked:
     an unknown name; ``--data-dir`` holding images without ``--dataset`` (the folder would be
     ignored); a data set whose images are larger than the model's (they are only zero-padded)."""
-    from .data import IMAGE_EXTENSIONS, IN_MEMORY_SHAPES, DatasetError, check_dataset_name, is_folder
-    from .config import TRAIN_PRESETS
+    from ..data import IMAGE_EXTENSIONS, IN_MEMORY_SHAPES, DatasetError, check_dataset_name, is_folder
+    from ..config import TRAIN_PRESETS
 
     if not isinstance(dataset, str):
         return  # TrainConfig names the field
@@ -315,7 +311,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import shlex
 
-    from .train import load_run_configs, summary_text, train
+    from ..train.loop import load_run_configs, summary_text, train
 
     given = {k: v for k, v in vars(args).items()
              if k not in ("command", "func", "config", "resume", "preset", "threads", "argv")}
@@ -355,8 +351,8 @@ def _user_errors(cmd):
 
 
 def _open(args: argparse.Namespace):
-    from .devices import resolve_device
-    from .runs import open_run
+    from ..devices import resolve_device
+    from ..train.runs import open_run
 
     return open_run(args.run, resolve_device(args.device))
 
@@ -386,8 +382,8 @@ def _print(summary: dict[str, Any]) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from .evaluate import evaluate_bpd, few_images_caveat
-    from .files import write_json_atomic
+    from ..tools.evaluate import evaluate_bpd, few_images_caveat
+    from ..files import write_json_atomic
 
     run = _open(args)
     _fast_note(args, run)
@@ -406,7 +402,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 @_user_errors
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .sampling import sample_grid
+    from ..tools.sampling import sample_grid
 
     run = _open(args)
     _fast_note(args, run)
@@ -417,7 +413,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 @_user_errors
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    from .latent import reconstruct
+    from ..tools.latent import reconstruct
 
     run = _open(args)
     picked = run.pick(args.split, args.n, args.seed, args.dataset, args.data_dir)
@@ -428,7 +424,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 @_user_errors
 def cmd_interpolate(args: argparse.Namespace) -> int:
-    from .latent import interpolate
+    from ..tools.latent import interpolate
 
     run = _open(args)
     picked = run.pick(args.split, 2 * args.pairs, args.seed, args.dataset, args.data_dir, exactly=True)
@@ -441,8 +437,8 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 
 @_user_errors
 def cmd_manipulate(args: argparse.Namespace) -> int:
-    from .latent import attribute_directions, labels_for, load_directions, manipulate_all, save_directions
-    from .latent import select_attributes
+    from ..data.labels import labels_for, select_attributes
+    from ..tools.latent import attribute_directions, load_directions, manipulate_all, save_directions
 
     run = _open(args)
     if args.directions:
@@ -466,8 +462,8 @@ def cmd_manipulate(args: argparse.Namespace) -> int:
 
 @_user_errors
 def cmd_ood(args: argparse.Namespace) -> int:
-    from .images import data_max_level
-    from .ood import TRANSFORMS, ood_report, ood_sets
+    from ..tools.images import data_max_level
+    from ..tools.ood import TRANSFORMS, ood_report, ood_sets
 
     default = [] if args.ood_dataset or args.ood_folder else list(TRANSFORMS)
     transforms = default if args.ood is None else args.ood
@@ -515,7 +511,7 @@ def _count(minimum: int):
 
 def _dataset_name(text: str) -> str:
     """An argparse type: a name :func:`torchglow.data.load_dataset` can read."""
-    from .data import DatasetError, check_dataset_name
+    from ..data import DatasetError, check_dataset_name
 
     try:
         return check_dataset_name(text)
@@ -524,7 +520,7 @@ def _dataset_name(text: str) -> str:
 
 
 def _dataset_help() -> str:
-    from .data import DATASETS
+    from ..data import DATASETS
 
     return f"data set: {', '.join(DATASETS)}, or a folder of images"
 
@@ -563,10 +559,10 @@ def _common_options(p: argparse.ArgumentParser, tool: str, split: str | None, sp
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .config import (COMPILE_MODES, COUPLINGS, MEMORY_MODES, OPTIMIZERS, PERMUTATIONS, PRECISIONS, TRAIN_PRESETS,
+    from .. import __version__
+    from ..config import (COMPILE_MODES, COUPLINGS, MEMORY_MODES, OPTIMIZERS, PERMUTATIONS, PRECISIONS, TRAIN_PRESETS,
                          TrainConfig)
-    from .sampling import DEFAULT_TEMPERATURES
+    from ..tools.sampling import DEFAULT_TEMPERATURES
 
     parser = Parser(prog="torchglow", formatter_class=HelpFormatter,
                     description="Glow normalizing flows: train, evaluate, sample, and the latent-space and OOD tools.")
@@ -655,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latent + alpha * direction, one column per alpha")
     p.add_argument("--n", type=_count(1), default=4, help="images to edit (seeded choice), one row each")
 
-    from .ood import TRANSFORMS
+    from ..tools.ood import TRANSFORMS
     p = command("ood", cmd_ood, "out-of-distribution detection: AUROC/AUPR/FPR@95 of likelihood-based scores",
                 "Score in-distribution test images against OOD sets with bits/dim, the typicality test and the "
                 "input-complexity score; prints the table, writes ood.json and bpd_hist.png/complexity_hist.png. "
@@ -680,7 +676,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=_count(0), default=0, help="at most this many (seeded) images per set; 0 for all")
     p.add_argument("--json", action="store_true", help="print the full JSON summary instead of the table")
 
-    from . import convert, demo
+    from ..tools import convert
+    from .demo import session as demo
     p = command("convert", convert.cmd_convert,
                 "import a checkpoint of another Glow implementation (y0ast/Glow-PyTorch)",
                 convert.__doc__.split("\n\n")[0])
@@ -693,7 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
     for p in sub.choices.values():
         add_threads_option(p)
 
-    from . import bench  # after the loop: bench has its own --threads
+    from ..train import bench  # after the loop: bench has its own --threads
     p = command("bench", bench.cmd_bench, "training, sampling and evaluation images/s and peak memory",
                 bench.__doc__.split("\n\n")[0] + " Prints a summary; --out DIR also writes the full JSON.")
     bench.add_arguments(p)
@@ -701,9 +698,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
-    from .data import DatasetError
-    from .train import TrainingError
+    from ..train.checkpoint import CheckpointError
+    from ..data import DatasetError
+    from ..train.loop import TrainingError
 
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -717,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CLIError, ConfigError, CheckpointError, DatasetError, TrainingError) as e:
-        print(f"{prefix}: error: {getattr(e, 'cli_message', e)}", file=sys.stderr)
+        print(f"{prefix}: error: {in_flags(str(getattr(e, 'cli_message', e)))}", file=sys.stderr)
         return EXIT_USAGE if isinstance(e, (CLIError, ConfigError)) else 1
     finally:
         warnings.formatwarning = formatwarning

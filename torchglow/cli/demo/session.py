@@ -41,14 +41,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from . import preprocess as pp
-from .images import data_max_level, display_uint8, grid_array, to_display
-from .fast import fast_decode
-from .latent import decode_eps, encode_eps, slerp
-from .model import Glow
-from .ood import complexity_scores, scores_bpd
-from .runs import Run, open_run
-from .sampling import temperature_rows
+from ... import preprocess as pp
+from ...tools.images import data_max_level, display_uint8, grid_array, to_display
+from ...tools.fast import fast_decode
+from ...tools.latent import decode_eps, encode_eps, slerp
+from ...model import Glow
+from ...tools.ood import complexity_scores, scores_bpd
+from ...train.runs import Run, open_run
+from ...tools.sampling import temperature_rows
 
 MAX_UPLOAD_BYTES = 10 * 2**20
 MAX_PIXELS = 50_000_000  # a phone photo is 12-50 MP; decoding is refused above this (decompression bombs)
@@ -78,7 +78,7 @@ class UploadError(ValueError):
 def read_upload(data: bytes, image_shape: Sequence[int], *, name: str = "the upload",
                 max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """Bytes of an image file -> uint8 (C, H, W) at the model's shape, decoded as an image folder's
-    files are (:func:`torchglow.data._read_image`: a GIF's first frame, grey or RGB, centred square
+    files are (:func:`torchglow.data.read_image`: a GIF's first frame, grey or RGB, centred square
     crop, Lanczos resize).
 
     Hostile files are refused before they cost memory: only :data:`UPLOAD_FORMATS` are tried (no
@@ -126,7 +126,7 @@ def _decode(data: bytes, size: int, channels: int, name: str, max_pixels: int) -
             raise UploadError(too_big) from None
         except Exception as e:
             raise UploadError(f"{name} cannot be decoded, it is truncated or corrupt ({e})") from None
-        # the centred square crop and Lanczos resize of torchglow.data._read_image, on the opened file
+        # the centred square crop and Lanczos resize of torchglow.data.read_image, on the opened file
         side = min(width, height)
         left, top = (width - side) // 2, (height - side) // 2
         image = image.resize((size, size), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side))
@@ -454,7 +454,7 @@ class DemoSession:
 
 def latest_run(root: str | Path = "runs") -> Path:
     """The most recently modified folder under ``root`` that holds a checkpoint or a pretrained model."""
-    from .model import CONFIG_NAME, WEIGHTS_NAME
+    from ...model import CONFIG_NAME, WEIGHTS_NAME
 
     def holds_model(p: Path) -> bool:
         return (any((p / name).is_file() for name in ("best.pt", "last.pt"))
@@ -499,9 +499,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _directions(args: argparse.Namespace, run: Run) -> tuple[dict[str, list[torch.Tensor]], str]:
     """Attribute directions: a saved file, or computed from the training split's labels (a CSV, the
     data set's per-image attributes, or its classes); none when the run's data are not at hand."""
-    from .cli import CLIError
-    from .data import DatasetError
-    from .latent import attribute_directions, attribute_labels, image_ids, labels_from_csv, load_directions
+    from ..errors import CLIError
+    from ...data import DatasetError
+    from ...data.labels import attribute_labels, image_ids, labels_from_csv
+    from ...tools.latent import attribute_directions, load_directions
 
     model = run.model
     if args.directions:
@@ -562,12 +563,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .cli import CLIError
-    from .data import DatasetError
-    from .devices import resolve_device
+    from ..errors import CLIError
+    from ...data import DatasetError
+    from ...devices import resolve_device
 
     try:
-        from . import demo_server
+        from . import server as demo_server
     except ImportError as e:
         raise CLIError(f"the demo needs the web extra ({e}): pip install 'torchglow[demo]'") from None
     if not 0 <= args.port <= 65535:

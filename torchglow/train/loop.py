@@ -39,18 +39,19 @@ from typing import Any, Callable
 
 import torch
 
-from . import distributed as dist_utils
-from . import health
-from . import preprocess as pp
+from .. import distributed as dist_utils
+from .. import health
+from .. import preprocess as pp
 from .checkpoint import FORMAT, CheckpointError, atomic_save, config_diff, load_checkpoint, load_model, load_state
-from .config import ConfigError, GlowConfig, TrainConfig, train_preset  # noqa: F401 (train_preset: re-exported)
-from .data import DatasetError, absolute_dataset
-from .evaluate import categorical_baseline_bpd, evaluate_bpd, plot_curves
-from .files import make_readable, write_json_atomic
-from .memory import check_memory_mode
-from .model import Glow
+from ..config import ConfigError, GlowConfig, TrainConfig, train_preset  # noqa: F401 (train_preset: re-exported)
+from ..data import DatasetError, absolute_dataset
+from ..tools.evaluate import categorical_baseline_bpd, evaluate_bpd, plot_curves
+from ..files import make_readable, write_json_atomic
+from ..memory import check_memory_mode
+from ..model import Glow
 from .runs import read_run_config
-from .step import INIT_NOISE, TrainStep, compile_step, dequantization_noise, mix_seed
+from ..noise import INIT_NOISE, dequantization_noise, mix_seed
+from .step import TrainStep, compile_step
 
 # The per-pixel baseline of data sets that are not held in memory is fitted on this many images.
 BASELINE_IMAGES = 20_000
@@ -232,8 +233,8 @@ class TrainingData:
 
 def load_data(model_config: GlowConfig, cfg: TrainConfig, device: torch.device) -> TrainingData:
     """The training and test sets of ``cfg.dataset``, checked against the model config."""
-    from .data import load_dataset
-    from .images import bin_centres, display_max_level
+    from ..data import load_dataset
+    from ..tools.images import bin_centres, display_max_level
 
     c, h, w = model_config.image_shape
     is_main = dist_utils.rank_and_world()[0] == 0
@@ -612,8 +613,8 @@ def end_of_epoch(run: TrainingRun) -> None:
 def score(run: TrainingRun, label: str, extra: dict[str, Any] | None = None) -> float:
     """Test bits/dim of the evaluated model and a sample grid, logged and printed; ``best.pt`` when
     it is the best so far."""
-    from .images import save_grid, to_display
-    from .sampling import temperature_rows
+    from ..tools.images import save_grid, to_display
+    from ..tools.sampling import temperature_rows
 
     cfg, state, m = run.cfg, run.state, run.eval_model
     m.eval()
@@ -693,7 +694,7 @@ def finish(run: TrainingRun) -> TrainResult:
 def _save_model(run: TrainingRun, test_bpd: float | None) -> None:
     """``model/``: the evaluated weights as a pretrained folder, its model card naming the data set,
     the test bits/dim and the command (rewritten, so that a resumed run's card is up to date)."""
-    from .hub import write_model_card
+    from ..hub import write_model_card
 
     folder = run.out / "model"
     run.eval_model.save_pretrained(folder)

@@ -17,9 +17,9 @@ from typing import Callable
 
 import torch
 
-from . import graphs
-from .graphs import GraphedCall
-from .model import FlowOutput, Glow
+from .. import graphs
+from ..graphs import GraphedCall
+from ..model import FlowOutput, Glow
 
 
 class _Graphed(GraphedCall):

@@ -1,0 +1,1 @@
+"""What to do with a model: fast inference, sampling, evaluation, latent tools, OOD, images, conversion."""
