@@ -134,17 +134,12 @@ def _class_index(dataset, cls: int | str) -> int:
             return int(cls)
     known = (f"is not a class of {dataset.name} (" + (", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
              + f", or 0..{dataset.num_classes - 1})" if names else f"0..{dataset.num_classes - 1})"))
-    raise LabelsError(f"classes: {cls} {known}", f"--class-attribute {cls} {known}")
+    raise LabelsError(f"`classes` {cls} {known}")
 
 
 class LabelsError(ValueError):
-    """Attribute labels that cannot come from the source asked for. The message names the arguments
-    of :func:`labels_for`; ``cli_message`` is the same line worded with ``torchglow manipulate``'s
-    options."""
-
-    def __init__(self, message: str, cli_message: str):
-        super().__init__(message)
-        self.cli_message = cli_message
+    """Attribute labels that cannot come from the source asked for; the message names the
+    parameters of :func:`labels_for` in backticks (`` `classes` ``, `` `csv_path` ``, `` `attributes` ``)."""
 
 
 def labels_for(dataset, index, classes: Sequence[int | str] | None = None, csv_path: str | Path | None = None,
@@ -164,14 +159,11 @@ def labels_for(dataset, index, classes: Sequence[int | str] | None = None, csv_p
     index = torch.as_tensor(index, dtype=torch.long)
     if classes is not None:
         if attributes:
-            raise LabelsError("attributes picks among the CSV's or the data set's attributes; classes already "
-                              "names its attribute(s)",
-                              "--attribute picks among data set, CSV or saved attributes; "
-                              "--class-attribute already names its attribute(s)")
+            raise LabelsError("`attributes` picks among data set, CSV or saved attributes; "
+                              "`classes` already names its attribute(s)")
         if not dataset.num_classes or (torch.as_tensor(dataset.labels) < 0).all():
-            raise LabelsError(f"data set {dataset.name} has no class labels: use csv_path or, for CelebA, attributes",
-                              f"data set {dataset.name} has no class labels: --class-attribute needs a labelled "
-                              f"data set (use --labels-csv or, for CelebA, --attribute)")
+            raise LabelsError(f"data set {dataset.name} has no class labels: `classes` needs a labelled "
+                              f"data set (use `csv_path` or, for CelebA, `attributes`)")
         indices = [_class_index(dataset, c) for c in classes]
         labels = torch.as_tensor(dataset.labels)[index]
         columns = [binary_labels_from_classes(labels, c)[0] for c in dict.fromkeys(indices)]
@@ -184,13 +176,11 @@ def labels_for(dataset, index, classes: Sequence[int | str] | None = None, csv_p
     else:
         if getattr(dataset, "attributes", None) is None:
             missing = f"data set {dataset.name} has no per-image attributes"
-            raise LabelsError(f"{missing}: pass classes or csv_path",
-                              f"{missing}: pass --class-attribute C, --labels-csv FILE or --directions FILE")
+            raise LabelsError(f"{missing}: pass `classes` C, `csv_path` FILE or `directions` FILE")
         labels, names = attribute_labels(dataset)
         source = f"attributes of {dataset.name}"
         if not attributes:
             choices = f"to choose among the attributes of {dataset.name}: {', '.join(names[:50])}"
-            raise LabelsError(f"pass attributes (one or more names) {choices}",
-                              f"pass --attribute NAME (one or more) {choices}")
+            raise LabelsError(f"pass `attributes` NAME (one or more) {choices}")
     chosen = select_attributes(names, attributes, source)
     return labels[index][:, [names.index(n) for n in chosen]], chosen, source

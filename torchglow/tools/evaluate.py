@@ -21,7 +21,7 @@ def few_images_caveat(n: int, name: str) -> str | None:
     if n >= MIN_EVAL_IMAGES:
         return None
     return (f"the score rests on {n} image(s) of {name}, fewer than {MIN_EVAL_IMAGES}: read its later digits as "
-            f"noise (a folder's whole set: --dataset FOLDER --split all)")
+            f"noise (a folder's whole set: `dataset` FOLDER `split` all)")
 
 
 @torch.no_grad()
