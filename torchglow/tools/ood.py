@@ -35,8 +35,8 @@ import torch
 
 from .. import preprocess as pp
 from ..files import write_json_atomic
-from .images import data_max_level
 from ..model import Glow
+from .images import data_max_level
 
 NOISE_CHUNK = 1024  # dequantisation noise is drawn per chunk of this many images, whatever the batch size
 
