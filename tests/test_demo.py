@@ -50,7 +50,7 @@ def session():
     x = digits_like(40, seed=2)
     labels = torch.arange(40) % 4
     attrs, names = demo.class_attributes(labels, ["a", "b", "c", "d"])
-    from torchglow.tools.latent import attribute_directions
+    from torchglow.tools.directions import attribute_directions
 
     directions = attribute_directions(model, x, attrs, names)
     return demo.DemoSession(model, name="tiny", test_images=x, test_labels=labels, directions=directions,
@@ -455,7 +455,7 @@ def test_allow_host_takes_names_only(run, capsys, name, needle):
 def test_directions_from_classes_csv_and_file(run, tmp_path, capsys):
     import argparse
 
-    from torchglow.tools.latent import save_directions
+    from torchglow.tools.directions import save_directions
     from torchglow.train.runs import open_run
 
     opened = open_run(run)

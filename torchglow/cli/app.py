@@ -438,7 +438,8 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 @_user_errors
 def cmd_manipulate(args: argparse.Namespace) -> int:
     from ..data.labels import labels_for, select_attributes
-    from ..tools.latent import attribute_directions, load_directions, manipulate_all, save_directions
+    from ..tools.directions import attribute_directions, load_directions, save_directions
+    from ..tools.latent import manipulate_all
 
     run = _open(args)
     if args.directions:
@@ -701,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..train.checkpoint import CheckpointError
     from ..data import DatasetError
     from ..train.loop import TrainingError
+    from ..tools.convert import ConversionError
 
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -713,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, *_, **__: f"{prefix}: warning: {message}\n"  # one line, no source line
     try:
         return args.func(args)
-    except (CLIError, ConfigError, CheckpointError, DatasetError, TrainingError) as e:
+    except (CLIError, ConfigError, CheckpointError, ConversionError, DatasetError, TrainingError) as e:
         print(f"{prefix}: error: {in_flags(str(getattr(e, 'cli_message', e)))}", file=sys.stderr)
         return EXIT_USAGE if isinstance(e, (CLIError, ConfigError)) else 1
     finally:

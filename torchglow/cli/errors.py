@@ -12,7 +12,12 @@ import re
 EXIT_USAGE = 2
 
 # parameters of library functions whose option is not their name with hyphens
-PARAMETER_FLAGS: dict[str, str] = {}
+PARAMETER_FLAGS: dict[str, str] = {
+    "classes": "--class-attribute",  # data.labels.labels_for, by manipulate
+    "csv_path": "--labels-csv",
+    "attributes": "--attribute",
+    "hparams_path": "--hparams",  # tools.convert.convert_y0ast
+}
 
 
 class CLIError(Exception):

@@ -41,7 +41,6 @@ from typing import Any, Callable
 
 import torch
 
-from ..train.checkpoint import CheckpointError
 from ..config import ConfigError, GlowConfig
 from ..files import default_folder_mode, make_readable
 from ..layers import LOGSCALE_FACTOR, ConvActNorm, ZeroConv2d
@@ -64,7 +63,7 @@ _SPLIT = re.compile(r"flow\.layers\.(\d+)\.conv\.conv\.weight")
 Rule = tuple[str, tuple[str, ...], Callable[..., torch.Tensor]]
 
 
-class ConversionError(CheckpointError):
+class ConversionError(RuntimeError):
     """A checkpoint or hparams file that cannot be converted; the message names the file and key."""
 
 
@@ -163,7 +162,7 @@ def infer_config(state: dict[str, torch.Tensor], hparams: dict[str, Any] | None 
     elif hparams is None:
         raise ConversionError(
             f"{source} has no 1x1-convolution weights, so its permutation is 'reverse' or 'shuffle', which its state "
-            "dict cannot tell apart: pass its hparams.json (--hparams)")
+            "dict cannot tell apart: pass its hparams.json (`hparams_path`)")
     else:
         permutation, lu = "reverse", False
     prior_h = _tensor(state, "prior_h", 4, source)

@@ -21,7 +21,7 @@ def few_images_caveat(n: int, name: str) -> str | None:
     if n >= MIN_EVAL_IMAGES:
         return None
     return (f"the score rests on {n} image(s) of {name}, fewer than {MIN_EVAL_IMAGES}: read its later digits as "
-            f"noise (a folder's whole set: --dataset FOLDER --split all)")
+            f"noise (a folder's whole set: `dataset` FOLDER `split` all)")
 
 
 @torch.no_grad()
@@ -29,10 +29,10 @@ def evaluate_bpd(model: Glow, images: torch.Tensor, labels: torch.Tensor | None 
                  batch_size: int = 256, n_draws: int = 1, seed: int = 0, fast: bool = False) -> float:
     """Mean bits/dim of uint8 ``images`` (N, C, H, W), averaged over ``n_draws`` seeded
     dequantisation draws. Under torch.distributed each rank scores its share and the result is
-    the mean over the whole set. ``fast``: the forward with compiled flow steps, a CUDA graph on CUDA
-    (:func:`torchglow.fast.fast_forward`), at a fixed batch (``batch_size``, or fewer when the set is smaller), the last batch padded with
-    copies of its first images, which are not counted; equal to the eager forward up to the
-    compiler's float rounding."""
+    the mean over the whole set. ``fast``: the forward with compiled flow steps, a CUDA graph on
+    CUDA (:func:`torchglow.tools.fast.fast_forward`), at a fixed batch (``batch_size``, or fewer
+    when the set is smaller), the last batch padded with copies of its first images, which are not
+    counted; equal to the eager forward up to the compiler's float rounding."""
     from .fast import fast_forward
     from ..noise import mix_seed
 

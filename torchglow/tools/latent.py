@@ -1,11 +1,12 @@
 """Latent-space tools: reconstructions, interpolations and attribute manipulation (Kingma &
-Dhariwal 2018, §5; the official ``demo/``). Sample grids are in :mod:`torchglow.sampling`.
+Dhariwal 2018, §5; the official ``demo/``). Sample grids are in :mod:`torchglow.tools.sampling`, the
+directions to manipulate along in :mod:`torchglow.tools.directions`.
 
 Every tool is one function taking a model, uint8 images (B, C, H, W) and options; it writes a PNG
 grid and a JSON summary into ``out_dir`` and returns the summary (JSON-serialisable). Nothing is
 random: the same images give the same latents and, on one device, byte-identical PNGs.
 
-Images are encoded at their **bin centres** (:func:`torchglow.images.bin_centres`), not dequantised
+Images are encoded at their **bin centres** (:func:`torchglow.tools.images.bin_centres`), not dequantised
 with random noise (the official encoder adds ``U(0, 1/n_bins)`` noise): the encoding is then
 deterministic and ``to_uint8(decode(encode(x)))`` gives back exactly the ``n_bits`` image.
 
@@ -14,14 +15,13 @@ All edits happen on the **standardised** latents ``ε = (z - mean) / std`` of ev
 ``y`` (one label per image) is used to encode and to decode: the top prior's mean and std depend
 on it, the ``z``s do not.
 
-Displayed images go through :func:`torchglow.images.display_uint8`: bin ``max_level`` -> 255.
+Displayed images go through :func:`torchglow.tools.images.display_uint8`: bin ``max_level`` -> 255.
 ``max_level=None`` uses the input images' own top bin (so the digits, which use bins 0..16 of 32,
 are shown at full contrast); pass ``max_level`` to choose.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -32,12 +32,9 @@ import torch
 from .. import preprocess as pp
 from ..files import write_json_atomic
 from ..health import check_frames, frame_stats, warn_frames
-from .images import bin_centres, data_max_level, display_uint8, save_grid
-from ..data.labels import bool_labels
 from ..model import Glow
+from .images import bin_centres, data_max_level, display_uint8, save_grid
 from .sampling import check_labels
-
-DIRECTION_SCALE = 1.6  # official demo/get_manipulators.py: 1.6 * (mean ε with - mean ε without)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -52,7 +49,16 @@ def _reduced(x_uint8: torch.Tensor, n_bits: int) -> torch.Tensor:
     return pp.to_uint8(pp.preprocess(x_uint8.cpu(), n_bits), n_bits)
 
 
-def _check_images(model: Glow, x_uint8: torch.Tensor, what: str = "images") -> None:
+def _exactness(model: Glow, decoded: torch.Tensor, x_uint8: torch.Tensor) -> tuple[float, bool]:
+    """How well ``decoded`` (model space, CPU) gives back ``x_uint8``: the largest error against the
+    bin centres, and whether ``to_uint8`` of it equals the ``n_bits`` images exactly."""
+    n_bits = model.config.n_bits
+    error = float((decoded - _centres(model, x_uint8).float().cpu()).abs().max())
+    return error, bool((pp.to_uint8(decoded, n_bits) == _reduced(x_uint8, n_bits)).all())
+
+
+def check_images(model: Glow, x_uint8: torch.Tensor, what: str = "images") -> None:
+    """TypeError unless ``x_uint8`` is a uint8 tensor, ValueError unless shaped (N, *image_shape)."""
     if not isinstance(x_uint8, torch.Tensor) or x_uint8.dtype != torch.uint8:
         raise TypeError(f"{what} must be a uint8 tensor (N, C, H, W)")
     if x_uint8.dim() != 4 or tuple(x_uint8.shape[1:]) != tuple(model.config.image_shape):
@@ -60,7 +66,8 @@ def _check_images(model: Glow, x_uint8: torch.Tensor, what: str = "images") -> N
                          f"got {tuple(x_uint8.shape)}")
 
 
-def _batches(n: int, batch_size: int) -> Iterable[slice]:
+def batch_slices(n: int, batch_size: int) -> Iterable[slice]:
+    """Slices of ``range(n)`` of ``batch_size`` items (the last may be shorter)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for s in range(0, n, batch_size):
@@ -71,11 +78,11 @@ def _batches(n: int, batch_size: int) -> Iterable[slice]:
 def encode_eps(model: Glow, x_uint8: torch.Tensor, y=None, batch_size: int = 256) -> list[torch.Tensor]:
     """Standardised latents ε (one tensor per level, shapes ``model.latent_shapes``) of uint8
     images encoded at their bin centres, on the model's device."""
-    _check_images(model, x_uint8)
+    check_images(model, x_uint8)
     device = model.device
     y = check_labels(model, y, x_uint8.shape[0], device)
     parts: list[list[torch.Tensor]] = []
-    for sl in _batches(x_uint8.shape[0], batch_size):
+    for sl in batch_slices(x_uint8.shape[0], batch_size):
         eps, _ = model.encode(_centres(model, x_uint8[sl]), None if y is None else y[sl], standardized=True)
         parts.append(eps)
     return [torch.cat([p[i] for p in parts]) for i in range(len(model.latent_shapes))]
@@ -89,13 +96,13 @@ def decode_eps(model: Glow, eps: Sequence[torch.Tensor], y=None, batch_size: int
     the words of a :class:`~torchglow.health.NumericalHealthWarning` when some images are non-finite
     or mostly clipped (:func:`~torchglow.health.check_frames`); None when the caller counts them.
     ``decode``: the model's decode (default) or one with its arguments, e.g.
-    :func:`torchglow.fast.fast_decode`."""
+    :func:`torchglow.tools.fast.fast_decode`."""
     decode = decode or model.decode
     device, dtype = model.device, model.dtype
     n = eps[0].shape[0]
     y = check_labels(model, y, n, device)
     out = []
-    for sl in _batches(n, batch_size):
+    for sl in batch_slices(n, batch_size):
         out.append(decode([e[sl].to(device=device, dtype=dtype) for e in eps],
                           None if y is None else y[sl], standardized=True))
     x = torch.cat(out)
@@ -127,15 +134,15 @@ def reconstruct(model: Glow, x_uint8: torch.Tensor, out_dir: str | Path, y=None,
     the reconstructions equals the ``n_bits``-reduced originals exactly (``uint8_exact``, with the
     count of pixels that differ). ``info`` (e.g. where the images came from) is added to the summary.
     """
-    _check_images(model, x_uint8)
+    check_images(model, x_uint8)
     n_bits = model.config.n_bits
     device, dtype = model.device, model.dtype
-    yy = check_labels(model, y, x_uint8.shape[0], device)
+    y = check_labels(model, y, x_uint8.shape[0], device)
     max_err, sum_err, count = 0.0, 0.0, 0
     recs = []
-    for sl in _batches(x_uint8.shape[0], batch_size):
+    for sl in batch_slices(x_uint8.shape[0], batch_size):
         x = _centres(model, x_uint8[sl])
-        yb = None if yy is None else yy[sl]
+        yb = None if y is None else y[sl]
         latents, _ = model.encode(x, yb)
         x_rec = model.decode(latents, yb)
         err = (x_rec - x).abs()
@@ -147,13 +154,14 @@ def reconstruct(model: Glow, x_uint8: torch.Tensor, out_dir: str | Path, y=None,
     rec_uint8 = pp.to_uint8(x_rec, n_bits)
     orig = _reduced(x_uint8, n_bits)
     mismatched = int((rec_uint8 != orig).sum())
-    level = data_max_level(x_uint8, n_bits) if max_level is None else max_level
-    rows, labels = [], []
+    max_level = data_max_level(x_uint8, n_bits) if max_level is None else max_level
+    rows, row_labels = [], []
     for s in range(0, x_uint8.shape[0], nrow):
-        rows += [display_uint8(orig[s : s + nrow], n_bits, level), display_uint8(rec_uint8[s : s + nrow], n_bits, level)]
-        labels += ["original", "reconstructed"]
+        rows += [display_uint8(orig[s : s + nrow], n_bits, max_level),
+                 display_uint8(rec_uint8[s : s + nrow], n_bits, max_level)]
+        row_labels += ["original", "reconstructed"]
     out_dir = Path(out_dir)
-    png = save_grid(rows, out_dir / "reconstruction.png", row_labels=labels)
+    png = save_grid(rows, out_dir / "reconstruction.png", row_labels=row_labels)
     summary = {
         "tool": "reconstruct", "images": int(x_uint8.shape[0]), "dtype": str(dtype).replace("torch.", ""),
         "max_abs_error": max_err, "mean_abs_error": sum_err / max(count, 1),
@@ -174,21 +182,19 @@ def lerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     return (1 - t) * a + t * b
 
 
-def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-7) -> torch.Tensor:
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float, tol: float = 1e-7) -> torch.Tensor:
     """Spherical interpolation between the rows of ``a`` and ``b`` (B, ...), each row flattened:
     ``sin((1-t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b`` with Ω the angle between the rows; rows that
     are (anti)parallel or zero fall back to linear interpolation. Exact at t=0 and t=1."""
-    if t == 0.0:
-        return a.clone()
-    if t == 1.0:
-        return b.clone()
+    if t in (0.0, 1.0):
+        return lerp(a, b, t)
     shape = a.shape
     a2, b2 = a.reshape(shape[0], -1).double(), b.reshape(shape[0], -1).double()
     na, nb = a2.norm(dim=1), b2.norm(dim=1)
     cos = ((a2 * b2).sum(1) / (na * nb).clamp_min(1e-300)).clamp(-1.0, 1.0)
     omega = torch.arccos(cos)
     so = torch.sin(omega)
-    ok = (so > eps) & (na > 0) & (nb > 0)
+    ok = (so > tol) & (na > 0) & (nb > 0)
     wa = torch.where(ok, torch.sin((1 - t) * omega) / torch.where(ok, so, 1.0), torch.full_like(so, 1 - t))
     wb = torch.where(ok, torch.sin(t * omega) / torch.where(ok, so, 1.0), torch.full_like(so, t))
     out = wa[:, None] * a2 + wb[:, None] * b2
@@ -214,8 +220,8 @@ def interpolate(model: Glow, x_a: torch.Tensor, x_b: torch.Tensor, out_dir: str 
     (``nonfinite_frames``, ``clipped_frames`` of ``frames``; a warning when there are any). ``info``
     is added to the summary.
     """
-    _check_images(model, x_a, "x_a")
-    _check_images(model, x_b, "x_b")
+    check_images(model, x_a, "x_a")
+    check_images(model, x_b, "x_b")
     if x_a.shape[0] != x_b.shape[0]:
         raise ValueError(f"x_a and x_b must hold the same number of images, got {x_a.shape[0]} and {x_b.shape[0]}")
     if steps < 2:
@@ -229,9 +235,8 @@ def interpolate(model: Glow, x_a: torch.Tensor, x_b: torch.Tensor, out_dir: str 
     eps_a = encode_eps(model, x_a, y, batch_size)
     eps_b = encode_eps(model, x_b, y, batch_size)
     ts = [i / (steps - 1) for i in range(steps)]
-    level = max(data_max_level(x_a, n_bits), data_max_level(x_b, n_bits)) if max_level is None else max_level
-    centres = (_centres(model, x_a).float().cpu(), _centres(model, x_b).float().cpu())
-    reduced = (_reduced(x_a, n_bits), _reduced(x_b, n_bits))
+    if max_level is None:
+        max_level = max(data_max_level(x_a, n_bits), data_max_level(x_b, n_bits))
     out_dir = Path(out_dir)
     files, per_method = [], {}
     for m in methods:
@@ -242,12 +247,11 @@ def interpolate(model: Glow, x_a: torch.Tensor, x_b: torch.Tensor, out_dir: str 
             frames.append(decode_eps(model, eps_t, y, batch_size, check=None).float().cpu())
             _add_frames(counts, frames[-1])
         warn_frames(counts, f"interpolation ({m})")
-        err = max(float((frames[0] - centres[0]).abs().max()), float((frames[-1] - centres[1]).abs().max()))
-        exact = bool((pp.to_uint8(frames[0], n_bits) == reduced[0]).all()
-                     and (pp.to_uint8(frames[-1], n_bits) == reduced[1]).all())
-        per_method[m] = {"endpoint_max_abs_error": err, "endpoints_uint8_exact": exact, **counts}
+        (error_a, exact_a), (error_b, exact_b) = _exactness(model, frames[0], x_a), _exactness(model, frames[-1], x_b)
+        per_method[m] = {"endpoint_max_abs_error": max(error_a, error_b), "endpoints_uint8_exact": exact_a and exact_b,
+                         **counts}
         uint8 = torch.stack([pp.to_uint8(f, n_bits) for f in frames], 1)  # (n, steps, C, H, W)
-        rows = [display_uint8(uint8[i], n_bits, level) for i in range(n)]
+        rows = [display_uint8(uint8[i], n_bits, max_level) for i in range(n)]
         files.append(str(save_grid(rows, out_dir / f"interpolation_{m}.png")))
     summary = {"tool": "interpolate", "pairs": n, "steps": steps, "t": ts, "methods": methods,
                "per_method": per_method, "n_bits": n_bits, "files": files, **(info or {})}
@@ -256,99 +260,13 @@ def interpolate(model: Glow, x_a: torch.Tensor, x_b: torch.Tensor, out_dir: str 
 
 
 @torch.no_grad()
-def attribute_directions(model: Glow, x_uint8: torch.Tensor, labels, names: Sequence[str] | None = None,
-                         batch_size: int = 256, y=None, scale: float = DIRECTION_SCALE
-                         ) -> dict[str, list[torch.Tensor]]:
-    """Manipulation directions, as the official demo (``demo/get_manipulators.py``): encode every
-    image to its standardised latents ε (all levels), and for each attribute
-    ``direction = scale · (mean ε of the images with it − mean ε of those without)``, with
-    ``scale = 1.6`` as the demo. ``labels``: bool (N, A) (or (N,); 0/1 and -1/1 accepted).
-
-    Returns ``{name: [direction of level 0, ..., top level]}`` (float32, CPU, shapes
-    ``model.latent_shapes``). Every attribute needs images with and without it.
-    """
-    _check_images(model, x_uint8)
-    labels = bool_labels(labels)
-    n, n_attr = labels.shape
-    if n != x_uint8.shape[0]:
-        raise ValueError(f"{n} label rows for {x_uint8.shape[0]} images")
-    names = [f"attr_{i}" for i in range(n_attr)] if names is None else [str(s) for s in names]
-    if len(names) != n_attr or len(set(names)) != n_attr:
-        raise ValueError(f"need {n_attr} distinct attribute names, got {names}")
-    n_pos = labels.sum(0)
-    for name, p in zip(names, n_pos.tolist()):
-        if p == 0 or p == n:
-            raise ValueError(f"attribute {name!r}: {p} of {n} images have it; need images with and without")
-    device = model.device
-    yy = check_labels(model, y, n, device)
-    lab = labels.to(device=device, dtype=torch.float64)
-    pos_sum = [torch.zeros(n_attr, math.prod(s), dtype=torch.float64, device=device) for s in model.latent_shapes]
-    tot_sum = [torch.zeros(math.prod(s), dtype=torch.float64, device=device) for s in model.latent_shapes]
-    for sl in _batches(n, batch_size):
-        eps, _ = model.encode(_centres(model, x_uint8[sl]), None if yy is None else yy[sl], standardized=True)
-        for i, e in enumerate(eps):
-            flat = e.reshape(e.shape[0], -1).double()
-            pos_sum[i] += lab[sl].T @ flat
-            tot_sum[i] += flat.sum(0)
-    n_pos = n_pos.to(device=device, dtype=torch.float64)[:, None]
-    directions: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    for i, shape in enumerate(model.latent_shapes):
-        mean_pos = pos_sum[i] / n_pos
-        mean_neg = (tot_sum[i][None] - pos_sum[i]) / (n - n_pos)
-        d = (scale * (mean_pos - mean_neg)).float().cpu()
-        for a, name in enumerate(names):
-            directions[name].append(d[a].reshape(shape).contiguous())
-    return directions
-
-
-def save_directions(directions: dict[str, Sequence[torch.Tensor]], path: str | Path,
-                    metadata: dict[str, Any] | None = None) -> Path:
-    """Write directions to a safetensors file: tensor ``"{i}/level{l}"`` for the i-th name, the
-    names (in order) and ``metadata`` as JSON in the file's metadata."""
-    from safetensors.torch import save_file
-
-    names = list(directions)
-    tensors = {}
-    for i, name in enumerate(names):
-        for lvl, d in enumerate(directions[name]):
-            tensors[f"{i}/level{lvl}"] = d.detach().float().contiguous().cpu()
-    meta = {"format": "torchglow-directions", "names": json.dumps(names),
-            "n_levels": str(len(directions[names[0]]) if names else 0),
-            "metadata": json.dumps(metadata or {})}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=meta)
-    return path
-
-
-def load_directions(path: str | Path) -> dict[str, list[torch.Tensor]]:
-    """Inverse of :func:`save_directions`: ``{name: [per-level direction]}`` in the saved order.
-    ValueError (naming the file) for a missing, foreign or damaged file."""
-    from safetensors import safe_open
-
-    if not Path(path).is_file():
-        raise ValueError(f"directions file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") == "torchglow-directions":
-                names = json.loads(meta["names"])
-                n_levels = int(meta["n_levels"])
-                return {name: [f.get_tensor(f"{i}/level{lvl}") for lvl in range(n_levels)]
-                        for i, name in enumerate(names)}
-    except Exception as e:  # safetensors raises its own error types for files of other formats
-        raise ValueError(f"cannot read directions file {path}: {e}") from None
-    raise ValueError(f"cannot read directions file {path}: not a torchglow directions file")
-
-
-@torch.no_grad()
 def manipulate(model: Glow, x_uint8: torch.Tensor, direction: Sequence[torch.Tensor], out_dir: str | Path,
                alphas: Sequence[float] = (-1.0, -0.5, 0.0, 0.5, 1.0), y=None, name: str = "direction",
                batch_size: int = 256, max_level: int | None = None,
                eps: Sequence[torch.Tensor] | None = None, suffix: str | None = None) -> dict[str, Any]:
-    """Edit images along a direction (per-level list, e.g. from :func:`attribute_directions`):
-    ``ε + α · direction`` at every level, decoded, as the official demo's ``manipulate``
-    (α in [-1, 1]). Writes ``manipulate_{name}.png`` (one row per image, one column per α) and
+    """Edit images along a direction (per-level list, e.g. from
+    :func:`~torchglow.tools.directions.attribute_directions`): ``ε + α · direction`` at every
+    level, decoded, as the official demo's ``manipulate`` (α in [-1, 1]). Writes ``manipulate_{name}.png`` (one row per image, one column per α) and
     ``manipulate_{name}.json``; the summary reports, for α = 0 when given, the model-space error
     against the image and whether the ``n_bits`` image comes back exactly, and counts the frames
     that are non-finite or mostly clipped (``nonfinite_frames``, ``clipped_frames`` of ``frames``;
@@ -356,7 +274,7 @@ def manipulate(model: Glow, x_uint8: torch.Tensor, direction: Sequence[torch.Ten
     already (:func:`manipulate_all` encodes once). ``suffix`` goes after the name in the file
     names; None picks the first of "", "-2", "-3", ... that overwrites no file.
     """
-    _check_images(model, x_uint8)
+    check_images(model, x_uint8)
     if len(direction) != len(model.latent_shapes):
         raise ValueError(f"a direction needs {len(model.latent_shapes)} levels, got {len(direction)}")
     for d, s in zip(direction, model.latent_shapes):
@@ -376,15 +294,13 @@ def manipulate(model: Glow, x_uint8: torch.Tensor, direction: Sequence[torch.Ten
         x = decode_eps(model, [e + a * d for e, d in zip(eps, dirs)], y, batch_size, check=None).float().cpu()
         _add_frames(counts, x)
         if a == 0.0:
-            summary_extra = {
-                "alpha0_max_abs_error": float((x - _centres(model, x_uint8).float().cpu()).abs().max()),
-                "alpha0_uint8_exact": bool((pp.to_uint8(x, n_bits) == _reduced(x_uint8, n_bits)).all()),
-            }
+            error, exact = _exactness(model, x, x_uint8)
+            summary_extra = {"alpha0_max_abs_error": error, "alpha0_uint8_exact": exact}
         cols.append(pp.to_uint8(x, n_bits))
     warn_frames(counts, f"manipulate {name}")
     grid = torch.stack(cols, 1)  # (N, len(alphas), C, H, W)
-    level = data_max_level(x_uint8, n_bits) if max_level is None else max_level
-    rows = [display_uint8(grid[i], n_bits, level) for i in range(grid.shape[0])]
+    max_level = data_max_level(x_uint8, n_bits) if max_level is None else max_level
+    rows = [display_uint8(grid[i], n_bits, max_level) for i in range(grid.shape[0])]
     out_dir = Path(out_dir)
     stem = f"manipulate_{_slug(name)}"
     suffix = free_suffix(out_dir, [f"{stem}.png", f"{stem}.json"]) if suffix is None else suffix

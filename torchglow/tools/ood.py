@@ -35,8 +35,8 @@ import torch
 
 from .. import preprocess as pp
 from ..files import write_json_atomic
-from .images import data_max_level
 from ..model import Glow
+from .images import data_max_level
 
 NOISE_CHUNK = 1024  # dequantisation noise is drawn per chunk of this many images, whatever the batch size
 
@@ -61,8 +61,8 @@ def scores_bpd(model: Glow, images_uint8: torch.Tensor, batch_size: int = 256, s
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device, dtype = model.device, model.dtype
-    cfg = model.config
-    n_bits, k = cfg.n_bits, cfg.num_classes
+    config = model.config
+    n_bits, k = config.n_bits, config.num_classes
     if labels is not None and not k:
         raise ValueError("this model is not class-conditional: do not pass labels")
     gen = torch.Generator().manual_seed(seed)
@@ -82,7 +82,7 @@ def scores_bpd(model: Glow, images_uint8: torch.Tensor, batch_size: int = 256, s
                 lps = torch.stack([model.log_prob(x, torch.full((x.shape[0],), c, dtype=torch.long, device=device))
                                    for c in range(k)])
                 lp = torch.logsumexp(lps.double(), 0) - math.log(k)
-            out.append(pp.bits_per_dim_from_log_prob(lp.double(), cfg.n_dims, n_bits).cpu())
+            out.append(pp.bits_per_dim_from_log_prob(lp.double(), config.n_dims, n_bits).cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
@@ -288,7 +288,7 @@ def _table(rows: list[tuple[str, str, dict[str, float]]], few: set[tuple[str, st
                      f"{m['fpr_at_95_tpr']:6.3f}{mark}")
     if few:
         lines.append(f"* from fewer than {MIN_SCORES} scores on one side (images, or batches of M for typicality): "
-                     f"noisy; score more images (--in-split all, --max-images 0)")
+                     f"noisy; score more images (`in_split` all, `max_images` 0)")
     return "\n".join(lines)
 
 
@@ -296,6 +296,45 @@ def _stats(v: torch.Tensor) -> dict[str, Any]:
     f = v[torch.isfinite(v)]
     return {"n": int(v.numel()), "nonfinite": int(v.numel() - f.numel()),
             "mean": float(f.mean()) if f.numel() else None, "std": float(f.std()) if f.numel() > 1 else None}
+
+
+def _typicality_reference(model: Glow, in_bpd: torch.Tensor, in_reference: torch.Tensor | None, batch_size: int,
+                          seed: int) -> tuple[float, torch.Tensor, str]:
+    """Ĥ (the mean finite bits/dim of held-out in-distribution images), the in-distribution bits/dim
+    the typicality batches are made of, and where Ĥ came from: ``in_reference``, or one half of a
+    seeded shuffle of the in-distribution images, whose other half makes the batches."""
+    if in_reference is not None:
+        reference_bpd, batch_bpd, reference = scores_bpd(model, in_reference, batch_size, seed), in_bpd, "in_reference"
+    else:
+        perm = torch.randperm(in_bpd.shape[0], generator=torch.Generator().manual_seed(seed))
+        half = in_bpd.shape[0] // 2
+        reference_bpd, batch_bpd, reference = in_bpd[perm[:half]], in_bpd[perm[half:]], "half of in_images"
+    finite = reference_bpd[torch.isfinite(reference_bpd)]
+    if finite.numel() == 0:
+        raise ValueError("no finite bits/dim on the in-distribution reference images")
+    return float(finite.mean()), batch_bpd, reference
+
+
+def _set_metrics(scores: dict[str, dict[str, torch.Tensor]], in_name: str, name: str, typicality_in: dict,
+                 h_hat: float, seed: int) -> tuple[dict[str, Any], list[str], set[tuple[str, str]]]:
+    """The metrics of OOD set ``name`` against ``in_name`` for every score, the scores skipped (as
+    lines of the summary's ``skipped``) and the (set, score) pairs from fewer than :data:`MIN_SCORES`."""
+    bpd, complexity = scores["bpd"], scores["complexity"]
+    skipped: list[str] = []
+    few: set[tuple[str, str]] = set()
+    res = {"bpd": metrics(bpd[in_name], bpd[name]), "complexity": metrics(complexity[in_name], complexity[name])}
+    for m, t_in in typicality_in.items():
+        t_out = typicality_scores(bpd[name], h_hat, m, seed)
+        if t_in.numel() == 0 or t_out.numel() == 0:
+            skipped.append(f"typicality_m{m} for {name}: fewer than {m} images")
+            continue
+        res[f"typicality_m{m}"] = {**metrics(t_in, t_out), "batches_in": int(t_in.numel()),
+                                   "batches_out": int(t_out.numel())}
+        if min(t_in.numel(), t_out.numel()) < MIN_SCORES:
+            few.add((name, f"typicality_m{m}"))
+    if min(bpd[in_name].numel(), bpd[name].numel()) < MIN_SCORES:
+        few.update((name, score) for score in ("bpd", "complexity"))
+    return res, skipped, few
 
 
 @torch.no_grad()
@@ -319,68 +358,36 @@ def ood_report(model: Glow, in_images: torch.Tensor, out_sets: dict[str, torch.T
     """
     if not out_sets:
         raise ValueError("give at least one OOD set")
+    if in_name in out_sets:
+        raise ValueError(f"an OOD set may not be called {in_name!r}")
     ms = [typicality_m] if isinstance(typicality_m, int) else list(typicality_m)
     n_bits = model.config.n_bits
     out_dir = Path(out_dir)
-    bpd = {in_name: scores_bpd(model, in_images, batch_size, seed)}
-    for name, imgs in out_sets.items():
-        if name == in_name:
-            raise ValueError(f"an OOD set may not be called {in_name!r}")
-        bpd[name] = scores_bpd(model, imgs, batch_size, seed)
     sets = {in_name: in_images, **out_sets}
+    bpd = {k: scores_bpd(model, v, batch_size, seed) for k, v in sets.items()}
     png = {k: png_bits_per_dim(v, n_bits) for k, v in sets.items()}
-    complexity = {k: bpd[k] - png[k] for k in sets}
-
-    if in_reference is not None:
-        ref_bpd = scores_bpd(model, in_reference, batch_size, seed)
-        in_typ_bpd = bpd[in_name]
-        reference = "in_reference"
-    else:
-        perm = torch.randperm(in_images.shape[0], generator=torch.Generator().manual_seed(seed))
-        half = in_images.shape[0] // 2
-        ref_bpd, in_typ_bpd = bpd[in_name][perm[:half]], bpd[in_name][perm[half:]]
-        reference = "half of in_images"
-    finite_ref = ref_bpd[torch.isfinite(ref_bpd)]
-    if finite_ref.numel() == 0:
-        raise ValueError("no finite bits/dim on the in-distribution reference images")
-    h_hat = float(finite_ref.mean())
-
-    rows: list[tuple[str, str, dict[str, float]]] = []
-    results: dict[str, Any] = {}
-    skipped: list[str] = []
-    few: set[tuple[str, str]] = set()
-    typicality_in = {m: typicality_scores(in_typ_bpd, h_hat, m, seed) for m in ms}
+    scores = {"bpd": bpd, "complexity": {k: bpd[k] - png[k] for k in sets}}
+    h_hat, batch_bpd, reference = _typicality_reference(model, bpd[in_name], in_reference, batch_size, seed)
+    typicality_in = {m: typicality_scores(batch_bpd, h_hat, m, seed) for m in ms}
+    results, skipped, few = {}, [], set()
     for name in out_sets:
-        res = {"bpd": metrics(bpd[in_name], bpd[name]),
-               "complexity": metrics(complexity[in_name], complexity[name])}
-        for m in ms:
-            t_in = typicality_in[m]
-            t_out = typicality_scores(bpd[name], h_hat, m, seed)
-            if t_in.numel() == 0 or t_out.numel() == 0:
-                skipped.append(f"typicality_m{m} for {name}: fewer than {m} images")
-                continue
-            res[f"typicality_m{m}"] = {**metrics(t_in, t_out), "batches_in": int(t_in.numel()),
-                                       "batches_out": int(t_out.numel())}
-            if min(t_in.numel(), t_out.numel()) < MIN_SCORES:
-                few.add((name, f"typicality_m{m}"))
-        if min(in_images.shape[0], out_sets[name].shape[0]) < MIN_SCORES:
-            few.update((name, score) for score in ("bpd", "complexity"))
-        results[name] = res
-        rows += [(name, score, mm) for score, mm in res.items()]
+        results[name], set_skipped, set_few = _set_metrics(scores, in_name, name, typicality_in, h_hat, seed)
+        skipped += set_skipped
+        few |= set_few
+    rows = [(name, score, mm) for name, res in results.items() for score, mm in res.items()]
     table = _table(rows, few)
-    caveats = [f"{score} of {name}: fewer than {MIN_SCORES} scores on one side" for name, score in sorted(few)]
-
     _histogram(bpd, in_name, out_dir / "bpd_hist.png", "bits/dim", "bits/dim per image")
-    _histogram(complexity, in_name, out_dir / "complexity_hist.png", "S(x) = bits/dim - PNG bits/dim",
+    _histogram(scores["complexity"], in_name, out_dir / "complexity_hist.png", "S(x) = bits/dim - PNG bits/dim",
                "input-complexity score")
     summary = {
         "tool": "ood", "convention": "higher score = more OOD; OOD is the positive class",
         "seed": seed, "n_bits": n_bits, "typicality_m": ms, "typicality_reference": reference,
-        "typicality_reference_bpd": h_hat,
-        "bpd": {k: _stats(v) for k, v in bpd.items()},
+        "typicality_reference_bpd": h_hat, "bpd": {k: _stats(v) for k, v in bpd.items()},
         "png_bits_per_dim": {k: _stats(v) for k, v in png.items()},
-        "complexity": {k: _stats(v) for k, v in complexity.items()},
-        "metrics": results, "skipped": skipped, "caveats": caveats, "min_scores": MIN_SCORES, "table": table,
+        "complexity": {k: _stats(v) for k, v in scores["complexity"].items()}, "metrics": results,
+        "skipped": skipped, "caveats": [f"{score} of {name}: fewer than {MIN_SCORES} scores on one side"
+                                        for name, score in sorted(few)],
+        "min_scores": MIN_SCORES, "table": table,
         "files": [str(out_dir / "bpd_hist.png"), str(out_dir / "complexity_hist.png"), str(out_dir / "ood.json")],
         **(info or {}),
     }

@@ -17,9 +17,9 @@ import torch
 
 from ..files import write_json_atomic
 from ..health import check_samples
-from .images import save_grid, to_display
 from ..model import Glow
 from .fast import fast_decode
+from .images import save_grid, to_display
 
 DEFAULT_TEMPERATURES = (0.0, 0.5, 0.7, 0.8, 0.9, 1.0)
 
@@ -60,8 +60,8 @@ def temperature_rows(model: Glow, temperatures: Sequence[float] = DEFAULT_TEMPER
     """One row of ``n_per_row`` samples per temperature, in model space (float32, CPU), from one
     seeded ε draw shared by all rows. For a class-conditional model, ``y`` gives the class of each
     column (one label, or ``n_per_row``); by default column j is class ``j % num_classes``.
-    ``fast``: decode through :func:`torchglow.fast.fast_decode` (a CUDA graph on CUDA, the same
-    kernels as the eager decode). :func:`torchglow.images.to_display` turns the rows into
+    ``fast``: decode through :func:`torchglow.tools.fast.fast_decode` (a CUDA graph on CUDA, the same
+    kernels as the eager decode). :func:`torchglow.tools.images.to_display` turns the rows into
     images for :func:`save_grid`."""
     return _rows(model, _decoder(model, fast), temperatures, n_per_row, seed, y)
 
@@ -103,7 +103,7 @@ def sample_grid(model: Glow, out_dir: str | Path, temperatures: Sequence[float] 
       (``classes``, default all), the same ε in every row so that columns differ only by class.
 
     Pixels are shown with bin ``max_level`` as white (default the top bin ``2**n_bits - 1``; see
-    :func:`torchglow.images.display_uint8`). Writes ``{name}.json`` and returns that summary: the
+    :func:`torchglow.tools.images.display_uint8`). Writes ``{name}.json`` and returns that summary: the
     files, the options and per-temperature :func:`torchglow.health.sample_stats` (non-finite values,
     the fraction clipped into [-0.5, 0.5)); non-finite samples, and a temperature whose samples
     mostly clip, also raise a :class:`~torchglow.health.NumericalHealthWarning`. ``fast``: as in

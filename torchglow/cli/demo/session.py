@@ -502,7 +502,7 @@ def _directions(args: argparse.Namespace, run: Run) -> tuple[dict[str, list[torc
     from ..errors import CLIError
     from ...data import DatasetError
     from ...data.labels import attribute_labels, image_ids, labels_from_csv
-    from ...tools.latent import attribute_directions, load_directions
+    from ...tools.directions import attribute_directions, load_directions
 
     model = run.model
     if args.directions:

@@ -271,7 +271,8 @@ ERRORS = {  # id: (state, hparams, what the one-line message must say)
     "hparams missing key": (STATE, _drop(HPARAMS, "learn_top"), "missing key(s) learn_top"),
     "shuffle": (REVERSE_STATE, hparams_for(permutation="shuffle"),
                 "flow_permutation 'shuffle' cannot be converted: y0ast draws each step's channel shuffle"),
-    "reverse without hparams": (REVERSE_STATE, None, "'reverse' or 'shuffle', which its state dict cannot tell apart"),
+    "reverse without hparams": (REVERSE_STATE, None, "'reverse' or 'shuffle', which its state dict cannot tell apart: "
+                                                     "pass its hparams.json (--hparams)"),
     "invconv hparams for reverse tensors": (REVERSE_STATE, hparams_for(permutation="lu"),
                                             "flow_permutation is 'invconv' but the checkpoint's tensors say 'reverse'"),
 }

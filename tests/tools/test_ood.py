@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from torchglow.cli.errors import in_flags
 from torchglow.tools import ood
 
 from tool_checks import digits_like, make_model, open_png
@@ -178,7 +179,8 @@ def test_ood_report(model, tmp_path, capsys):
                                         for name in sets for m in (2, 5))
     marked = [line for line in summary["table"].splitlines() if line.endswith("  *")]
     assert len(marked) == len(summary["caveats"]) and all("typicality" in line for line in marked)
-    assert "* from fewer than 20 scores" in summary["table"]
+    assert "* from fewer than 20 scores" in summary["table"] and "--" not in summary["table"]
+    assert in_flags(summary["table"]).endswith("score more images (--in-split all, --max-images 0)")  # as the CLI shows it
 
 
 def test_ood_report_warns_when_metrics_rest_on_few_images(model, tmp_path):

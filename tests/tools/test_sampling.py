@@ -11,7 +11,7 @@ import torch
 from torchglow.tools import sampling
 from torchglow.health import NumericalHealthWarning
 
-from conftest import cli
+from conftest import amplifying_model, cli
 from tool_checks import open_png
 
 
@@ -145,3 +145,23 @@ def test_sample_fast_command_draws_the_eager_grid(model, cond_model, tmp_path, c
         for a, b in zip(*(s["files"] for s in summaries)):
             diff = np.asarray(open_png(a), dtype=int) - np.asarray(open_png(b), dtype=int)
             assert np.abs(diff).max() <= 9  # one of the 32 bins shown: 255 / 31 ≈ 8.2 grey levels
+
+
+def test_cli_sample_warns_about_non_finite_pixels(capsys, tmp_path, monkeypatch):
+    """`sample --temperatures 5 50`: a NumericalHealthWarning counting the inf/NaN values of the
+    row that overflowed (the same count as samples.json); the finite row, mostly clipped, one
+    saying so."""
+    from torchglow import health
+
+    monkeypatch.setattr(health, "_warned", set())
+    amplifying_model().save_pretrained(tmp_path / "model")
+    with pytest.warns(health.NumericalHealthWarning) as record:
+        rc, _, _ = cli(capsys, "sample", tmp_path / "model", "--temperatures", "5", "50", "--out", tmp_path / "s",
+                        "--name", "grid")
+    assert rc == 0
+    per_t = json.loads((tmp_path / "s" / "grid.json").read_text())["per_temperature"]
+    assert per_t["5"]["nonfinite"] == 0 and per_t["50"]["nonfinite"] > 0
+    assert per_t["5"]["clipped_fraction"] > 0.5
+    assert [str(w.message).split(":")[0] for w in record] == ["samples at T=5", "samples at T=50"]
+    assert "of the values lie outside the image range and are clipped" in str(record[0].message)
+    assert f"{per_t['50']['nonfinite']} of 128 values are inf/NaN" in str(record[1].message)

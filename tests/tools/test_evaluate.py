@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from torchglow.cli.errors import in_flags
 from torchglow.tools.evaluate import MIN_EVAL_IMAGES, categorical_baseline_bpd, evaluate_bpd, few_images_caveat
 
 from conftest import cli
@@ -72,4 +73,6 @@ def test_categorical_baseline_against_a_hand_count():
 
 def test_few_images_caveat():
     assert MIN_EVAL_IMAGES == 100 and few_images_caveat(100, "x") is None
-    assert few_images_caveat(35, "cats (test)").startswith("the score rests on 35 image(s) of cats (test), fewer than 100")
+    caveat = few_images_caveat(35, "cats (test)")
+    assert caveat.startswith("the score rests on 35 image(s) of cats (test), fewer than 100") and "--" not in caveat
+    assert in_flags(caveat).endswith("(a folder's whole set: --dataset FOLDER --split all)")  # as the CLI shows it
