@@ -1,6 +1,7 @@
 import dataclasses
 
 import pytest
+import torch
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
@@ -106,6 +107,12 @@ def test_lsun_presets_train_on_lsun():
     for name in ("lsun64", "lsun96", "lsun128"):
         assert TRAIN_PRESETS[name]["dataset"] in DATASETS and TRAIN_PRESETS[name]["dataset"].startswith("lsun-")
         assert TRAIN_PRESETS[name]["warmup_images"] == 10 * 50_000  # epochs_warmup x n_train
+
+
+def test_each_precision_has_its_autocast_dtype():
+    from torchglow.config import PRECISIONS, autocast_dtype
+
+    assert [autocast_dtype(p) for p in PRECISIONS] == [None, torch.bfloat16, torch.float16]
 
 
 def test_preset_overrides_replace_only_the_named_fields():

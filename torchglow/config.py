@@ -15,11 +15,19 @@ import torch
 COUPLINGS = ("affine", "additive")
 PERMUTATIONS = ("invconv", "shuffle", "reverse")
 OPTIMIZERS = ("adamax", "adam")
-PRECISIONS = ("fp32", "bf16", "fp16")
+# the autocast dtype of the coupling networks at each precision (None: no autocast)
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = tuple(AUTOCAST_DTYPES)
 MEMORY_MODES = ("none", "checkpoint", "invertible")
 COMPILE_MODES = ("regional", "whole", "graph")
 PADDINGS = ("zero", "edge")
 CLASS_LAYERS = ("linear", "linear_zeros")
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The dtype the coupling networks run in at ``precision`` (one of :data:`PRECISIONS`, as
+    :class:`TrainConfig` validates it); None for fp32."""
+    return AUTOCAST_DTYPES[precision]
 
 
 class ConfigError(ValueError):

@@ -92,7 +92,7 @@ def _sum_logdets(logdets: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(logdets).sum(0)  # two ops whatever K, not K additions
 
 
-def run_steps_plain(steps, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_plain(steps, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Standard autograd: ``z`` through every step, log-dets summed, shape (B,). The ActNorms and
     1x1 convolutions of all steps are folded at once (:func:`torchglow.layers.fold_steps`), and so
     are the scales of their coupling networks (:func:`torchglow.layers.fold_networks`)."""
@@ -103,7 +103,7 @@ def run_steps_plain(steps, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return z, _sum_logdets(logdets)
 
 
-def run_steps_checkpoint(steps, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_checkpointed(steps, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each step under non-reentrant gradient checkpointing: only its input (and its share of the
     level's folded weights) is saved."""
     logdets = []
@@ -153,7 +153,7 @@ class _InvertibleSteps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, steps, counts, *params):
         with torch.no_grad():
-            y, logdet = run_steps_plain(steps, x)
+            y, logdet = forward_plain(steps, x)
         ctx.steps = steps
         ctx.counts = counts
         device_type = x.device.type
@@ -216,7 +216,7 @@ class _InvertibleSteps(torch.autograd.Function):
         return (grad_x, None, None, *param_grads)
 
 
-def run_steps_invertible(steps, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_invertible(steps, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """All steps of a level as one :class:`_InvertibleSteps` (memory independent of K)."""
     params: list[torch.Tensor] = []
     counts: list[int] = []
@@ -227,20 +227,21 @@ def run_steps_invertible(steps, z: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return _InvertibleSteps.apply(z, steps, counts, *params)
 
 
-def run_steps(steps, z: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run one level's flow steps in memory ``mode``: ``(z, logdet (B,))``.
+def forward_steps(steps, z: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One level's flow steps forward in memory ``mode`` (validated by :meth:`Glow.set_memory`):
+    ``(z, logdet (B,))``.
 
     The memory-saving modes fall back to the plain path when grad mode is off (nothing is saved
     anyway), when a level has no steps, or while an ActNorm of the level is pending its
     data-dependent initialisation (which must run exactly once, in a plain forward).
     """
     if mode == "none":  # first: no Python state read, so a compiled forward has nothing to guard
-        return run_steps_plain(steps, z)
+        return forward_plain(steps, z)
+    if mode not in _SAVING_FORWARDS:  # a memory_mode set around set_memory
+        raise ValueError(f"memory mode must be one of {MEMORY_MODES}, got {mode!r}")
     if not torch.is_grad_enabled() or len(steps) == 0 or init_pending(steps):
-        check_memory_mode(mode)
-        return run_steps_plain(steps, z)
-    if mode == "checkpoint":
-        return run_steps_checkpoint(steps, z)
-    if mode == "invertible":
-        return run_steps_invertible(steps, z)
-    raise ValueError(f"memory mode must be one of {MEMORY_MODES}, got {mode!r}")
+        return forward_plain(steps, z)
+    return _SAVING_FORWARDS[mode](steps, z)
+
+
+_SAVING_FORWARDS = {"checkpoint": forward_checkpointed, "invertible": forward_invertible}

@@ -191,7 +191,7 @@ class Glow(nn.Module, ModelHubMixin):
 
     # ---------------------------------------------------------------- the flow
     def _run_steps(self, steps: nn.ModuleList, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return memory.run_steps(steps, z, self.memory_mode)
+        return memory.forward_steps(steps, z, self.memory_mode)
 
     def _encode(self, x: torch.Tensor, y: torch.Tensor | None, standardized: bool):
         if x.dim() != 4 or tuple(x.shape[1:]) != self.config.image_shape:

@@ -311,22 +311,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import shlex
 
-    from ..train.loop import load_run_configs, summary_text, train
+    from ..train import train
+    from ..train.runs import read_run_config
+    from ..train.text import summary_text
 
     given = {k: v for k, v in vars(args).items()
              if k not in ("command", "func", "config", "resume", "preset", "threads", "argv")}
     command = shlex.join(["torchglow", *args.argv])
     if args.resume:
-        model_config, train_config = load_run_configs(args.resume)
+        run_config = read_run_config(args.resume)
+        model_config, train_config = run_config.model, run_config.train
         if args.preset or args.config or any(k in {f.name for f in dataclasses.fields(GlowConfig)} for k in given):
             raise CLIError("--resume continues a run with its own config: drop --preset, --config and model options")
         train_config = dataclasses.replace(train_config, out=args.resume, **given)
-        summary = train(model_config, train_config, resume=True, defaults="resumed with the run's own config").summary
+        summary = train(model_config, train_config, resume=True, defaults="resumed with the run's own config",
+                        say=lambda line: print(in_flags(line), file=sys.stderr)).summary
     else:
         values = read_config_file(args.config) if args.config else {}
         values.update(given)
         model_config, train_config, defaults = build_configs(values, args.preset)
-        summary = train(model_config, train_config, defaults=defaults, command=command).summary
+        summary = train(model_config, train_config, defaults=defaults, command=command,
+                        say=lambda line: print(in_flags(line), file=sys.stderr)).summary
     text = summary_text(summary)
     if os.environ.get("RANK", "0") == "0" and text:
         print(text)
@@ -701,7 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from ..train.checkpoint import CheckpointError
     from ..data import DatasetError
-    from ..train.loop import TrainingError
+    from ..train import TrainingError
     from ..tools.convert import ConversionError
 
     parser = build_parser()

@@ -1,6 +1,7 @@
 """Training: the step, the loop, checkpoints and run folders."""
 
 from ..config import train_preset
-from .loop import TrainingError, train
+from .loop import TrainResult, train
+from .training import TrainingError
 
-__all__ = ["TrainingError", "train", "train_preset"]
+__all__ = ["TrainResult", "TrainingError", "train", "train_preset"]

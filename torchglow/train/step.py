@@ -107,9 +107,9 @@ class TrainStep:
     step's metrics as device tensors (``loss``, ``bpd`` (B,), ``grad_norm``, ``lr``, ``finite``).
     """
 
-    def __init__(self, model: Glow, cfg: TrainConfig, beta2: float, ema: Glow | None = None,
+    def __init__(self, model: Glow, train_config: TrainConfig, beta2: float, ema: Glow | None = None,
                  ema_decay: float = 0.0, rank: int = 0, world: int = 1):
-        self.model, self.cfg, self.config = model, cfg, model.config
+        self.model, self.train_config, self.model_config = model, train_config, model.config
         self.ema, self.ema_decay = ema, ema_decay
         self.rank, self.world = rank, world
         self.beta1, self.beta2, self.eps = 0.9, beta2, 1e-8
@@ -129,15 +129,15 @@ class TrainStep:
         self.counters["bpd_sum"] = torch.zeros((), dtype=torch.float64, device=device)
         self.counters["grad_norm"] = torch.zeros((), device=device)
         self.counters["lr"] = torch.zeros((), device=device)
-        self.counters["loss_scale"] = torch.full((), SCALE_INIT if cfg.precision == "fp16" else 1.0, device=device)
-        self.skipped_flags = torch.zeros(cfg.log_every, dtype=torch.bool, device=device)
-        self.rows = rows_of(cfg.batch_size, rank, world, device)
+        self.counters["loss_scale"] = torch.full((), SCALE_INIT if train_config.precision == "fp16" else 1.0, device=device)
+        self.skipped_flags = torch.zeros(train_config.log_every, dtype=torch.bool, device=device)
+        self.rows = rows_of(train_config.batch_size, rank, world, device)
         self.channels_last = False  # set by compile_step on CUDA
 
     # ---- the parts of a step
     def _inputs(self, x_uint8: torch.Tensor) -> torch.Tensor:
         """Augmented, preprocessed and dequantised model inputs of this step."""
-        cfg, step, rows = self.cfg, self.counters["steps"], self.rows
+        cfg, step, rows = self.train_config, self.counters["steps"], self.rows
         if len(x_uint8) != len(rows):  # a partial last batch: its global rows (the shape is static)
             rows = rows_of(len(x_uint8) * self.world, self.rank, self.world, rows.device)
         if cfg.augment_shift or cfg.augment_flip:
@@ -146,16 +146,16 @@ class TrainStep:
             span = 2 * cfg.augment_shift + 1
             dy, dx = ((u[:2] * span).long() - cfg.augment_shift).unbind(0)
             x_uint8 = shift_and_flip(x_uint8, dy, dx, u[2] < 0.5 if cfg.augment_flip else None)
-        noise = dequantization_noise(cfg.seed, NOISE, step, rows, self.config.image_shape)
-        x = pp.preprocess(x_uint8, self.config.n_bits) + noise / pp.n_bins(self.config.n_bits)
+        noise = dequantization_noise(cfg.seed, NOISE, step, rows, self.model_config.image_shape)
+        x = pp.preprocess(x_uint8, self.model_config.n_bits) + noise / pp.n_bins(self.model_config.n_bits)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def _gradients(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(loss, per-sample bpd, flat gradient)``: the gradients of all parameters in one vector,
         averaged over the processes (one all-reduce of the gradients and the loss) and still
         multiplied by the fp16 loss scale."""
-        out = self.model(x, y if self.config.num_classes is not None else None)
-        loss, bpd = objective(out, y, self.config)
+        out = self.model(x, y if self.model_config.num_classes is not None else None)
+        loss, bpd = objective(out, y, self.model_config)
         grads = torch.autograd.grad(loss * self.counters["loss_scale"], self.params)
         flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1)])
         if self.world > 1:
@@ -167,7 +167,7 @@ class TrainStep:
     def _apply(self, loss: torch.Tensor, bpd: torch.Tensor, flat_grad: torch.Tensor) -> dict[str, torch.Tensor]:
         """Unscale and clip the gradient, then the masked optimiser, weight-decay and EMA updates,
         and the step's counters; returns the step's metrics."""
-        cfg, c = self.cfg, self.counters
+        cfg, c = self.train_config, self.counters
         # unscaling and clipping folded into one scalar: a single pass over the gradient vector
         grad_norm = torch.linalg.vector_norm(flat_grad) / c["loss_scale"]
         finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
@@ -208,12 +208,12 @@ class TrainStep:
         gradient overflow only halves the loss scale (doubled after 2000 finite steps), as
         torch.amp.GradScaler does."""
         c = self.counters
-        bad = ~torch.isfinite(loss) if self.cfg.precision == "fp16" else ~finite
-        if self.cfg.precision == "fp16":
+        bad = ~torch.isfinite(loss) if self.train_config.precision == "fp16" else ~finite
+        if self.train_config.precision == "fp16":
             grow = finite & (c["growth"] + 1 >= SCALE_GROWTH_INTERVAL)
             c["loss_scale"].copy_(torch.where(finite, torch.where(grow, 2.0, 1.0), 0.5) * c["loss_scale"])
             c["growth"].copy_(torch.where(finite & ~grow, c["growth"] + 1, 0))
-        self.skipped_flags[(c["steps"] % self.cfg.log_every).view(1)] = bad  # a tensor index: no .item()
+        self.skipped_flags[(c["steps"] % self.train_config.log_every).view(1)] = bad  # a tensor index: no .item()
         c["skipped"] += bad.long()
         c["bad_run"].copy_(torch.where(bad, c["bad_run"] + 1, 0))
         c["worst_run"].copy_(torch.maximum(c["worst_run"], c["bad_run"]))
@@ -245,13 +245,19 @@ class TrainStep:
             c[k].zero_()
         return out
 
+    def totals(self) -> dict[str, int]:
+        """``steps`` taken (skipped ones included), ``images`` of applied steps and ``skipped`` steps,
+        as Python numbers (one device sync). These device counters are the only record of them."""
+        names = ("steps", "images", "skipped")
+        return dict(zip(names, torch.stack([self.counters[k] for k in names]).tolist()))
+
     def clear_bad_run(self) -> None:
         self.counters["bad_run"].zero_()
 
     def state_dict(self) -> dict[str, Any]:
         """Optimiser moments (flat, in parameter order) and device counters (the model and EMA
         weights are saved apart)."""
-        return {"optimizer": self.cfg.optimizer, "exp_avg": self.exp_avg, "exp_avg2": self.exp_avg2,
+        return {"optimizer": self.train_config.optimizer, "exp_avg": self.exp_avg, "exp_avg2": self.exp_avg2,
                 "counters": dict(self.counters)}
 
     def load_state_dict(self, state: dict[str, Any], source: str) -> None:
@@ -259,16 +265,16 @@ class TrainStep:
         (its step count; the noise counter and images then come from ``legacy_counters``)."""
         if "state" in state and "param_groups" in state:  # torch.optim.Adamax/Adam.state_dict()
             per_param = [state["state"].get(i, {}) for i in range(len(self.params))]
-            key = "exp_inf" if self.cfg.optimizer == "adamax" else "exp_avg_sq"
+            key = "exp_inf" if self.train_config.optimizer == "adamax" else "exp_avg_sq"
             if not all("exp_avg" in s and key in s for s in per_param):
-                raise ConfigError(f"{source}: the optimiser state does not match --optimizer {self.cfg.optimizer}")
-            state = {"optimizer": self.cfg.optimizer,
+                raise ConfigError(f"{source}: the optimiser state does not match `optimizer` {self.train_config.optimizer}")
+            state = {"optimizer": self.train_config.optimizer,
                      "exp_avg": torch.cat([s["exp_avg"].reshape(-1) for s in per_param]),
                      "exp_avg2": torch.cat([s[key].reshape(-1) for s in per_param]),
                      "counters": {"opt_steps": torch.as_tensor(per_param[0]["step"]).long()}}
-        if state["optimizer"] != self.cfg.optimizer:
-            raise ConfigError(f"{source} was trained with --optimizer {state['optimizer']}, "
-                              f"not {self.cfg.optimizer}")
+        if state["optimizer"] != self.train_config.optimizer:
+            raise ConfigError(f"{source} was trained with `optimizer` {state['optimizer']}, "
+                              f"not {self.train_config.optimizer}")
         with torch.no_grad():
             self.exp_avg.copy_(state["exp_avg"])
             self.exp_avg2.copy_(state["exp_avg2"])
@@ -280,12 +286,12 @@ def graph_blocker(step: TrainStep) -> str | None:
     """Why ``step`` cannot be captured as a CUDA graph, or None when it can. A graph replays
     kernels only: nothing in the step may read a device value on the host or decide on host state
     that changes between calls."""
-    if step.cfg.memory == "invertible":
+    if step.train_config.memory == "invertible":
         return ("memory 'invertible' checks each reconstruction on the host in its backward (a device sync, "
                 "which a CUDA graph cannot hold)")
-    if step.cfg.memory == "checkpoint":
+    if step.train_config.memory == "checkpoint":
         return "memory 'checkpoint' saves and restores the RNG state on the host in its backward"
-    if step.config.dropout:
+    if step.model_config.dropout:
         return "dropout draws from the global RNG, which the trainer reseeds on the host every step"
     if step.world > 1 and torch.distributed.get_backend() != "nccl":
         return f"the all-reduce of backend {torch.distributed.get_backend()!r} cannot be captured (NCCL can)"
@@ -360,16 +366,7 @@ def compile_step(step: TrainStep, mode: str = "regional", backend: str | None = 
     options = dict(backend=backend,
                    mode="reduce-overhead" if cuda and backend == "inductor" and not graphed else None)
     if mode == "whole":
-        if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
-            raise ConfigError(f"compile_mode 'whole' needs torch >= 2.11 (this is {torch.__version__}): "
-                              f"use compile_mode 'regional'")
-        compiled = torch.compile(step.__call__, fullgraph=True, **options)
-
-        def whole(x_uint8: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-            with torch._dynamo.config.patch(trace_autograd_ops=True):
-                return compiled(x_uint8, y)
-
-        return whole
+        return _compile_whole(step, options)
     fn = step
     if mode == "regional":
         # no CUDA graphs per region (the eager glue between regions would re-enter them)
@@ -383,3 +380,17 @@ def compile_step(step: TrainStep, mode: str = "regional", backend: str | None = 
 
     return GraphedStep(step, fn, capture=True) if graphed else fn
 
+
+
+def _compile_whole(step: TrainStep, options: dict[str, Any]):
+    """``torch.compile(step, fullgraph=True)`` with dynamo tracing ``autograd.grad``."""
+    if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        raise ConfigError(f"compile_mode 'whole' needs torch >= 2.11 (this is {torch.__version__}): "
+                          f"use compile_mode 'regional'")
+    compiled = torch.compile(step.__call__, fullgraph=True, **options)
+
+    def whole(x_uint8: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            return compiled(x_uint8, y)
+
+    return whole

@@ -373,16 +373,17 @@ def test_the_trainer_with_the_graphed_step_resumes_exactly(tmp_path, monkeypatch
     EMA and logged bits/dim of an uninterrupted plain run, bit for bit."""
     import dataclasses
 
-    from torchglow.train import loop as train_module
+    from torchglow.train import start as start_module
+    from torchglow.train import train
     from torchglow.train.checkpoint import load_checkpoint
     from conftest import tiny_model_config, tiny_train_config
 
     config = tiny_model_config(dropout=0.0)
-    plain = train_module.train(config, tiny_train_config(tmp_path / "plain", max_steps=14), progress=False)
-    monkeypatch.setattr(train_module, "compile_step", lambda step, mode: GraphedStep(step, capture=False))
+    plain = train(config, tiny_train_config(tmp_path / "plain", max_steps=14), progress=False)
+    monkeypatch.setattr(start_module, "compile_step", lambda step, mode: GraphedStep(step, capture=False))
     half = tiny_train_config(tmp_path / "graphed", max_steps=7, fast=True)
-    train_module.train(config, half, progress=False)
-    graphed = train_module.train(config, dataclasses.replace(half, max_steps=14), resume=True, progress=False)
+    train(config, half, progress=False)
+    graphed = train(config, dataclasses.replace(half, max_steps=14), resume=True, progress=False)
     assert graphed.summary["steps"] == plain.summary["steps"] == 14
     a, b = (load_checkpoint(tmp_path / name / "last.pt") for name in ("plain", "graphed"))
     for key in ("model", "ema"):

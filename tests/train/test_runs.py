@@ -9,8 +9,10 @@ from PIL import Image
 from torchglow import Glow
 
 from torchglow import preset
+from torchglow.config import TrainConfig
+from torchglow.train.checkpoint import CheckpointError
 from torchglow.data import load_dataset, pick_indices
-from torchglow.train.runs import open_run, read_run_config, run_folder_of
+from torchglow.train.runs import is_run_folder, open_run, read_run_config, run_folder_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,9 +30,11 @@ def run(tmp_path):
 
 
 def test_the_two_config_files_are_told_apart(run, tmp_path):
-    assert read_run_config(run)["train"] == {"dataset": "digits", "seed": 3}
-    assert read_run_config(run / "model") is None  # a pretrained folder's config.json: the model only
-    assert read_run_config(tmp_path / "nowhere") is None
+    assert read_run_config(run).train == TrainConfig(dataset="digits", seed=3)
+    assert not is_run_folder(run / "model")  # a pretrained folder's config.json: the model only
+    assert not is_run_folder(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="not a torchglow run config"):
+        read_run_config(run / "model")
     assert run_folder_of(run) == run and run_folder_of(run / "last.pt") == run and run_folder_of(run / "model") == run
     assert run_folder_of(tmp_path) is None
 
@@ -52,9 +56,9 @@ def test_outside_a_run(run, tmp_path):
     outside = tmp_path / "pre"
     Glow(preset("digits", n_steps=1, hidden_channels=8, num_classes=10)).save_pretrained(outside)
     opened = open_run(outside)
-    assert opened.folder is None and opened.train == {} and opened.tool_dir("ood") == outside / "ood"
+    assert opened.folder is None and opened.train is None and opened.tool_dir("ood") == outside / "ood"
     assert opened.display_max_level() == 31
-    with pytest.raises(ValueError, match="pass --dataset"):
+    with pytest.raises(ValueError, match="pass `dataset`"):
         opened.dataset("test")
     picked = opened.pick("test", 4, seed=0, name="digits")
     assert torch.equal(picked.y, load_dataset("digits", "test").labels[picked.index])  # conditioning labels

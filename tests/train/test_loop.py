@@ -28,13 +28,15 @@ from torchglow import Glow
 
 from torchglow import GlowConfig
 from torchglow.train import checkpoint as ckpt_module
+from torchglow.train import data as data_module
 from torchglow.train import loop as train_module
+from torchglow.train import text as text_module
 from torchglow.train.checkpoint import CheckpointError, load_checkpoint
 from torchglow import ConfigError
 from torchglow.config import train_preset
 from torchglow.data import DatasetError
 from torchglow.health import invconv_condition_numbers
-from torchglow.train.loop import TrainingError, train
+from torchglow.train import TrainingError, train
 
 from conftest import TINY, assert_one_error_line, cli, tiny_model_config, tiny_train_config
 from tool_checks import image_folder
@@ -299,7 +301,7 @@ def test_unreadable_file_mid_run_checkpoints_first(tmp_path, monkeypatch):
     access by a DataLoader worker, which wraps the error in its traceback): the run checkpoints at
     that step boundary and raises one line naming the file."""
     folder = image_folder(tmp_path / "imgs", 40)  # 38 training images: 9 batches of 4
-    batches = train_module._Data.batches
+    batches = data_module.DataSplit.batches
 
     def truncating(self, index_batches):
         for i, batch in enumerate(batches(self, index_batches)):
@@ -308,7 +310,7 @@ def test_unreadable_file_mid_run_checkpoints_first(tmp_path, monkeypatch):
                     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
             yield batch
 
-    monkeypatch.setattr(train_module._Data, "batches", truncating)
+    monkeypatch.setattr(data_module.DataSplit, "batches", truncating)
     cfg = tiny_train_config(tmp_path / "run", dataset=str(folder), epochs=1, batch_size=4, init_images=8,
                             num_workers=1)
     with pytest.raises(DatasetError) as info:
@@ -317,7 +319,7 @@ def test_unreadable_file_mid_run_checkpoints_first(tmp_path, monkeypatch):
     assert "\n" not in message and "Traceback" not in message and "worker" not in message, message
     assert message.startswith(f"cannot read image {folder}{os.sep}img") and "truncated" in message, message
     step = int(re.search(r"checkpointed at step (\d+)", message).group(1))
-    assert 3 <= step < 9 and f"--resume {tmp_path / 'run'}" in message
+    assert 3 <= step < 9 and f"`resume` {tmp_path / 'run'}" in message
     assert load_checkpoint(tmp_path / "run" / "last.pt")["state"]["step"] == step
 
 
@@ -447,7 +449,7 @@ def test_out_holding_a_run_is_refused_unless_overwrite(tmp_path):
     cfg = tiny_train_config(tmp_path / "r", max_steps=2)
     train(tiny_model_config(), cfg, progress=False)
     best = (tmp_path / "r" / "best.pt").stat().st_mtime_ns
-    with pytest.raises(ConfigError, match=r"already holds a run: continue it with --resume .*another --out.*--overwrite"):
+    with pytest.raises(ConfigError, match=r"already holds a run: continue it with `resume` .*another `out`.*`overwrite`"):
         train(tiny_model_config(), cfg, progress=False)
     assert (tmp_path / "r" / "best.pt").stat().st_mtime_ns == best  # nothing touched
     result = train(tiny_model_config(), dataclasses.replace(cfg, overwrite=True, max_steps=1), progress=False)
@@ -547,14 +549,14 @@ def test_summary_text_says_which_weights_and_counts_in_words(tmp_path):
     summary = {"run": "runs/r", "interrupted_by": None, "test_bpd": 3.5, "best_test_bpd": 3.4, "baseline_bpd": 4.0,
                "epochs": 1, "steps": 1, "wall_time_s": 6.0, "evaluated_with": "ema", "ema_decay": 0.999,
                "samples": None}
-    text = train_module.summary_text(summary)
+    text = text_module.summary_text(summary)
     assert "after 1 epoch, 1 step, 0.1 min; scored with the EMA of the weights (decay 0.999, with warm-up)" in text
-    raw = train_module.summary_text({**summary, "epochs": 2, "steps": 3, "evaluated_with": "weights",
+    raw = text_module.summary_text({**summary, "epochs": 2, "steps": 3, "evaluated_with": "weights",
                                      "ema_decay": None})
     assert "after 2 epochs, 3 steps" in raw and "scored with the raw weights (no EMA)" in raw
-    assert train_module.summary_text({**summary, "interrupted_by": "SIGINT"}) == ""  # finish printed the line
-    assert [train_module.plural(n, "step") for n in (0, 1, 2)] == ["0 steps", "1 step", "2 steps"]
-    assert train_module.plural(1497, "class", "classes") == "1,497 classes"
+    assert text_module.summary_text({**summary, "interrupted_by": "SIGINT"}) == ""  # finish printed the line
+    assert [text_module.plural(n, "step") for n in (0, 1, 2)] == ["0 steps", "1 step", "2 steps"]
+    assert text_module.plural(1497, "class", "classes") == "1,497 classes"
 
 
 def test_a_run_starts_with_one_line_about_its_data(capsys, tmp_path):
