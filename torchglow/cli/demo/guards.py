@@ -1,4 +1,4 @@
-"""HTTP hardening of ``torchglow demo``'s server (:mod:`torchglow.demo_server`, whose docstring
+"""HTTP hardening of ``torchglow demo``'s server (:mod:`.server`, whose docstring
 states the security model): the checks every request goes through (Host, a deadline for its body,
 the response headers), the same-origin checks of the API, bounded bodies, JSON and numbers, and a
 uvicorn protocol that closes connections which never complete a request."""
