@@ -145,7 +145,10 @@ def check_data_source(dataset: str, data_dir: str | None, dataset_given: bool, m
     except DatasetError as e:
         raise CLIError(f"--dataset: {e}") from None
     if data_dir and not dataset_given and not is_folder(dataset):
-        folder = Path(data_dir).expanduser()
+        try:
+            folder = Path(data_dir).expanduser()
+        except RuntimeError:  # ~name of no user: not a folder of images
+            folder = Path(data_dir)
         holds_images = folder.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir())
         if holds_images or dataset == "digits":  # the digits come with scikit-learn: no files are read
             raise CLIError(f"--data-dir only says where the files of --dataset {dataset} are (it is not a data "
