@@ -88,13 +88,15 @@ def test_bench_subcommand_writes_json(tmp_path, capsys):
 
 def test_library_errors_and_warnings_are_printed_in_flags(capsys, tmp_path, monkeypatch):
     """The library names fields and parameters in backticks; the command line shows their options."""
+    import sys
     import warnings
 
     from torchglow import ConfigError
     from torchglow.cli import errors, sample
 
-    def fails(args):
-        warnings.warn("`max_level` is above the top bin")
+    def fails(args):  # pytest records warnings itself: show this one as Python would, through formatwarning
+        print(warnings.formatwarning("`max_level` is above the top bin", UserWarning, __file__, 1), end="",
+              file=sys.stderr)
         raise ConfigError("`batch_size` must be positive; `csv_path` has no header")
 
     monkeypatch.setattr(sample, "cmd_sample", fails)

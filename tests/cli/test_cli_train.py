@@ -230,7 +230,7 @@ def test_manipulate_by_class_name_keeps_earlier_files(folder_run, capsys, tmp_pa
     assert_one_error_line(code, err, "--class-attribute dog is not a class of", "cat, ship")
 
 
-# ---------------------------------------------------------------- fuzzing: one error line naming what was given, or a config
+# ---------------------------------------------------------------- fuzzing: a config, or one line naming what was given
 GLOW_FIELDS = [f.name for f in dataclasses.fields(GlowConfig)]
 TRAIN_FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 ANY_VALUE = st.one_of(

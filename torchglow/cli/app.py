@@ -17,9 +17,11 @@ from .options import HelpFormatter, Parser, add_threads_option
 
 
 def _add_command(sub, name: str, func, help_text: str, description: str | None = None) -> argparse.ArgumentParser:
-    """The subcommand ``name`` of ``sub``, which calls ``func(args)``."""
-    p = sub.add_parser(name, help=help_text, description=description or help_text[0].upper() + help_text[1:] + ".",
-                       formatter_class=HelpFormatter)
+    """The subcommand ``name`` of ``sub``, which calls ``func(args)``. Its description: ``description``,
+    else the first paragraph of ``func``'s docstring (plain text: argparse shows it as it is), else
+    ``help_text`` as a sentence."""
+    description = description or (func.__doc__ or "").split("\n\n")[0] or help_text[0].upper() + help_text[1:] + "."
+    p = sub.add_parser(name, help=help_text, description=description, formatter_class=HelpFormatter)
     p.set_defaults(func=func)
     return p
 

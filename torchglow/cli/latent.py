@@ -11,6 +11,9 @@ from .shared import TOOL_SPLITS, common_options, image_source, open_model, out_d
 
 @user_errors
 def cmd_reconstruct(args: argparse.Namespace) -> int:
+    """Encode n seeded test images at their bin centres and decode them back; writes
+    reconstruction.png/.json and prints the summary (max_abs_error)."""
+
     from ..tools.latent import reconstruct
 
     run = open_model(args)
@@ -22,6 +25,9 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 @user_errors
 def cmd_interpolate(args: argparse.Namespace) -> int:
+    """Interpolate the standardised latents of seeded pairs of images (linear and/or spherical); one
+    PNG per method, interpolation.json."""
+
     from ..tools.latent import interpolate
 
     run = open_model(args)
@@ -35,6 +41,11 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 
 @user_errors
 def cmd_manipulate(args: argparse.Namespace) -> int:
+    """Attribute directions as in the official demo: 1.6 * (mean latent of the images with the
+    attribute - mean latent of those without), from the data set's attributes (CelebA, --attribute),
+    a class (--class-attribute), a CSV (--labels-csv) or a saved file (--directions); then n seeded
+    images are decoded at latent + alpha * direction, one PNG per attribute."""
+
     from ..data.labels import labels_for, select_attributes
     from ..tools.latent import attribute_directions, load_directions, manipulate_all, save_directions
 
@@ -62,16 +73,12 @@ def cmd_manipulate(args: argparse.Namespace) -> int:
 def add_commands(command) -> None:
     """Add ``reconstruct``, ``interpolate`` and ``manipulate`` through ``command(name, func, help,
     description)``, which returns each one's parser."""
-    p = command("reconstruct", cmd_reconstruct, "test images next to decode(encode(x)), with the largest error",
-                "Encode n seeded test images at their bin centres and decode them back; writes "
-                "reconstruction.png/.json and prints the summary (max_abs_error).")
+    p = command("reconstruct", cmd_reconstruct, "test images next to decode(encode(x)), with the largest error")
     common_options(p, "reconstruct", "test")
     p.add_argument("--n", type=count(1), default=16, help="images to reconstruct (seeded choice)")
     p.add_argument("--nrow", type=count(1), default=8, help="images per row of the grid")
 
-    p = command("interpolate", cmd_interpolate, "interpolations between pairs of images through their latents",
-                "Interpolate the standardised latents of seeded pairs of images (linear and/or spherical); one "
-                "PNG per method, interpolation.json.")
+    p = command("interpolate", cmd_interpolate, "interpolations between pairs of images through their latents")
     common_options(p, "interpolate", "test")
     p.add_argument("--pairs", type=count(1), default=4, help="pairs of images, one row each")
     p.add_argument("--steps", type=int, default=8, help="images per row, both ends included")
@@ -81,11 +88,7 @@ def add_commands(command) -> None:
 
 
 def _add_manipulate(command) -> None:
-    p = command("manipulate", cmd_manipulate, "edit images along attribute directions in latent space",
-                "Attribute directions as in the official demo: 1.6 * (mean latent of the images with the "
-                "attribute - mean latent of those without), from the data set's attributes (CelebA, --attribute), "
-                "a class (--class-attribute), a CSV (--labels-csv) or a saved file (--directions); then n seeded "
-                "images are decoded at latent + alpha * direction, one PNG per attribute.")
+    p = command("manipulate", cmd_manipulate, "edit images along attribute directions in latent space")
     common_options(p, "manipulate", "test", split_help="split of the images to edit")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--class-attribute", nargs="+", metavar="CLASS",

@@ -11,6 +11,11 @@ from .shared import TOOL_SPLITS, common_options, open_model, out_dir, print_summ
 
 @user_errors
 def cmd_ood(args: argparse.Namespace) -> int:
+    """Score in-distribution test images against OOD sets with bits/dim, the typicality test and the
+    input-complexity score; prints the table, writes ood.json and bpd_hist.png/complexity_hist.png.
+    Default OOD sets: flipped, inverted and uniform noise (when no --ood-dataset/--ood-folder is
+    given)."""
+
     from ..tools.images import data_max_level
     from ..tools.ood import TRANSFORMS, ood_report, ood_sets
 
@@ -46,10 +51,7 @@ def add_commands(command) -> None:
     """Add ``ood`` through ``command(name, func, help, description)``, which returns its parser."""
     from ..tools.ood import TRANSFORMS
 
-    p = command("ood", cmd_ood, "out-of-distribution detection: AUROC/AUPR/FPR@95 of likelihood-based scores",
-                "Score in-distribution test images against OOD sets with bits/dim, the typicality test and the "
-                "input-complexity score; prints the table, writes ood.json and bpd_hist.png/complexity_hist.png. "
-                "Default OOD sets: flipped, inverted and uniform noise (when no --ood-dataset/--ood-folder is given).")
+    p = command("ood", cmd_ood, "out-of-distribution detection: AUROC/AUPR/FPR@95 of likelihood-based scores")
     common_options(p, "ood", None)
     p.add_argument("--in-split", choices=TOOL_SPLITS, default="test",
                    help="in-distribution split (all: every image, e.g. of a folder of test images)")

@@ -10,6 +10,10 @@ from .shared import common_options, fast_note, fast_option, open_model, out_dir,
 
 @user_errors
 def cmd_sample(args: argparse.Namespace) -> int:
+    """Sample image grids, one row per temperature (one grid per temperature for a class-conditional
+    model), into RUN/samples/NAME.png and NAME.json; the default NAME says the temperatures, the
+    number per row and the seed, so other options never overwrite earlier grids."""
+
     from ..tools.sampling import sample_grid
 
     run = open_model(args)
@@ -24,10 +28,7 @@ def add_commands(command) -> None:
     """Add ``sample`` through ``command(name, func, help, description)``, which returns its parser."""
     from ..tools.sampling import DEFAULT_TEMPERATURES
 
-    p = command("sample", cmd_sample, "image grids at one or more temperatures",
-                "Sample image grids, one row per temperature (one grid per temperature for a class-conditional "
-                "model), into RUN/samples/NAME.png and NAME.json; the default NAME says the temperatures, the "
-                "number per row and the seed, so other options never overwrite earlier grids.")
+    p = command("sample", cmd_sample, "image grids at one or more temperatures")
     common_options(p, "samples", None)
     p.add_argument("--temperatures", type=float, nargs="+", default=list(DEFAULT_TEMPERATURES),
                    help="one row (or grid, class-conditional) per temperature")

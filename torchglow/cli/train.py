@@ -166,8 +166,13 @@ def check_data_source(dataset: str, data_dir: str | None, dataset_given: bool, m
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train; print the human summary (rank 0). Exit 0 when finished, 130/143 when stopped by
-    SIGINT/SIGTERM (the run is resumable), 1 otherwise."""
+    """Train a Glow. Precedence: defaults < --preset < --config < flags. The defaults shown are the
+    digits preset's; --preset NAME brings its own. A folder of images or an .npz file without
+    --preset: the digits model at 8 bits without its dropout and weight decay, lr 1e-3, 100 epochs,
+    the image shape read from the images; the run's first line says what applies.
+
+    Prints the human summary (rank 0); exits 0 when finished, 130/143 when stopped by SIGINT/SIGTERM
+    (the run is resumable), 1 otherwise."""
     import os
     import shlex
 
@@ -200,11 +205,7 @@ def add_commands(command) -> None:
     """Add ``train`` through ``command(name, func, help, description)``, which returns its parser."""
     from ..config import COMPILE_MODES, COUPLINGS, MEMORY_MODES, OPTIMIZERS, PERMUTATIONS, PRECISIONS, TRAIN_PRESETS
 
-    p = command("train", cmd_train, "train a Glow (default: the digits preset on scikit-learn's digits, CPU)",
-                "Train a Glow. Precedence: defaults < --preset < --config < flags. The defaults shown are the "
-                "digits preset's; --preset NAME brings its own. A folder of images or an .npz file without --preset: "
-                "the digits model at 8 bits without its dropout and weight decay, lr 1e-3, 100 epochs, the image "
-                "shape read from the images; the run's first line says what applies.")
+    p = command("train", cmd_train, "train a Glow (default: the digits preset on scikit-learn's digits, CPU)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="model and training defaults (digits)")
     p.add_argument("--config", help="YAML or JSON file of options (flat, or under model:/train:)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
