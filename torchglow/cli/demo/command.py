@@ -137,7 +137,7 @@ def _demo(args: argparse.Namespace) -> int:
     from ...devices import resolve_device
 
     try:
-        from . import server as demo_server
+        from . import server
     except ImportError as e:
         raise CLIError(f"the demo needs the web extra ({e}): pip install 'torchglow[demo]'") from None
     if not 0 <= args.port <= 65535:
@@ -145,7 +145,7 @@ def _demo(args: argparse.Namespace) -> int:
     if args.max_images < 1 or args.samples < 1 or args.max_upload_mb <= 0:
         raise CLIError("--max-images, --samples and --max-upload-mb must be positive")
     try:
-        demo_server.check_host_names(args.allow_host)
+        server.check_host_names(args.allow_host)
     except ValueError as e:
         raise CLIError(f"--allow-host: {e}") from None
     try:
@@ -164,7 +164,7 @@ def _demo(args: argparse.Namespace) -> int:
                           directions=directions, direction_source=source, max_level=opened.display_max_level(),
                           n_samples=args.samples, seed=args.seed)
     try:
-        demo_server.serve(session, args.host, args.port, max_upload_bytes=int(args.max_upload_mb * 2**20),
+        server.serve(session, args.host, args.port, max_upload_bytes=int(args.max_upload_mb * 2**20),
                           allow_hosts=args.allow_host)
     except OSError as e:  # the address is taken or not this machine's
         raise CLIError(str(e)) from None

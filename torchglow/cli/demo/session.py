@@ -45,7 +45,7 @@ SAMPLES_PER_ROW = 6
 # ---------------------------------------------------------------------------- images out
 def png_data_url(images: torch.Tensor, nrow: int = 8) -> str:
     """uint8 display images (N, C, H, W) -> a ``data:image/png`` URL of their grid
-    (:func:`torchglow.images.grid_array`: nearest-neighbour upscaled to at least 32 px; 1 px white
+    (:func:`torchglow.tools.images.grid_array`: nearest-neighbour upscaled to at least 32 px; 1 px white
     padding between images, none around a single image)."""
     from PIL import Image
 
@@ -60,9 +60,9 @@ def png_data_url(images: torch.Tensor, nrow: int = 8) -> str:
 class Reference:
     """The run's test images as the yardstick for one image's scores.
 
-    ``bpd``: their bits/dim (seeded dequantisation, :func:`torchglow.ood.scores_bpd`);
+    ``bpd``: their bits/dim (seeded dequantisation, :func:`torchglow.tools.ood.scores_bpd`);
     ``complexity``: their input-complexity scores ``S = bpd − L`` (Serrà et al. 2020,
-    :func:`torchglow.ood.complexity_scores`). ``h_hat``, the mean bits/dim, is Nalisnick et al.'s
+    :func:`torchglow.tools.ood.complexity_scores`). ``h_hat``, the mean bits/dim, is Nalisnick et al.'s
     (2019) estimate of the entropy, the centre of the typical set.
     """
 
@@ -104,7 +104,7 @@ class Reference:
 
 def score_images(model: Glow, x_uint8: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(bits/dim, complexity score) of uint8 images, float64 (N,) each: the scores of
-    :mod:`torchglow.ood` (the marginal likelihood for a class-conditional model)."""
+    :mod:`torchglow.tools.ood` (the marginal likelihood for a class-conditional model)."""
     bpd = scores_bpd(model, x_uint8, seed=seed)
     return bpd, complexity_scores(bpd, x_uint8, model.config.n_bits)
 
