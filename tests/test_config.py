@@ -2,19 +2,14 @@ import dataclasses
 
 import pytest
 import torch
-import yaml
-from hypothesis import given
-from hypothesis import strategies as st
 
 from torchglow import ConfigError
 
 from torchglow import GlowConfig
 
 from torchglow import preset
-from torchglow.cli.app import CLIError, build_configs, read_config_file
-from torchglow.config import TrainConfig
 
-from conftest import FUZZ, assert_one_error_line, cli
+from conftest import assert_one_error_line, cli
 
 
 @pytest.mark.parametrize(
@@ -142,43 +137,3 @@ def test_configs_that_cannot_work(capsys, tmp_path, args, field):
     assert rc == 2
     assert_one_error_line(rc, err, field)
     assert not (tmp_path / "run").exists()  # refused before anything is written
-
-
-# ---------------------------------------------------------------- fuzzing: ConfigError/CLIError or a config
-GLOW_FIELDS = [f.name for f in dataclasses.fields(GlowConfig)]
-TRAIN_FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
-ANY_VALUE = st.one_of(
-    st.integers(), st.integers(-3, 70), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
-    st.sampled_from(["affine", "invconv", "digits", "cpu", "adam", "fp32", "none", "1e-3"]),
-    st.lists(st.one_of(st.integers(-2, 40), st.floats(-2, 40), st.none(), st.text(max_size=3)), max_size=4),
-    st.none(), st.booleans(), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
-)
-
-
-@FUZZ
-@given(st.dictionaries(st.sampled_from(GLOW_FIELDS + TRAIN_FIELDS + ["preset"]), ANY_VALUE, max_size=6))
-def test_fuzz_config_values(values):
-    try:
-        build_configs(dict(values), None)
-    except (ConfigError, CLIError):
-        pass
-    for fields, cls in ((GLOW_FIELDS, GlowConfig), (TRAIN_FIELDS, TrainConfig)):
-        try:
-            cls(**{k: v for k, v in values.items() if k in fields})
-        except ConfigError:
-            pass
-
-
-@FUZZ
-@given(st.one_of(
-    st.dictionaries(st.one_of(st.sampled_from(GLOW_FIELDS + TRAIN_FIELDS + ["model", "train"]), st.integers(),
-                              st.none()), ANY_VALUE, max_size=6).map(lambda d: yaml.safe_dump(d)),
-    st.text(max_size=60),
-))
-def test_fuzz_config_files(tmp_path_factory, text):
-    path = tmp_path_factory.mktemp("cfg") / "c.yaml"
-    path.write_text(text)
-    try:
-        build_configs(read_config_file(str(path)), None)
-    except (ConfigError, CLIError):
-        pass

@@ -1,6 +1,3 @@
-import argparse
-
-import pytest
 import torch
 
 from torchglow import threads
@@ -14,11 +11,7 @@ def test_auto_leaves_the_busy_cores_alone():
     assert threads.auto_threads(cores=16, load=3.5) == 12  # rounds half to even: 12.5 -> 12
 
 
-def test_parse_and_set(monkeypatch):
-    assert threads.parse_threads("auto") is None and threads.parse_threads("3") == 3
-    for bad in ("0", "-2", "many"):
-        with pytest.raises(argparse.ArgumentTypeError):
-            threads.parse_threads(bad)
+def test_set_threads(monkeypatch):
     before = torch.get_num_threads()
     try:
         assert threads.set_threads(1) == 1 and torch.get_num_threads() == 1

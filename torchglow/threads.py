@@ -1,5 +1,5 @@
-"""How many CPU threads torch uses: one ``--threads`` option for every subcommand but ``bench``
-(which sets and records its own).
+"""How many CPU threads torch uses (the CLI's ``--threads`` option of every subcommand but ``bench``,
+which sets and records its own).
 
 torch's default is one intra-op thread per core, and its OpenMP threads spin while they wait for
 each other. That is fastest on an idle machine, but when another process keeps the cores busy a
@@ -12,11 +12,7 @@ one; an ``OMP_NUM_THREADS`` set in the environment (torchrun sets 1 per process)
 
 from __future__ import annotations
 
-import argparse
 import os
-
-HELP = ("CPU threads for torch: a number, or auto (OMP_NUM_THREADS when set, else the cores that the "
-        "1-minute load average leaves idle, at least 1: on a busy machine that is 1)")
 
 
 def available_cores() -> int:
@@ -29,23 +25,6 @@ def auto_threads(cores: int | None = None, load: float | None = None) -> int:
     cores = available_cores() if cores is None else cores
     load = os.getloadavg()[0] if load is None else load
     return max(1, min(cores, round(cores - load)))
-
-
-def parse_threads(text: str) -> int | None:
-    """An argparse type: ``auto`` -> None (decided at start-up), else a positive integer."""
-    if text == "auto":
-        return None
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {n}")
-    return n
-
-
-def add_threads_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=parse_threads, default="auto", metavar="N|auto", help=HELP)
 
 
 def set_threads(threads: int | None) -> int:

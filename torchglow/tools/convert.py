@@ -29,11 +29,9 @@ github.com/y0ast/Glow-PyTorch), and where each tensor goes:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -44,7 +42,7 @@ import torch
 from ..config import ConfigError, GlowConfig
 from ..files import default_folder_mode, make_readable
 from ..layers import LOGSCALE_FACTOR, ConvActNorm, ZeroConv2d
-from ..model import CONFIG_NAME, Glow
+from ..model import Glow
 
 # hparams.json keys that define the architecture (all required), and the training options the
 # versions of y0ast's train.py also write (ignored here).
@@ -281,7 +279,7 @@ def y0ast_to_glow(state: dict[str, torch.Tensor], hparams: dict[str, Any] | None
     return model.eval()
 
 
-# --------------------------------------------------------------------------- files and the CLI
+# --------------------------------------------------------------------------- files
 def convert_y0ast(checkpoint_path: str | Path, out_dir: str | Path, hparams_path: str | Path | None = None,
                   command: str | None = None) -> Path:
     """Convert a y0ast checkpoint (+ its ``hparams.json``) into the pretrained folder ``out_dir``
@@ -310,25 +308,3 @@ def convert_y0ast(checkpoint_path: str | Path, out_dir: str | Path, hparams_path
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="the other implementation's checkpoint (.pt state dict)")
-    p.add_argument("--from", dest="source", choices=("y0ast",), required=True,
-                   help="the implementation it comes from: y0ast (github.com/y0ast/Glow-PyTorch)")
-    p.add_argument("--hparams", help="its hparams.json (checked against the tensors; needed for the 'reverse' "
-                                     "permutation)")
-    p.add_argument("--out", required=True, help="the pretrained folder to write (must not exist or be empty)")
-
-
-def cmd_convert(args: argparse.Namespace) -> int:
-    words = ["torchglow", "convert", "--from", args.source, args.checkpoint]
-    words += ["--hparams", args.hparams] if args.hparams else []
-    command = shlex.join(words + ["--out", args.out])
-    out = convert_y0ast(args.checkpoint, args.out, args.hparams, command)
-    config = GlowConfig.load(out / CONFIG_NAME)
-    print(f"wrote {out}: {config.image_shape} K={config.n_steps} L={config.n_levels} "
-          f"{config.hidden_channels} hidden, {config.coupling} coupling, {config.permutation}"
-          + (" (LU)" if config.permutation == "invconv" and config.lu else "")
-          + (f", {config.num_classes} classes" if config.num_classes else ""))
-    return 0

@@ -1,1 +1,2 @@
-"""``torchglow demo``: a local web page over a trained model (session, server, request guards, page)."""
+"""``torchglow demo``: a local web page over a trained model (command, server, request guards,
+session, uploads, page)."""

@@ -1,4 +1,4 @@
-"""HTTP hardening of ``torchglow demo``'s server (:mod:`torchglow.demo_server`, whose docstring
+"""HTTP hardening of ``torchglow demo``'s server (:mod:`.server`, whose docstring
 states the security model): the checks every request goes through (Host, a deadline for its body,
 the response headers), the same-origin checks of the API, bounded bodies, JSON and numbers, and a
 uvicorn protocol that closes connections which never complete a request."""
@@ -17,7 +17,7 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .session import human_size
+from .upload import human_size
 
 HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "

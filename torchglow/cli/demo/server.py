@@ -1,5 +1,5 @@
 """The web layer of ``torchglow demo``: one static page and a small JSON API over a
-:class:`torchglow.demo.DemoSession`, served by Starlette on uvicorn.
+:class:`~.session.DemoSession`, served by Starlette on uvicorn.
 
 Why Starlette and not Gradio: the page needs a handful of endpoints and one hand-written page;
 Starlette + uvicorn are two small, well-kept packages with no frontend of their own, so nothing
@@ -32,9 +32,9 @@ to use it, and on a network that may reach it when ``--host`` is not loopback.
   token: a foreign page cannot use the API at all. (No multipart uploads: ``multipart/form-data``
   is what any web page's form may post without asking.)
 * **Input.** JSON bodies of at most 64 KiB, nested at most 4 deep, numbers of at most 24
-  characters (:mod:`torchglow.demo_http`), each field range-checked: a 4xx naming the field.
+  characters (:mod:`.guards`), each field range-checked: a 4xx naming the field.
   Uploads are capped at ``max_upload_bytes`` while they stream, at most :data:`UPLOADS_IN_FLIGHT`
-  at a time (503 beyond), decoded as :func:`torchglow.demo.read_upload` says.
+  at a time (503 beyond), decoded as :func:`.upload.read_upload` says.
 * **Time.** A connection must send a complete request head within ``head_timeout`` (10 s) of
   opening or of its last response, and a request's body within ``body_timeout`` (30 s); else it
   is closed (408 for a late body). Idle keep-alive connections close after 5 s.
@@ -65,7 +65,8 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .session import MAX_ALPHA, MAX_PIXELS, MAX_SEED, MAX_TEMPERATURE, MAX_UPLOAD_BYTES, DemoSession
+from .session import MAX_ALPHA, MAX_SEED, MAX_TEMPERATURE, DemoSession
+from .upload import MAX_PIXELS, MAX_UPLOAD_BYTES
 from .guards import (
     BadRequest, check_content_type, check_same_origin, error_response, guard, json_body, number_field, read_body,
     short, timed_protocol, token_field,
@@ -110,6 +111,28 @@ def _endpoint(handler: Callable, token: str, body_types: Sequence[str] = ()) -> 
     return endpoint
 
 
+def _page(token: str) -> str:
+    """index.html with ``token`` in its :data:`TOKEN_META` tag."""
+    page = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+    if TOKEN_META not in page:
+        raise RuntimeError(f"index.html has no {TOKEN_META}")
+    return page.replace(TOKEN_META, TOKEN_META.replace('content=""', f'content="{token}"'))
+
+
+def _routes(page: str, token: str, api: dict[str, Callable]) -> list:
+    """The page, its static files, ``GET /api/info`` and a POST route per other handler of ``api``
+    (the upload takes a file's bytes, the others JSON)."""
+
+    async def index(request: Request):
+        return HTMLResponse(page)
+
+    body_types = {"upload": ("application/octet-stream", "image/*")}
+    posts = [Route(f"/api/{name}", _endpoint(handler, token, body_types.get(name, ("application/json",))),
+                   methods=["POST"]) for name, handler in api.items() if name != "info"]
+    return [Route("/", index), Route("/api/info", _endpoint(api["info"], token)), *posts,
+            Mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")]
+
+
 def create_app(session: DemoSession, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                allowed_hosts: Sequence[str] = LOCAL_HOSTS, *, token: str | None = None,
                max_pixels: int = MAX_PIXELS, body_timeout: float = BODY_TIMEOUT_S) -> Callable:
@@ -117,10 +140,6 @@ def create_app(session: DemoSession, max_upload_bytes: int = MAX_UPLOAD_BYTES,
     (``*.domain`` for its subdomains), API requests carrying ``token`` (default: a new random one,
     put into the page)."""
     token = token or secrets.token_urlsafe(32)
-    page = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
-    if TOKEN_META not in page:
-        raise RuntimeError(f"index.html has no {TOKEN_META}")
-    page = page.replace(TOKEN_META, TOKEN_META.replace('content=""', f'content="{token}"'))
     uploads = threading.BoundedSemaphore(UPLOADS_IN_FLIGHT)
     client = lambda request: request.client.host if request.client else ""  # noqa: E731
 
@@ -164,21 +183,9 @@ def create_app(session: DemoSession, max_upload_bytes: int = MAX_UPLOAD_BYTES,
         t = number_field(body, "t", None, lo=0, hi=1)
         return {"image": await run_in_threadpool(session.mix, token_field(body, "a"), token_field(body, "b"), t)}
 
-    async def index(request: Request):
-        return HTMLResponse(page)
-
-    json_in = ("application/json",)
-    routes = [
-        Route("/", index),
-        Route("/api/info", _endpoint(info, token)),
-        Route("/api/samples", _endpoint(samples, token, json_in), methods=["POST"]),
-        Route("/api/upload", _endpoint(upload, token, ("application/octet-stream", "image/*")), methods=["POST"]),
-        Route("/api/test_image", _endpoint(test_image, token, json_in), methods=["POST"]),
-        Route("/api/edit", _endpoint(edit, token, json_in), methods=["POST"]),
-        Route("/api/mix", _endpoint(mix, token, json_in), methods=["POST"]),
-        Mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static"),
-    ]
-    return guard(Starlette(routes=routes), [h.lower() for h in allowed_hosts], body_timeout)
+    api = dict(info=info, samples=samples, upload=upload, test_image=test_image, edit=edit, mix=mix)
+    app = Starlette(routes=_routes(_page(token), token, api))
+    return guard(app, [h.lower() for h in allowed_hosts], body_timeout)
 
 
 # ---------------------------------------------------------------------------- listening
@@ -240,7 +247,7 @@ def serve(session: DemoSession, host: str = "127.0.0.1", port: int = 8000,
     """Listen on ``host:port`` (port 0: a free one), warn in one line when that is not loopback,
     print the page's URL, serve until Ctrl+C (uvicorn then raises KeyboardInterrupt). Sets Pillow's
     own pixel limit for this process to ``max_pixels`` and makes its warning an error, a second
-    check behind :func:`torchglow.demo.read_upload`'s. Raises OSError, with the address in its
+    check behind :func:`.upload.read_upload`'s. Raises OSError, with the address in its
     message, when the address cannot be bound."""
     import uvicorn
     from PIL import Image

@@ -1,4 +1,4 @@
-// torchglow demo page: a thin layer over the JSON API of torchglow/demo_server.py.
+// torchglow demo page: a thin layer over the JSON API of torchglow/cli/demo/server.py.
 "use strict";
 
 const $ = (id) => document.getElementById(id);

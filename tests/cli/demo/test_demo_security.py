@@ -28,7 +28,7 @@ from tool_checks import digits_like, make_model
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 pytestmark = pytest.mark.usefixtures("one_thread")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 MAX_PIXELS = 9_000_000  # the test server's pixel limit: a 3000 x 3000 image is the largest it decodes
 
 SERVER = """

@@ -25,12 +25,13 @@ from PIL import Image
 from torchglow.cli import app as cli
 
 from torchglow import preset
+from torchglow.cli.demo import command, upload
 from torchglow.cli.demo import session as demo
 
 from tool_checks import digits_like, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def require(module: str):
@@ -95,21 +96,21 @@ def test_read_upload_converts_like_an_image_folder(tmp_path):
     img = Image.new("RGB", (48, 32), (0, 0, 0))  # landscape: the centred 32x32 square is kept
     img.paste((255, 255, 255), (8, 0, 40, 32))  # that square is white, the 8-px side bands black
     img.save(tmp_path / "wide.png")
-    x = demo.read_upload(png_bytes(img), (1, 8, 8))
+    x = upload.read_upload(png_bytes(img), (1, 8, 8))
     assert x.dtype == torch.uint8 and x.shape == (1, 8, 8)
     assert (x[:, :, 1:7] >= 250).all()  # (the Lanczos kernel reaches past the square's edge)
     folder = load_dataset(f"folder:{tmp_path}", "train", image_size=8, channels=1)
     assert torch.equal(x, folder[0][0])
-    rgb = demo.read_upload(png_bytes(Image.new("L", (5, 5), 100)), (3, 4, 4))
+    rgb = upload.read_upload(png_bytes(Image.new("L", (5, 5), 100)), (3, 4, 4))
     assert rgb.shape == (3, 4, 4) and (rgb == 100).all()
 
 
 def test_to_data_range_maps_white_to_the_data_top_bin():
     x = torch.tensor([0, 128, 255], dtype=torch.uint8).reshape(1, 1, 1, 3)
-    assert demo.to_data_range(x, 5, 16).flatten().tolist() == [0, 8 * 8, 16 * 8]  # bins 0, 8, 16 of 32
-    assert demo.to_data_range(x, 5, 16, invert=True).flatten().tolist() == [16 * 8, 8 * 8, 0]
+    assert upload.to_data_range(x, 5, 16).flatten().tolist() == [0, 8 * 8, 16 * 8]  # bins 0, 8, 16 of 32
+    assert upload.to_data_range(x, 5, 16, invert=True).flatten().tolist() == [16 * 8, 8 * 8, 0]
     every = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
-    assert torch.equal(demo.to_data_range(every, 8, 255), every)
+    assert torch.equal(upload.to_data_range(every, 8, 255), every)
 
 
 @pytest.mark.parametrize("data, needle", [
@@ -119,17 +120,17 @@ def test_to_data_range_maps_white_to_the_data_top_bin():
     (header_only_png(10_000, 6_000), "10000 x 6000 = 60,000,000 pixels"),
 ], ids=["empty", "text", "20000x20000", "60MP"])
 def test_read_upload_refuses_bad_files(data, needle):
-    with pytest.raises(demo.UploadError, match=re.escape(needle)):
-        demo.read_upload(data, (1, 8, 8))
+    with pytest.raises(upload.UploadError, match=re.escape(needle)):
+        upload.read_upload(data, (1, 8, 8))
 
 
 def test_read_upload_refuses_truncated_and_oversized_files():
     noise = np.random.RandomState(0).randint(0, 256, (64, 64, 3), dtype=np.uint8)
     data = png_bytes(Image.fromarray(noise))
-    with pytest.raises(demo.UploadError, match="truncated or corrupt"):
-        demo.read_upload(data[: len(data) // 2], (1, 8, 8))
-    with pytest.raises(demo.UploadError, match="the limit is 1 KiB"):
-        demo.read_upload(data, (1, 8, 8), max_bytes=1000)
+    with pytest.raises(upload.UploadError, match="truncated or corrupt"):
+        upload.read_upload(data[: len(data) // 2], (1, 8, 8))
+    with pytest.raises(upload.UploadError, match="the limit is 1 KiB"):
+        upload.read_upload(data, (1, 8, 8), max_bytes=1000)
 
 
 def test_png_data_url_upscales_small_images():
@@ -282,13 +283,13 @@ def test_directions_must_fit_the_model():
 
 def test_latest_run_is_the_newest_folder_with_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="no run folder"):
-        demo.latest_run(tmp_path)
+        command.latest_run(tmp_path)
     for i, name in enumerate(["old", "new", "empty"]):
         (tmp_path / name).mkdir()
         if name != "empty":
             (tmp_path / name / "last.pt").write_bytes(b"")
         os.utime(tmp_path / name, (1000 + i, 1000 + i))
-    assert demo.latest_run(tmp_path) == tmp_path / "new"
+    assert command.latest_run(tmp_path) == tmp_path / "new"
 
 
 # ------------------------------------------------------------------ the JSON API
@@ -314,8 +315,8 @@ def test_api_page_and_static_files(client):
     assert "default-src 'self'" in page.headers["content-security-policy"]
     assert "http" not in re.sub(r"<footer>.*</footer>", "", page.text)  # nothing from a network
     assert client.get("/static/app.js").status_code == 200
-    assert client.get("/static/../demo.py").status_code == 404
-    assert client.get("/static/%2e%2e/demo.py").status_code == 404
+    assert client.get("/static/../session.py").status_code == 404
+    assert client.get("/static/%2e%2e/session.py").status_code == 404
     evil = client.get("/api/info", headers={"host": "attacker.example"})  # DNS rebinding
     assert evil.status_code == 400
 
@@ -464,19 +465,19 @@ def test_directions_from_classes_csv_and_file(run, tmp_path, capsys):
         base = dict(directions=None, labels_csv=None, dataset=None, data_dir=None, max_images=200, seed=0)
         return argparse.Namespace(**{**base, **kw})
 
-    classes, source = demo._directions(args(), opened)
+    classes, source = command._directions(args(), opened)
     assert list(classes) == [f"class {d}" for d in range(10)] and source == "classes of digits/train (200 images)"
     rows = ["id,odd,never"] + [f"{i},{i % 2},0" for i in range(1497)]  # the training split's 1497 images
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
-    from_csv, source = demo._directions(args(labels_csv=str(tmp_path / "labels.csv")), opened)
+    from_csv, source = command._directions(args(labels_csv=str(tmp_path / "labels.csv")), opened)
     assert list(from_csv) == ["odd"] and "labels.csv on digits/train" in source
     assert "no slider for never" in capsys.readouterr().err
     save_directions(classes, tmp_path / "d.safetensors")
-    loaded, source = demo._directions(args(directions=str(tmp_path / "d.safetensors")), opened)
+    loaded, source = command._directions(args(directions=str(tmp_path / "d.safetensors")), opened)
     assert all(torch.equal(a, b) for n in classes for a, b in zip(classes[n], loaded[n]))
     save_directions({"bad": [torch.zeros(3), torch.zeros(2)]}, tmp_path / "bad.safetensors")
     with pytest.raises(cli.CLIError, match="direction 'bad' has levels of"):
-        demo._directions(args(directions=str(tmp_path / "bad.safetensors")), opened)
+        command._directions(args(directions=str(tmp_path / "bad.safetensors")), opened)
 
 
 def start_server(run: str, log: Path) -> tuple[subprocess.Popen, str]:
