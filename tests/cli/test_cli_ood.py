@@ -8,6 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
+from torchglow.cli.errors import in_flags
+
 from conftest import cli as call
 from cli_checks import tiny_run
 
@@ -27,7 +29,7 @@ def test_ood_builtin_sets(run, capsys, tmp_path):
     summary = json.loads((tmp_path / "ood.json").read_text())
     assert summary["in_distribution"] == "digits/test"
     assert summary["ood_sets"] == {"flipped": 100, "inverted": 100, "noise": 100}
-    assert summary["table"] in out
+    assert in_flags(summary["table"]) in out and "(--in-split all, --max-images 0)" in out
     for name in ("flipped", "inverted", "noise"):
         assert set(summary["metrics"][name]) == {"bpd", "complexity", "typicality_m2", "typicality_m5"}
     assert summary["noise_max_level"] == 16
