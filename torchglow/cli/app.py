@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CLIError, ConfigError, CheckpointError, ConversionError, DatasetError, TrainingError) as e:
-        print(f"{prefix}: error: {in_flags(str(getattr(e, 'cli_message', e)))}", file=sys.stderr)
+        print(f"{prefix}: error: {in_flags(str(e))}", file=sys.stderr)
         return EXIT_USAGE if isinstance(e, (CLIError, ConfigError)) else 1
     finally:
         warnings.formatwarning = formatwarning

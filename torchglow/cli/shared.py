@@ -53,14 +53,14 @@ def fast_option(p: argparse.ArgumentParser, what: str) -> None:
 
 def user_errors(cmd):
     """The library's ValueErrors are the user's (option values that do not fit): one line, exit 2,
-    in the command line's words where the error has them (``cli_message``)."""
+    in the command line's words (:func:`~torchglow.cli.app.main` prints it through ``in_flags``)."""
 
     @functools.wraps(cmd)
     def call(args: argparse.Namespace) -> int:
         try:
             return cmd(args)
         except ValueError as e:
-            raise CLIError(getattr(e, "cli_message", str(e))) from None
+            raise CLIError(str(e)) from None
 
     return call
 

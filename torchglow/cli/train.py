@@ -115,7 +115,7 @@ def _own_data_defaults(dataset: str, values: dict[str, Any], model_fields: set[s
             n_train = folder_layout(folder).counts()["train"]
             shape = infer_image_shape(folder) if "image_shape" not in values else None
     except DatasetError as e:
-        raise CLIError(f"--dataset: {getattr(e, 'cli_message', e)}") from None
+        raise CLIError(f"--dataset: {e}") from None
     model_values = {**PRESETS["digits"], **OWN_DATA_MODEL, **({"image_shape": shape} if shape else {}),
                     **{k: v for k, v in values.items() if k in model_fields}}
     train_values = {**OWN_DATA_TRAIN, "warmup_images": OWN_DATA_WARMUP_EPOCHS * n_train,
