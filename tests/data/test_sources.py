@@ -27,8 +27,8 @@ def test_missing_files_give_one_line_dataset_error(tmp_path, name):
     message = str(error.value)
     assert str(tmp_path / "nowhere") in message and "\n" not in message
     downloadable = not name.startswith(("imagenet", "lsun"))
-    assert ("set `download` to fetch them" in message) == downloadable  # the parameter, for the CLI to word
-    assert ("set --download to fetch them" in in_flags(message)) == downloadable
+    assert ("add `download` to fetch them" in message) == downloadable  # the parameter, for the CLI to word
+    assert ("add --download to fetch them" in in_flags(message)) == downloadable
     assert "--" not in message
 
 

@@ -56,7 +56,7 @@ def locate(
     remedy = f"get them from {SOURCES[name]}"
     if download:
         raise DatasetError(missing + remedy)
-    raise DatasetError(f"{missing}set `download` to fetch them, or {remedy}")
+    raise DatasetError(f"{missing}add `download` to fetch them, or {remedy}")
 
 
 def _find_all(folders: Sequence[Path], required: Sequence[str]) -> list[Path] | None:
