@@ -14,6 +14,7 @@ from .base import DatasetError
 
 # Folders searched after the default one when no data_dir is given.
 SYSTEM_DIRS = {"fashion-mnist": Path("/usr/share/datasets/fashion-mnist")}
+
 SOURCES = {
     "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/ (torchvision's mirror)",
     "fashion-mnist": "https://github.com/zalandoresearch/fashion-mnist (or apt-get install dataset-fashion-mnist)",
