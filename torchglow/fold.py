@@ -77,12 +77,12 @@ def _scaled_convs(convs, logs: list[torch.Tensor], biases: list[torch.Tensor]) -
 
 def fold_networks(steps) -> list[tuple[torch.Tensor, ...]]:
     """The scaled weights ``(w1, b1, w2, b2, w3, b3)`` of each step's coupling network, for the K
-    steps of a level at once: the two :class:`~torchglow.networks.ConvActNorm` layers as ``conv(x, W·s) + b·s`` with their
-    ActNorm's ``s = exp(3·logs)`` and bias ``b``, the :class:`~torchglow.networks.ZeroConv2d` as ``conv(x, W·s) + b·s``
-    with its own ``s`` and bias, in the parameters' dtype (elementwise the same products as
-    :meth:`ConvActNorm.forward` and :meth:`ZeroConv2d.forward`, a few batched operations per level
-    instead of a dozen per step). :meth:`torchglow.layers.Coupling.forward` uses them while no ActNorm of the network
-    waits for its initialisation."""
+    steps of a level at once: the two :class:`~torchglow.networks.ConvActNorm` layers as
+    ``conv(x, W·s) + b·s`` with their ActNorm's ``s = exp(3·logs)`` and bias ``b``, the
+    :class:`~torchglow.networks.ZeroConv2d` as ``conv(x, W·s) + b·s`` with its own ``s`` and bias, in
+    the parameters' dtype (elementwise the same products as their ``forward``, a few batched
+    operations per level instead of a dozen per step). :meth:`torchglow.layers.Coupling.forward`
+    uses them while no ActNorm of the network waits for its initialisation."""
     nets = [s.coupling.nn for s in steps]
     with torch.autocast(steps[0].actnorm.logs.device.type, enabled=False):
         folded = []
