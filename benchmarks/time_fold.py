@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from torchglow import Glow# noqa: E402
-from torchglow.layers import fold_steps  # noqa: E402
+from torchglow.fold import fold_steps  # noqa: E402
 
 
 def main() -> None:

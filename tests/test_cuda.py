@@ -11,7 +11,8 @@ from torchglow import Glow
 from torchglow import preprocess as pp
 from torchglow.memory import ReconstructionWarning
 from torchglow.config import GlowConfig, TrainConfig
-from torchglow.layers import fold_steps, squeeze2d
+from torchglow.fold import fold_steps
+from torchglow.layers import squeeze2d
 from torchglow.train.step import GraphedStep, TrainStep, compile_step
 
 from test_step import assert_resumes_in_place, state_of

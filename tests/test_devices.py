@@ -20,13 +20,13 @@ def test_auto_is_the_gpu_when_there_is_one():
 def test_unknown_device_names(name):
     with pytest.raises(ConfigError) as e:
         resolve_device(name)
-    assert str(e.value) == f"--device {name}: unknown device; use auto, cpu, cuda or cuda:N"
+    assert str(e.value) == f"`device` {name}: unknown device; use auto, cpu, cuda or cuda:N"
 
 
 @pytest.mark.skipif(not NO_GPU, reason="needs a machine without a GPU")
 @pytest.mark.parametrize("name", ["cuda", "cuda:0", "cuda:3"])
 def test_cuda_without_a_gpu(name):
-    with pytest.raises(ConfigError, match=f"--device {name}: no CUDA GPU is available here"):
+    with pytest.raises(ConfigError, match=f"`device` {name}: no CUDA GPU is available here"):
         resolve_device(name)
 
 

@@ -20,7 +20,8 @@ from torchglow import Glow
 from torchglow import GlowConfig
 
 from torchglow import preset
-from torchglow.layers import ConvActNorm, Coupling, FlowStep, LinearZeros, ZeroConv2d, edge_image
+from torchglow.layers import Coupling, FlowStep
+from torchglow.networks import ConvActNorm, LinearZeros, ZeroConv2d, edge_image
 
 from flow_checks import assert_invertible, assert_logdet_matches_jacobian, perturb
 

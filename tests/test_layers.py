@@ -4,21 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torchglow.layers import (
-    ActNorm,
-    ConvActNorm,
-    Coupling,
-    FlowStep,
-    InvConv1x1,
-    Permute,
-    ZeroConv2d,
-    fold_networks,
-    fold_steps,
-    initializing,
-    inverse_weights,
-    squeeze2d,
-    unsqueeze2d,
-)
+from torchglow.fold import fold_networks, fold_steps, inverse_weights
+from torchglow.layers import ActNorm, Coupling, FlowStep, InvConv1x1, Permute, initializing, squeeze2d, unsqueeze2d
+from torchglow.networks import ConvActNorm, ZeroConv2d
 
 from flow_checks import (assert_invertible, assert_logdet_matches_jacobian, jacobian_logabsdet, perturb, unfolded_step,
                          unfolded_step_inverse)

@@ -353,7 +353,7 @@ def test_the_float64_one_by_one_path_of_cuda_on_the_cpu(monkeypatch):
     """On CUDA the folded 1x1 convolutions run in float64 (``linear_dtype``) around float32
     activations; forced here on the CPU: the same log-likelihood, gradients and exact decoding as
     the float32 path, the cached inverses in float64."""
-    from torchglow import layers
+    from torchglow import fold
 
     model = tiny_glow("affine_lu", torch.float32).eval()
     x = torch.rand(3, *model.config.image_shape) - 0.5
@@ -369,9 +369,9 @@ def test_the_float64_one_by_one_path_of_cuda_on_the_cpu(monkeypatch):
         return log_prob.detach(), grads, x_rec
 
     expected = run()
-    monkeypatch.setattr(layers, "linear_dtype", lambda t: torch.float64)
+    monkeypatch.setattr(fold, "linear_dtype", lambda t: torch.float64)
     for steps in model.levels:  # forced: the caches follow the parameters' device, which did not change here
-        layers.refresh_inverses(steps)
+        fold.refresh_inverses(steps)
     log_prob, grads, x_rec = run()
     assert log_prob.dtype == x_rec.dtype == torch.float32
     assert next(model.flow_steps()).inverse_weight.dtype == torch.float64

@@ -1,4 +1,5 @@
-"""Devices: one resolver for every ``--device`` option, and random draws from any generator."""
+"""Devices: one resolver for every ``device`` setting (the CLI's ``--device``), and random draws
+from any generator."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 def resolve_device(name: str) -> torch.device:
     """``"auto"`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cpu``, ``cuda``, ``cuda:N`` and
-    ``mps`` as given. Raises :class:`~torchglow.config.ConfigError` (one line naming the option) for
+    ``mps`` as given. Raises :class:`~torchglow.config.ConfigError` (one line naming the parameter) for
     an unknown name or a device this machine does not have."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -22,15 +23,15 @@ def resolve_device(name: str) -> torch.device:
     except (RuntimeError, ValueError, TypeError):
         device = None
     if device is None or device.type not in DEVICE_TYPES:
-        raise ConfigError(f"--device {name}: unknown device; use auto, cpu, cuda or cuda:N")
+        raise ConfigError(f"`device` {name}: unknown device; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ConfigError(f"--device {name}: no CUDA GPU is available here (use --device cpu or auto)")
+            raise ConfigError(f"`device` {name}: no CUDA GPU is available here (use `device` cpu or auto)")
         if device.index is not None and device.index >= count:
-            raise ConfigError(f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+            raise ConfigError(f"`device` {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"--device {name}: MPS (Apple GPU) is not available here (use --device cpu or auto)")
+        raise ConfigError(f"`device` {name}: MPS (Apple GPU) is not available here (use `device` cpu or auto)")
     return device
 
 

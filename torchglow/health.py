@@ -112,7 +112,7 @@ def health_warnings(record: dict[str, Any]) -> list[str]:
         out.append(f"a 1x1 convolution has condition number {cond:.3g} (> {COND_WARN:g}): its inverse loses precision")
     if scale is not None and not scale >= SCALE_WARN:
         out.append(f"an affine coupling scale is down to {scale:.3g} (< {SCALE_WARN:g}): sampling and the inverse "
-                   f"may overflow; consider a lower --lr or --grad-clip")
+                   f"may overflow; consider a lower `lr` or `grad_clip`")
     return out
 
 

@@ -1,121 +1,27 @@
-"""Invertible layers of Glow.
+"""Invertible layers of Glow: :class:`ActNorm`, :class:`InvConv1x1`, :class:`Permute`,
+:class:`Coupling`, :class:`FlowStep`, and the squeeze between levels (:func:`squeeze2d`).
 
 Every flow layer maps ``forward(x) -> (y, logdet)`` and ``inverse(y) -> x`` on (B, C, H, W)
 tensors; ``logdet`` is ``log|det dy/dx|`` per sample, shape (B,), in float32. All state lives in
 parameters and buffers, so ``load_state_dict`` restores a layer completely.
 
 Numerics follow the official openai/glow code (``model.py``/``tfops.py``): data-dependent ActNorm
-with a ``logscale_factor`` of 3, the zero-initialised last convolutions scaled by ``exp(3·logs)``,
-the sigmoid(h + 2) affine scale and float64 log-determinants of the plain 1x1 convolution. The
-3x3 convolutions pad as the official ones (zeros plus an "edge" channel marking the border) or
-with zeros only (``padding="zero"``, as the PyTorch ports): the padding changes what the coupling
-networks and priors compute, never how a log-determinant is computed.
-
-A :class:`FlowStep` runs its ActNorm and 1x1 convolution as one folded 1x1 convolution with a bias
-(:func:`fold_steps`, batched over the K steps of a level), in float64 on CUDA so that TF32 never
-touches the invertible part; the parameters are those of the separate layers. The scales of the
-coupling networks' convolutions are likewise folded into their weights for the K steps of a level
-at once (:func:`fold_networks`).
+with a ``logscale_factor`` of 3 (:mod:`torchglow.actnorm`), the zero-initialised last convolutions
+of the coupling networks (:mod:`torchglow.networks`), the sigmoid(h + 2) affine scale and float64
+log-determinants of the plain 1x1 convolution. A :class:`FlowStep` runs its ActNorm and
+permutation as one folded 1x1 convolution and caches its inverse (:mod:`torchglow.fold`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .distributed import all_reduce_mean
+from .actnorm import ActNorm, initializing, logdet_dtype
+from .fold import conv1x1, fold_networks, fold_steps, inverse_weights, linear_dtype, refresh_inverses
+from .networks import ConvActNorm, CouplingNetwork, ZeroConv2d, full_precision_convolutions
 
-# The official code stores log-scales divided by this factor, which multiplies their effective
-# learning rate under Adam/Adamax by 3.
-LOGSCALE_FACTOR = 3.0
-
-
-def logdet_dtype(x: torch.Tensor) -> torch.dtype:
-    """Log-dets and priors accumulate in float32 whatever the activations' precision (bf16, fp16),
-    and in float64 when the model itself runs in float64."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-class ActNorm(nn.Module):
-    """Per-channel affine normalisation: ``y = (x + bias) · exp(logs)``, log-det ``H·W·Σ logs``.
-
-    Initialised from data (Kingma & Dhariwal 2018, §3.1): the first batch seen inside
-    :func:`initializing` gets zero mean and unit variance per channel. Whether that happened is the
-    ``initialized`` buffer, saved in the ``state_dict``, so a loaded layer never re-initialises.
-    The flag is checked only by the initialisation routine, never in ``forward``.
-    """
-
-    def __init__(self, num_channels: int):
-        super().__init__()
-        self.bias = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
-        self.logs = nn.Parameter(torch.zeros(1, num_channels, 1, 1))  # stored as logs / LOGSCALE_FACTOR
-        self.register_buffer("initialized", torch.tensor(False))
-        self._init_pending = False  # set by `initializing()`; a Python bool, so no device sync
-
-    def log_scale(self) -> torch.Tensor:
-        return self.logs * LOGSCALE_FACTOR
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._init_pending:
-            self._initialize(x)
-        logs = self.log_scale()
-        y = (x + self.bias) * torch.exp(logs)
-        logdet = (x.shape[2] * x.shape[3]) * logs.to(logdet_dtype(x)).sum()
-        return y, logdet.expand(x.shape[0])
-
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return y * torch.exp(-self.log_scale()) - self.bias
-
-    @torch.no_grad()
-    def _initialize(self, x: torch.Tensor) -> None:
-        """Centre first, then scale: ``bias = -mean``, ``logs = log(1 / (std + 1e-6))`` (official).
-
-        Under torch.distributed the moments are averaged over all ranks (equal batches per rank),
-        so every rank gets the same initialisation.
-        """
-        x = x.to(logdet_dtype(x))
-        mean = all_reduce_mean(x.mean(dim=(0, 2, 3), keepdim=True))
-        var = all_reduce_mean(((x - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True))
-        self.bias.copy_(-mean)
-        self.logs.copy_(torch.log(1.0 / (var.sqrt() + 1e-6)) / LOGSCALE_FACTOR)
-        self.initialized.fill_(True)
-        self._init_pending = False
-
-
-@contextlib.contextmanager
-def initializing(module: nn.Module):
-    """Within this context, each not-yet-initialised ActNorm in ``module`` initialises itself
-    from the first input it sees (one forward pass initialises a whole model, in order)."""
-    pending = [m for m in module.modules() if isinstance(m, ActNorm) and not bool(m.initialized)]
-    for m in pending:
-        m._init_pending = True
-    try:
-        yield
-    finally:
-        for m in pending:
-            m._init_pending = False
-
-
-def linear_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype of the 1x1 convolutions' weights and arithmetic: float64 on CUDA, where cuDNN and
-    cuBLAS would otherwise run float32 in TF32 (a 10-bit mantissa, compounded over the K steps of
-    a level) whatever the caller set, else the parameters' own dtype (float32 on the CPU is exact)."""
-    return torch.float64 if t.device.type == "cuda" else t.dtype
-
-
-def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``weight·x + bias`` at every pixel (``weight`` (C_out, C_in, 1, 1), ``bias`` (C_out,)), in
-    ``weight``'s dtype and outside any autocast region (a bf16 1x1 convolution is not invertible to
-    float precision); the result in ``x``'s dtype. The weight comes shaped for the convolution: a
-    reshape inside a compiled flow step, of a weight with dynamic sizes, trips inductor."""
-    with torch.autocast(x.device.type, enabled=False):
-        y = F.conv2d(x.to(weight.dtype), weight, bias)
-    return y.to(x.dtype)
-
+__all__ = ["ActNorm", "Coupling", "FlowStep", "InvConv1x1", "Permute", "initializing", "squeeze2d", "unsqueeze2d"]
 
 class InvConv1x1(nn.Module):
     """Invertible 1x1 convolution ``y = W x`` over channels, log-det ``H·W·log|det W|``.
@@ -258,147 +164,7 @@ def unsqueeze2d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, c // 4, h * 2, w * 2)
 
 
-def edge_image(height: int, width: int, pad: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The official "edge" channel of a zero-padded (height, width) input: a (1, 1, height + 2·pad,
-    width + 2·pad) map, 1 on the ``pad`` rows and columns of padding and 0 inside (tfops.py's
-    ``add_edge_padding``). A constant: built once per shape, device and dtype in eager mode; under
-    torch.compile it is built in the graph, where the compiler folds it into a constant."""
-    if torch.compiler.is_compiling():
-        return _make_edge_image(height, width, pad, device, dtype)
-    return _cached_edge_image(height, width, pad, device, dtype)
-
-
-def _make_edge_image(height: int, width: int, pad: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    edge = torch.ones(1, 1, height + 2 * pad, width + 2 * pad, device=device, dtype=dtype)
-    edge[:, :, pad : pad + height, pad : pad + width] = 0
-    return edge
-
-
-_cached_edge_image = functools.lru_cache(maxsize=64)(_make_edge_image)
-
-
-def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A stride-1 "SAME" convolution with an odd square kernel, with the official edge padding when
-    ``weight`` has one input channel more than ``x``.
-
-    Official: ``conv(cat[pad(x), E], W)``, ``E`` the :func:`edge_image` concatenated last. When the
-    convolution widens (more outputs than inputs: the first conv of a coupling network) that is
-    what runs, the copy being of the narrow input. Otherwise (the zero convs: wide hidden input,
-    narrow output) it runs as ``conv(pad(x), W[:, :C]) + (conv(E, W[:, C:]) + b)``: the second term
-    does not depend on the data, so it is one (1, out, H, W) map (a bias that varies by position)
-    and no copy of the wide input is made. Both equal the official convolution up to rounding.
-    """
-    pad = weight.shape[-1] // 2
-    b, c, h, w = x.shape
-    if weight.shape[1] == c:
-        return F.conv2d(x, weight, bias, padding=pad)
-    edge = edge_image(h, w, pad, x.device, x.dtype)
-    if weight.shape[0] > c:
-        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        x = torch.cat([F.pad(x, (pad, pad, pad, pad)), edge.expand(b, -1, -1, -1)], 1)  # (B, C + 1, H + 2p, W + 2p)
-        return F.conv2d(x.contiguous(memory_format=layout), weight, bias)  # the input's layout (see Coupling._net)
-    position_bias = F.conv2d(edge, weight[:, c:], bias)  # (1, out, H, W)
-    return F.conv2d(x, weight[:, :c], padding=pad) + position_bias
-
-
-def _conv_in_channels(in_channels: int, kernel_size: int, edge: bool) -> int:
-    # the official edge padding adds its channel to 3x3 convolutions only (add_edge_padding
-    # returns a 1x1 convolution's input unchanged)
-    return in_channels + 1 if edge and kernel_size > 1 else in_channels
-
-
-class ZeroConv2d(nn.Module):
-    """Zero-initialised convolution whose output is scaled: ``(conv(x) + b) · exp(3·logs)``.
-
-    The last layer of every coupling network and prior, so that each flow step starts as the
-    identity and each prior as a standard normal (official ``conv2d_zeros``). With ``edge=True``
-    the convolution also sees the official edge channel (:func:`conv2d_same`) and its weight has
-    ``in_channels + 1`` input channels, the last one the edge channel's.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, edge: bool = False):
-        super().__init__()
-        self.conv = nn.Conv2d(_conv_in_channels(in_channels, kernel_size, edge), out_channels, kernel_size,
-                              padding=kernel_size // 2)
-        nn.init.zeros_(self.conv.weight)
-        nn.init.zeros_(self.conv.bias)
-        self.logs = nn.Parameter(torch.zeros(1, out_channels, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The scale is folded into the (small) weight and bias instead of multiplying the output:
-        # (conv(x, W) + b)·s = conv(x, W·s) + b·s, equal up to float rounding.
-        scale = torch.exp(self.logs * LOGSCALE_FACTOR)
-        return conv2d_same(x, self.conv.weight * scale.view(-1, 1, 1, 1), self.conv.bias * scale.view(-1))
-
-
-class ConvActNorm(nn.Module):
-    """Bias-free convolution followed by ActNorm (official ``conv2d`` with ``do_actnorm``),
-    weights drawn from N(0, 0.05²); ``edge=True``: with the official edge channel, as
-    :class:`ZeroConv2d` (3x3 kernels only)."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, edge: bool = False):
-        super().__init__()
-        self.conv = nn.Conv2d(_conv_in_channels(in_channels, kernel_size, edge), out_channels, kernel_size,
-                              padding=kernel_size // 2, bias=False)
-        nn.init.normal_(self.conv.weight, std=0.05)
-        self.actnorm = ActNorm(out_channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        actnorm = self.actnorm
-        if actnorm._init_pending:  # data-dependent init needs the raw convolution output
-            return actnorm(conv2d_same(x, self.conv.weight, None))[0]
-        # ActNorm folded into the convolution: (conv(x, W) + b)·s = conv(x, W·s) + b·s (equal up to
-        # float rounding), one pass over the activations instead of three, and a cheaper backward.
-        scale = torch.exp(actnorm.log_scale())
-        return conv2d_same(x, self.conv.weight * scale.view(-1, 1, 1, 1), (actnorm.bias * scale).view(-1))
-
-
-class LinearZeros(nn.Linear):
-    """Official ``linear_zeros``: ``y = (x·Wᵀ + b)·exp(3·logs)``, W, b and logs zero-initialised
-    (the class embedding of the top prior and the classifier, with ``class_layers="linear_zeros"``)."""
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features)
-        nn.init.zeros_(self.weight)
-        nn.init.zeros_(self.bias)
-        self.logs = nn.Parameter(torch.zeros(out_features))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = torch.exp(self.logs * LOGSCALE_FACTOR)
-        return F.linear(x, self.weight * scale[:, None], self.bias * scale)
-
-
 _CHANNELS_LAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def full_precision_convolutions(x: torch.Tensor):
-    """cuDNN's float32 convolutions without TF32 for CUDA inputs (a no-op elsewhere). The inverse of a
-    coupling recomputes its network on a reconstructed input that carries float rounding; in TF32
-    (a 10-bit mantissa, on by default in cuDNN) that rounding flips the network's own roundings and
-    the reconstruction error grows to ~1e-3 over a trained level (measured on an H200). In float32
-    the flow inverts as on the CPU. bf16/fp16 networks (``autocast_dtype``) are a choice of speed."""
-    if x.device.type != "cuda":
-        return contextlib.nullcontext()
-    cudnn = torch.backends.cudnn
-    return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
-                       allow_tf32=False)
-
-
-class CouplingNetwork(nn.Sequential):
-    """A coupling network: ConvActNorm (3x3), ReLU, ConvActNorm (1x1), ReLU, Dropout, ZeroConv2d
-    (an ``nn.Sequential``, so the state_dict keys are the layers' indices)."""
-
-    def forward(self, x: torch.Tensor, net: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
-        """From ``net`` (its scaled weights from :func:`fold_networks`) when given and no ActNorm of
-        it waits for its data-dependent initialisation (which needs the raw convolution outputs),
-        else layer by layer."""
-        first, _, hidden, _, dropout, _ = self
-        if net is None or first.actnorm._init_pending or hidden.actnorm._init_pending:
-            return super().forward(x)
-        w1, b1, w2, b2, w3, b3 = net
-        h = F.relu(conv2d_same(x, w1, b1), inplace=True)
-        h = dropout(F.relu(conv2d_same(h, w2, b2), inplace=True))
-        return conv2d_same(h, w3, b3)
 
 
 class Coupling(nn.Module):
@@ -472,17 +238,6 @@ class Coupling(nn.Module):
         return torch.cat([y_a, y_b / scale - shift], 1)
 
 
-def tensor_version(t: torch.Tensor) -> tuple[int, int]:
-    """What changes when ``t``'s values change in place: its version counter (optimiser steps,
-    ``load_state_dict``) and, for a parameter made a slice of one flat vector
-    (:func:`torchglow.step.flatten_parameters`, which records the vector in ``_flat_base``), that
-    vector's counter: ``p.data = view`` gives ``p`` a counter of its own, which updates of the
-    whole vector do not bump."""
-    base = getattr(t, "_flat_base", None)
-    flat = base() if base is not None else None
-    return t._version, -1 if flat is None else flat._version
-
-
 class FlowStep(nn.Module):
     """One step of flow: ActNorm -> permutation (1x1 conv, shuffle or reverse) -> coupling.
 
@@ -508,7 +263,7 @@ class FlowStep(nn.Module):
                                  padding=padding)
         self.register_buffer("inverse_weight", None, persistent=False)
         self.register_buffer("inverse_bias", None, persistent=False)
-        self._inverse_key: tuple | None = None
+        self.inverse_key: tuple | None = None  # the parameters' versions the cached inverse was computed from
 
     def forward(self, x: torch.Tensor, folded: tuple[torch.Tensor, ...] | None = None,
                 net: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -537,107 +292,3 @@ class FlowStep(nn.Module):
         dtype do), so a captured CUDA graph that reads them stays valid when they are refreshed
         outside it after the weights change. :meth:`inverse` refreshes stale caches by itself."""
         refresh_inverses([self])
-
-    def _fold_key(self) -> tuple:
-        tensors = (*self.actnorm.parameters(), *self.permute.parameters(), *self.permute.buffers())
-        return tuple((*tensor_version(t), t.data_ptr(), t.device, t.dtype) for t in tensors)
-
-    def _store_inverse(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        current = self.inverse_weight
-        layout = (weight.shape, weight.dtype, weight.device)
-        if current is None or (current.shape, current.dtype, current.device) != layout:
-            self.inverse_weight, self.inverse_bias = weight.clone(), bias.clone()
-        else:
-            self.inverse_weight.copy_(weight)
-            self.inverse_bias.copy_(bias)
-        self._inverse_key = self._fold_key()
-
-
-def _stacked(modules, name: str, dtype: torch.dtype) -> torch.Tensor:
-    """The (1, C, 1, 1) ActNorm tensors ``name`` of ``modules`` as (K, C) in ``dtype``."""
-    return torch.stack([getattr(m, name) for m in modules]).to(dtype).flatten(1)
-
-
-def fold_steps(steps, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Each step's ActNorm and permutation folded into one 1x1 convolution, for the K steps of a
-    level (all alike) as batched products: ``(weight (C, C, 1, 1), bias (C,), logdet)`` per step with
-    ``weight = W·diag(s)``, ``bias = W·diag(s)·b`` and the per-sample log-det ``H·W·(Σ logs +
-    log|det W|)`` of input ``x`` (B, C, H, W), in :func:`linear_dtype` (log-det: :func:`logdet_dtype`)."""
-    anchor = steps[0].actnorm.logs
-    dtype = linear_dtype(anchor)
-    actnorms = [s.actnorm for s in steps]
-    with torch.autocast(anchor.device.type, enabled=False):
-        logs = _stacked(actnorms, "logs", dtype) * LOGSCALE_FACTOR  # (K, C)
-        w, logabsdet = type(steps[0].permute).matrices([s.permute for s in steps], dtype)  # (K, C, C), (K,)
-        w = w * torch.exp(logs)[:, None, :]  # scales the columns: W·diag(s)
-        bias = (w @ _stacked(actnorms, "bias", dtype)[:, :, None])[:, :, 0]  # (K, C)
-        logdet = ((logs.sum(-1) + logabsdet) * (x.shape[2] * x.shape[3])).to(logdet_dtype(x))
-    return list(zip(w[..., None, None].unbind(0), bias.unbind(0), logdet.unbind(0)))
-
-
-def _scaled_convs(convs, logs: list[torch.Tensor], biases: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(weight·s, bias·s)`` with ``s = exp(3·logs)`` per output channel for K convolutions at once:
-    ``(K, out, in, k, k)`` and ``(K, out)``, elementwise the products each layer computes alone."""
-    scale = torch.exp(torch.stack(logs) * LOGSCALE_FACTOR).reshape(len(convs), -1)  # (K, out)
-    weight = torch.stack([c.weight for c in convs]) * scale[:, :, None, None, None]
-    return weight, torch.stack(biases).reshape(len(convs), -1) * scale
-
-
-def fold_networks(steps) -> list[tuple[torch.Tensor, ...]]:
-    """The scaled weights ``(w1, b1, w2, b2, w3, b3)`` of each step's coupling network, for the K
-    steps of a level at once: the two :class:`ConvActNorm` layers as ``conv(x, W·s) + b·s`` with their
-    ActNorm's ``s = exp(3·logs)`` and bias ``b``, the :class:`ZeroConv2d` as ``conv(x, W·s) + b·s``
-    with its own ``s`` and bias, in the parameters' dtype (elementwise the same products as
-    :meth:`ConvActNorm.forward` and :meth:`ZeroConv2d.forward`, a few batched operations per level
-    instead of a dozen per step). :meth:`Coupling.forward` uses them while no ActNorm of the network
-    waits for its initialisation."""
-    nets = [s.coupling.nn for s in steps]
-    with torch.autocast(steps[0].actnorm.logs.device.type, enabled=False):
-        folded = []
-        for i in (0, 2):  # the ConvActNorm layers
-            layers = [n[i] for n in nets]
-            folded += _scaled_convs([m.conv for m in layers], [m.actnorm.logs for m in layers],
-                                    [m.actnorm.bias for m in layers])
-        last = [n[-1] for n in nets]
-        folded += _scaled_convs([m.conv for m in last], [m.logs for m in last], [m.conv.bias for m in last])
-    return list(zip(*(t.unbind(0) for t in folded)))
-
-
-def fold_inverses(steps) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each step's inverse, ``x = diag(1/s)·W⁻¹·y - b``, as ``(weight (C, C, 1, 1), bias (C,))`` of one 1x1
-    convolution, computed afresh for the K steps of a level at once (W⁻¹ in float64, the results
-    in :func:`linear_dtype`)."""
-    anchor = steps[0].actnorm.logs
-    actnorms = [s.actnorm for s in steps]
-    with torch.autocast(anchor.device.type, enabled=False):
-        w_inv = type(steps[0].permute).inverse_matrices([s.permute for s in steps])  # (K, C, C)
-        # scales the rows: diag(1/s)·W⁻¹
-        w_inv = w_inv * torch.exp(_stacked(actnorms, "logs", torch.float64) * -LOGSCALE_FACTOR)[:, :, None]
-        dtype = linear_dtype(anchor)
-        w_inv = w_inv.to(dtype)[..., None, None]
-        return list(zip(w_inv.unbind(0), (-_stacked(actnorms, "bias", dtype)).unbind(0)))
-
-
-@torch.no_grad()
-def refresh_inverses(steps) -> None:
-    """:meth:`FlowStep.refresh_inverse` for the K steps of a level, as one batched computation."""
-    for step, (w, b) in zip(steps, fold_inverses(steps)):
-        step._store_inverse(w, b)
-
-
-def inverse_weights(steps) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(weight, bias)`` of each step's folded inverse 1x1 convolution: :func:`fold_inverses` when
-    a gradient is needed, else the cached buffers, refreshed first where the parameters changed
-    since (so decoding with fixed weights computes no inverse at all)."""
-    if torch.is_grad_enabled() and any(p.requires_grad for s in steps
-                                       for p in (*s.actnorm.parameters(), *s.permute.parameters())):
-        return fold_inverses(steps)
-    refresh_stale_inverses(steps)
-    return [(s.inverse_weight, s.inverse_bias) for s in steps]
-
-
-def refresh_stale_inverses(steps) -> None:
-    """:func:`refresh_inverses` if the parameters of any of ``steps`` changed since their caches were
-    computed (a few attribute reads per step when none did)."""
-    if any(s._inverse_key != s._fold_key() for s in steps):
-        refresh_inverses(steps)

@@ -53,7 +53,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import MEMORY_MODES, ConfigError
-from .layers import ActNorm, fold_inverses, fold_networks, fold_steps
+from .actnorm import ActNorm
+from .fold import fold_inverses, fold_networks, fold_steps
 
 
 def check_memory_mode(mode: str, dropout: float = 0.0) -> str:

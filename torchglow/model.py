@@ -24,8 +24,10 @@ from . import preprocess as pp
 from .config import GlowConfig, preset
 from .devices import random_tensor
 from .health import check_samples
-from .layers import (ActNorm, FlowStep, LinearZeros, ZeroConv2d, fold_networks, initializing, inverse_weights,
-                     logdet_dtype, refresh_stale_inverses, squeeze2d, unsqueeze2d)
+from .actnorm import ActNorm, initializing, logdet_dtype
+from .fold import fold_networks, inverse_weights, refresh_stale_inverses
+from .layers import FlowStep, squeeze2d, unsqueeze2d
+from .networks import LinearZeros, ZeroConv2d
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

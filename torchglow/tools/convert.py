@@ -41,7 +41,8 @@ import torch
 
 from ..config import ConfigError, GlowConfig
 from ..files import default_folder_mode, make_readable
-from ..layers import LOGSCALE_FACTOR, ConvActNorm, ZeroConv2d
+from ..actnorm import LOGSCALE_FACTOR
+from ..networks import ConvActNorm, ZeroConv2d
 from ..model import Glow
 
 # hparams.json keys that define the architecture (all required), and the training options the
