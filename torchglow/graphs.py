@@ -2,8 +2,8 @@
 
 :class:`GraphedCall` wraps any function of tensors (nested in lists, tuples or dicts, beside plain
 values such as flags) whose kernels depend on the shapes of its inputs only, not on their values:
-the training step (:class:`torchglow.step.GraphedStep`), the decode of a sampler and the forward of
-an evaluation (:mod:`torchglow.fast`). The first call of a signature (the shapes, strides and
+the training step (:class:`torchglow.train.step.GraphedStep`), the decode of a sampler and the forward of
+an evaluation (:mod:`torchglow.tools.fast`). The first call of a signature (the shapes, strides and
 dtypes of the tensors, and the other values) follows PyTorch's whole-network capture recipe:
 static input buffers, warm-up calls on a side stream (cuBLAS/cuDNN handles, compiled code), then
 the capture of one call; later calls copy their tensors into the buffers and replay.

@@ -85,7 +85,7 @@ def _level_actnorms(steps: nn.ModuleList) -> list[ActNorm]:
 
 def init_pending(steps: nn.ModuleList) -> bool:
     """True if an ActNorm of ``steps`` will initialise itself on its next forward (a Python flag
-    set by :func:`torchglow.layers.initializing`; reading it never syncs a device)."""
+    set by :func:`torchglow.actnorm.initializing`; reading it never syncs a device)."""
     return any(m._init_pending for m in _level_actnorms(steps))
 
 
@@ -95,8 +95,8 @@ def _sum_logdets(logdets: list[torch.Tensor]) -> torch.Tensor:
 
 def forward_plain(steps, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Standard autograd: ``z`` through every step, log-dets summed, shape (B,). The ActNorms and
-    1x1 convolutions of all steps are folded at once (:func:`torchglow.layers.fold_steps`), and so
-    are the scales of their coupling networks (:func:`torchglow.layers.fold_networks`)."""
+    1x1 convolutions of all steps are folded at once (:func:`torchglow.fold.fold_steps`), and so
+    are the scales of their coupling networks (:func:`torchglow.fold.fold_networks`)."""
     logdets = []
     for step, folded, net in zip(steps, fold_steps(steps, z), fold_networks(steps)):
         z, ld = step(z, folded, net)

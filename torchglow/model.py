@@ -183,7 +183,7 @@ class Glow(nn.Module, ModelHubMixin):
         """Recompute the cached inverse weights of every flow step whose parameters changed since,
         in place (one batched computation per level; :meth:`torchglow.layers.FlowStep.refresh_inverse`).
         Decoding does it by itself; a decode captured as a CUDA graph cannot, so call it before each
-        replay (:mod:`torchglow.fast` does), outside the graph."""
+        replay (:mod:`torchglow.tools.fast` does), outside the graph."""
         for steps in self.levels:
             refresh_stale_inverses(steps)
 

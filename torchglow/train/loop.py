@@ -208,7 +208,7 @@ def score(training: Training, label: str, extra: dict[str, Any] | None = None) -
     training.model.train()
     training.log_at_step({"time_s": round(training.wall_time(), 3), "test_bpd": test_bpd, **(extra or {})})
     if training.is_main:
-        print(f"{label}: test {test_bpd:.4f} bits/dim (baseline {training.data.baseline:.4f})", file=sys.stderr)
+        training.say(f"{label}: test {test_bpd:.4f} bits/dim (baseline {training.data.baseline:.4f})")
     if test_bpd < state["best_bpd"]:
         state["best_bpd"] = test_bpd
         training.checkpoint("best.pt")
@@ -230,7 +230,7 @@ def _epoch_health(training: Training) -> dict[str, Any]:
         return {}
     record = health.health_record(training.eval_model, training.data.health_x, training.data.health_y)
     for message in health.health_warnings(record):
-        print(f"epoch {training.state['epoch']}: warning: {message}", file=sys.stderr)
+        training.say(f"epoch {training.state['epoch']}: warning: {message}")
     return health.json_safe(record)
 
 

@@ -196,7 +196,7 @@ class Run:
 
     def display_max_level(self) -> int:
         """The bin shown as white in sample grids, whatever the source points at in the run:
-        :func:`~torchglow.images.display_max_level` of the run's training set (16 for the digits,
+        :func:`~torchglow.tools.images.display_max_level` of the run's training set (16 for the digits,
         whose 17 levels fill 5-bit bins 0..16), as the trainer's grids; outside a run, the top bin
         ``2**n_bits - 1``."""
         n_bits = self.model.config.n_bits

@@ -73,7 +73,7 @@ def start_training(model: Glow, train_config: TrainConfig, resume: bool, data: T
         say(f"torchglow train: {where} ({plural(len(data.train), 'training image')}, "
             f"{plural(data.steps_per_epoch, 'step')} per epoch, {plural(cfg.epochs, 'epoch')})")
     bar = _progress(max_steps(cfg, data.steps_per_epoch), step, out.name, progress and rank == 0)
-    return Training(model_config, cfg, out, device, data, model, ema, train_step, step_fn, state, stop, bar,
+    return Training(model_config, cfg, out, device, data, model, ema, train_step, step_fn, state, stop, bar, say,
                     metrics_file=open(out / "metrics.jsonl", "a") if rank == 0 else None,
                     tb=_tensorboard(out) if rank == 0 else None, command=command, segment_start=time.time(),
                     last_read=(step, time.time()))

@@ -79,7 +79,7 @@ def flatten_parameters(params: list[torch.Tensor]) -> torch.Tensor:
     (Moving the module to another device or dtype afterwards breaks the link.) Each parameter
     keeps a weak reference to the vector (``_flat_base``): updates of the vector bump the vector's
     version counter, not the parameter's, and caches of values computed from the parameters (the
-    1x1 inverses, :func:`torchglow.layers.tensor_version`) must see them."""
+    1x1 inverses, :func:`torchglow.fold.tensor_version`) must see them."""
     flat = torch.cat([p.detach().reshape(-1) for p in params])
     offset = 0
     for p in params:

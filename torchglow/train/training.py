@@ -80,6 +80,7 @@ class Training:
     state: dict[str, Any]
     stop: StopRequest
     bar: Any
+    say: Callable[[str], None]  # the lines for a person (the CLI puts them in its words)
     metrics_file: Any = None
     tb: Any = None
     command: str | None = None
