@@ -5,7 +5,8 @@
 The ports are imported from ``--ports`` (``y0ast/`` holding y0ast/Glow-PyTorch, ``rosinality/``
 holding rosinality/glow-pytorch, e.g. ``git archive`` of each repository); nothing of theirs is
 in this project. ``--before`` optionally adds another torchglow source tree (a ``git archive`` of
-an earlier commit) as a fourth contestant, imported as its own package.
+an earlier commit that has the package ``torchglow.bench`` with ``BenchConfig``, ``build`` and
+``train_step``) as a fourth contestant, imported as its own package.
 
 Every model: fp32, cifar10 shapes (3x32x32), K=8 steps, L=3 levels, coupling width 128, affine
 couplings, LU 1x1 convolutions, batch 16, one thread. rosinality's coupling width is fixed at 512
@@ -79,10 +80,9 @@ def torchglow_fns(package):
     """(train, sample) callables of a torchglow package (this tree's or ``--before``'s)."""
     bench = importlib.import_module(f"{package}.bench")
     torch.manual_seed(0)
-    overrides = dict(n_steps=K, n_levels=L, hidden_channels=WIDTH)
-    model, _, x, y = bench._build("cifar10", overrides, BATCH, torch.device("cpu"), "fp32", "none", 0)
-    train = bench._train_step_fn(model, x, y, "fp32", "none", False, "regional")
-    sampler, *_ = bench._build("cifar10", overrides, BATCH, torch.device("cpu"), "fp32", "none", 0)
+    config = bench.BenchConfig("cifar10", BATCH, "cpu", overrides=dict(n_steps=K, n_levels=L, hidden_channels=WIDTH))
+    train = bench.train_step(config, bench.build(config))
+    sampler = bench.build(config).model
     sampler.eval()
     return train, lambda: sampler.sample(BATCH)
 

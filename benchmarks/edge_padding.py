@@ -14,7 +14,7 @@ import statistics
 
 import torch
 
-from torchglow.train import bench
+from torchglow import bench
 
 
 def main() -> None:
@@ -37,10 +37,10 @@ def main() -> None:
     for phase in ("train", "sample", "eval"):
         fns = {}
         for padding in ("zero", "edge"):
-            phase_fns, _ = bench._phase_fns(phase, args.preset, {**base, "padding": padding}, args.batch_size, device,
-                                            "fp32", "none", False, False, "regional", 0)
-            fns[padding] = phase_fns["eager"]
-        times = bench._time(fns, device, args.warmup, args.repeats)
+            config = bench.BenchConfig(args.preset, args.batch_size, "cpu", overrides={**base, "padding": padding})
+            calls, _ = bench.phase_calls(config, phase)
+            fns[padding] = calls["eager"]
+        times = bench.time_calls(fns, device, args.warmup, args.repeats)
         rates = {k: args.batch_size / statistics.median(v["timed"]) for k, v in times.items()}
         ratios = [z / e for z, e in zip(times["zero"]["timed"], times["edge"]["timed"])]
         result["phases"][phase] = dict(images_per_s=rates, edge_over_zero_rate=statistics.median(ratios),

@@ -13,7 +13,7 @@ error, the next part goes on), all within a total budget (``--budget``, 480 s), 
    invertible backward (``memory="invertible"``, fp32, eager) over 3 steps of each.
 3. ``train_b64``, ``train_b256``: the training step, eager fp32 against the fast path (bf16, flow
    steps compiled regionally inside one CUDA graph of the step), interleaved rounds
-   (:func:`torchglow.train.bench._run_phase`), with kernels per step (:func:`torchglow.train.bench.count_ops`)
+   (:func:`torchglow.bench.measure_phase`), with kernels per step (:func:`torchglow.bench.count_ops`)
    and the fast step's compile + capture time; ``train_graph_b64``: the same with
    ``compile_mode="graph"`` (the eager step's kernels in the graph, no compilation).
 4. ``sample_b256``, ``eval_b256``, ``eval_graph_b256``: eager against
@@ -58,8 +58,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from torchglow.train import bench# noqa: E402
-from torchglow import graphs# noqa: E402
+from torchglow import bench, graphs  # noqa: E402
 from torchglow.config import TrainConfig, preset  # noqa: E402
 
 DEFAULT_NPZ = ROOT / "benchmarks" / "data" / "cifar10_jpegq75_bytes.npz"
@@ -188,9 +187,10 @@ def exactness(s: dict, npz: str) -> dict:
 def time_phase(s: dict, phase: str, batch: int, compile_mode: str = "regional") -> dict:
     """Eager fp32 against the fast path, interleaved (``torchglow bench --compare``), kernels per call
     counted: training with the fast step in bf16, sampling and evaluation in fp32."""
-    r = bench._run_phase(phase, "cifar10", s["overrides"], batch, s["device"], "fp32", "none", False,
-                         s["warmup"], s["repeats"], 0, compare=True, compile_mode=compile_mode,
-                         fast_precision="bf16" if phase == "train" else None, count=True)
+    config = bench.BenchConfig("cifar10", batch, s["device"], overrides=s["overrides"], warmup=s["warmup"],
+                               repeats=s["repeats"], compare=True, compile_mode=compile_mode,
+                               fast_precision="bf16" if phase == "train" else None)
+    r = bench.measure_phase(config, phase)
     return {k: r[k] for k in ("eager", "fast", "speedup", "compile_seconds", "graphed", "capture_seconds",
                               "capture_failure", "peak_cuda_mb") if k in r}
 
@@ -201,11 +201,13 @@ def peak_memory(s: dict, memory: str) -> dict:
     from torchglow.memory import ReconstructionWarning
 
     dev = torch.device(s["device"])
-    model, _, x_uint8, y = bench._build("cifar10", s["overrides"], s["memory_batch"], dev, "bf16", memory, 0)
+    config = bench.BenchConfig("cifar10", s["memory_batch"], s["device"], precision="bf16", overrides=s["overrides"],
+                               memory=memory, fast=True, compile_mode="graph")
+    built = bench.build(config)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-    fn = bench._train_step_fn(model, x_uint8, y, "bf16", memory, True, "graph")
+    fn = bench.train_step(config, built)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):

@@ -32,8 +32,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from torchglow.train import bench# noqa: E402
-from torchglow import preprocess as pp# noqa: E402
+from torchglow import bench  # noqa: E402
+from torchglow import preprocess as pp  # noqa: E402
 
 # Operators that only make views, read or change metadata, or allocate uninitialised memory.
 METADATA = frozenset(
@@ -97,17 +97,17 @@ def _profiled(fn, all_calls: bool) -> collections.Counter:
 def count_phases(overrides: dict, batch_size: int, precision: str,
                  all_calls: bool = False) -> dict[str, collections.Counter]:
     """The kernel counts of one training step, one sampling call and one evaluation call."""
-    cpu = torch.device("cpu")
-    model, _, x, y = bench._build("cifar10", overrides, batch_size, cpu, precision, "none", 0)
-    counts = {"train": _profiled(bench._train_step_fn(model, x, y, precision, "none", False, "regional"), all_calls)}
-    model, config, x, y = bench._build("cifar10", overrides, batch_size, cpu, precision, "none", 0)
+    config = bench.BenchConfig("cifar10", batch_size, "cpu", precision=precision, overrides=overrides)
+    counts = {"train": _profiled(bench.train_step(config, bench.build(config)), all_calls)}
+    model, x, y = bench.build(config)
     model.eval()
     counts["sample"] = _profiled(lambda: model.sample(batch_size, y=y), all_calls)
 
     @torch.no_grad()
     def evaluate():
-        z = pp.dequantize(pp.preprocess(x, config.n_bits), config.n_bits)
-        pp.bits_per_dim_from_log_prob(model(z, y).log_prob, config.n_dims, config.n_bits)
+        n_bits = model.config.n_bits
+        z = pp.dequantize(pp.preprocess(x, n_bits), n_bits)
+        pp.bits_per_dim_from_log_prob(model(z, y).log_prob, model.config.n_dims, n_bits)
 
     counts["eval"] = _profiled(evaluate, all_calls)
     return counts
@@ -143,9 +143,8 @@ def main() -> None:
         if args.json:
             args.json.write_text(json.dumps({k: dict(v.most_common()) for k, v in counts.items()}, indent=1) + "\n")
         return
-    model, _, x, y = bench._build("cifar10", overrides, args.batch_size, torch.device("cpu"), args.precision,
-                                  "none", 0)
-    step = bench._train_step_fn(model, x, y, args.precision, "none", False, "regional")
+    config = bench.BenchConfig("cifar10", args.batch_size, "cpu", precision=args.precision, overrides=overrides)
+    step = bench.train_step(config, bench.build(config))
     for _ in range(2):
         step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -262,7 +262,7 @@ def test_regional_compile_inside_the_graph():
 
 def test_graphed_step_is_one_graph_launch():
     """bench.count_ops on the captured step: one cudaGraphLaunch, no kernel launched one by one."""
-    from torchglow.train import bench
+    from torchglow import bench
 
     step, x_uint8, y = cuda_step("bf16")
     graphed = compile_step(step, "graph")

@@ -10,7 +10,7 @@ import warnings
 
 from ..config import ConfigError
 from ..threads import set_threads
-from . import convert, evaluate, latent, ood, sample, train
+from . import bench, convert, evaluate, latent, ood, sample, train
 from .demo import command as demo
 from .errors import EXIT_USAGE, CLIError, in_flags
 from .options import HelpFormatter, Parser, add_threads_option
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     for p in sub.choices.values():
         add_threads_option(p)
 
-    from ..train import bench  # after the loop: bench has its own --threads
+    # after the loop: bench has its own --threads
     p = command("bench", bench.cmd_bench, "training, sampling and evaluation images/s and peak memory",
                 bench.__doc__.split("\n\n")[0] + " Prints a summary; --out DIR also writes the full JSON.")
     bench.add_arguments(p)
