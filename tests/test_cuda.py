@@ -15,7 +15,7 @@ from torchglow.fold import fold_steps
 from torchglow.layers import squeeze2d
 from torchglow.train.step import GraphedStep, TrainStep, compile_step
 
-from test_step import assert_resumes_in_place, state_of
+from step_checks import assert_resumes_in_place, state_of
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

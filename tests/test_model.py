@@ -358,7 +358,7 @@ def test_the_float64_one_by_one_path_of_cuda_on_the_cpu(monkeypatch):
     model = tiny_glow("affine_lu", torch.float32).eval()
     x = torch.rand(3, *model.config.image_shape) - 0.5
 
-    def run():
+    def score_and_invert():
         model.zero_grad()
         log_prob = model.log_prob(x)
         log_prob.sum().backward()
@@ -368,11 +368,11 @@ def test_the_float64_one_by_one_path_of_cuda_on_the_cpu(monkeypatch):
         grads = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
         return log_prob.detach(), grads, x_rec
 
-    expected = run()
+    expected = score_and_invert()
     monkeypatch.setattr(fold, "linear_dtype", lambda t: torch.float64)
     for steps in model.levels:  # forced: the caches follow the parameters' device, which did not change here
         fold.refresh_inverses(steps)
-    log_prob, grads, x_rec = run()
+    log_prob, grads, x_rec = score_and_invert()
     assert log_prob.dtype == x_rec.dtype == torch.float32
     assert next(model.flow_steps()).inverse_weight.dtype == torch.float64
     torch.testing.assert_close(log_prob, expected[0], rtol=1e-5, atol=1e-4)

@@ -192,7 +192,7 @@ class Glow(nn.Module, ModelHubMixin):
             yield from steps
 
     # ---------------------------------------------------------------- the flow
-    def _run_steps(self, steps: nn.ModuleList, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_steps(self, steps: nn.ModuleList, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return memory.forward_steps(steps, z, self.memory_mode)
 
     def _encode(self, x: torch.Tensor, y: torch.Tensor | None, standardized: bool):
@@ -204,7 +204,7 @@ class Glow(nn.Module, ModelHubMixin):
         logdet = x.new_zeros(x.shape[0], dtype=logdet_dtype(x))
         log_pz = torch.zeros_like(logdet)
         for i, steps in enumerate(self.levels):
-            z, ld = self._run_steps(steps, squeeze2d(z))
+            z, ld = self._forward_steps(steps, squeeze2d(z))
             logdet = logdet + ld
             if i < len(self.splits):
                 split = self.splits[i]

@@ -298,3 +298,9 @@ def test_fuzz_config_files(tmp_path_factory, text):
 def test_data_dir_of_an_unknown_user_is_not_a_crash():
     """``~name`` of no user cannot be expanded: it is no folder of images (found by the fuzz test)."""
     assert build_configs({"data_dir": "~no-such-user-here"}, "mnist")[1].data_dir == "~no-such-user-here"
+
+
+def test_resume_of_a_folder_without_a_run_says_it_cannot_resume(capsys, tmp_path):
+    rc, _, err = call(capsys, "train", "--resume", str(tmp_path), "--threads", "1")
+    line = assert_one_error_line(rc, err, "cannot resume:", f"{tmp_path}/config.json does not exist")
+    assert rc == 1 and line.endswith(f"(is {tmp_path} a torchglow run folder?)")

@@ -17,6 +17,7 @@ from torchglow.noise import NOISE, counter_uniform, dequantization_noise, mix_se
 from torchglow.train.step import GraphedStep, TrainStep, compile_step, graph_blocker, objective
 
 from conftest import tiny_config
+from step_checks import assert_resumes_in_place, state_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -251,11 +252,6 @@ def test_regional_compile_equals_eager(memory):
 
 
 # ---------------------------------------------------------------- the graphed step (static buffers)
-def state_of(step):
-    return [t.clone() for t in (step.flat, step.ema_flat, step.exp_avg, step.exp_avg2, step.skipped_flags,
-                                *step.counters.values())]
-
-
 def assert_same_state(a, b):
     for p, q in zip(state_of(a), state_of(b)):
         torch.testing.assert_close(q, p, rtol=0, atol=0, equal_nan=True)  # NaN: the skipped step's grad_norm
@@ -287,25 +283,6 @@ def test_graphed_step_equals_the_plain_step_bit_for_bit(monkeypatch):
     c = graphed_step.read_counters()
     assert c == plain.read_counters()
     assert (c["steps"], c["skipped"], c["images"]) == (6, 1, 8 + 8 + 5 + 8 + 5)
-
-
-def assert_resumes_in_place(step, call):
-    """After ``call()`` (a graphed step) has run: a state loaded into the step (resume, or the
-    trainer's restore of last.pt) is copied into the captured tensors, so the next two calls repeat
-    the two after the save bit for bit, and end in the same state."""
-    saved = (copy.deepcopy(step.model.state_dict()), copy.deepcopy(step.ema.state_dict()),
-             copy.deepcopy(step.state_dict()))
-    first = [{k: v.clone() for k, v in call().items()} for _ in range(2)]
-    after_first = state_of(step)
-    step.model.load_state_dict(saved[0])
-    step.ema.load_state_dict(saved[1])
-    step.load_state_dict(saved[2], "test")
-    second = [{k: v.clone() for k, v in call().items()} for _ in range(2)]
-    for a, b in zip(first, second):
-        for k in a:
-            assert torch.equal(a[k], b[k]), k
-    for p, q in zip(after_first, state_of(step)):
-        assert torch.equal(p, q)
 
 
 def test_graphed_step_resumes_in_place():

@@ -178,14 +178,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     import shlex
 
     from ..train import train
-    from ..train.runs import read_run_config
     from ..train.text import summary_text
 
     given = {k: v for k, v in vars(args).items()
              if k not in ("command", "func", "config", "resume", "preset", "threads", "argv")}
     command = shlex.join(["torchglow", *args.argv])
     if args.resume:
-        run_config = read_run_config(args.resume)
+        run_config = _resumed_run_config(args.resume)
         model_config, train_config = run_config.model, run_config.train
         if args.preset or args.config or any(k in {f.name for f in dataclasses.fields(GlowConfig)} for k in given):
             raise CLIError("--resume continues a run with its own config: drop --preset, --config and model options")
@@ -203,6 +202,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     if summary["interrupted_by"]:
         return 128 + int(signal.Signals[summary["interrupted_by"]])
     return 0 if summary["finished"] else 1
+
+
+def _resumed_run_config(run: str):
+    """The configs of the run ``--resume`` names; a folder that has none says it cannot be resumed."""
+    from ..train.checkpoint import CheckpointError
+    from ..train.runs import read_run_config
+
+    try:
+        return read_run_config(run)
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot resume: {e}") from None
 
 
 def _say(line: str) -> None:
