@@ -14,6 +14,7 @@ from torchglow.config import ConfigError
     (dict(precision="fp8"), "precision"),
     (dict(fast_precision="fp8"), "precision"),
     (dict(compile_mode="fastest"), "compile_mode"),
+    (dict(compare=True, compile_mode="whole", memory="checkpoint"), "compile_mode"),
     (dict(batch_size=0), "batch_size"),
     (dict(repeats=0), "`repeats`"),
     (dict(warmup=-1), "`warmup`"),

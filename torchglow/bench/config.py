@@ -67,8 +67,8 @@ class BenchConfig:
         object.__setattr__(self, "overrides", dict(self.overrides or {}))
         object.__setattr__(self, "phases", tuple(self.phases))
         self.model_config()
-        for precision in (self.precision, self.fast_precision or self.precision):
-            self.train_config(precision=precision, fast=False)
+        self.train_config(fast=False)  # the eager step
+        self.train_config(precision=self.fast_precision or self.precision, fast=self.fast or self.compare)
         if self.warmup < 0 or self.repeats < 1:
             raise ConfigError("`repeats` must be >= 1 and `warmup` >= 0")
         unknown = [p for p in self.phases if p not in PHASES]

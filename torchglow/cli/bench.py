@@ -15,7 +15,7 @@ from ..config import COMPILE_MODES, MEMORY_MODES, PRECISIONS, PRESETS
 from ..devices import resolve_device
 
 # the model config fields that have their own option, and their letters in a result's name
-SHORT_OVERRIDES = {"n_steps": "K", "n_levels": "L", "hidden_channels": "w"}
+_SHORT_OVERRIDES = {"n_steps": "K", "n_levels": "L", "hidden_channels": "w"}
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
@@ -69,10 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the full result to DIR/<name>.json (default: print only)")
 
 
-def bench_config(args: argparse.Namespace) -> BenchConfig:
+def _bench_config(args: argparse.Namespace) -> BenchConfig:
     """The :class:`BenchConfig` of parsed :func:`add_arguments` options (the device resolved)."""
     overrides = dict(args.overrides or [])
-    for key in SHORT_OVERRIDES:
+    for key in _SHORT_OVERRIDES:
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     return BenchConfig(preset=args.preset, batch_size=args.batch_size, device=str(resolve_device(args.device)),
@@ -82,12 +82,12 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
                        fast_precision=args.fast_precision, count=args.count)
 
 
-def default_name(config: BenchConfig) -> str:
+def _default_name(config: BenchConfig) -> str:
     """A result's name from its config: ``cifar10-K8-w128-b16-cpu-fp32-compare-regional-t1``."""
     overrides = config.overrides
     parts = [config.preset]
-    parts += [f"{letter}{overrides[k]}" for k, letter in SHORT_OVERRIDES.items() if k in overrides]
-    parts += [f"{k}{json.dumps(v).replace(' ', '')}" for k, v in sorted(overrides.items()) if k not in SHORT_OVERRIDES]
+    parts += [f"{letter}{overrides[k]}" for k, letter in _SHORT_OVERRIDES.items() if k in overrides]
+    parts += [f"{k}{json.dumps(v).replace(' ', '')}" for k, v in sorted(overrides.items()) if k not in _SHORT_OVERRIDES]
     parts += [f"b{config.batch_size}", config.device.replace(":", ""), config.precision]
     if config.memory != "none":
         parts.append(config.memory)
@@ -99,7 +99,7 @@ def default_name(config: BenchConfig) -> str:
     return "-".join(str(p) for p in parts)
 
 
-def summary(result: dict[str, Any], fast: bool) -> dict[str, Any]:
+def _summary(result: dict[str, Any], fast: bool) -> dict[str, Any]:
     """The printed part of a result: rates, speedups, compile seconds, kernel counts, peak memory."""
     brief = {k: round(v, 2) for k, v in result.items() if k.endswith("_images_per_s")}
     for phase in PHASES:
@@ -121,10 +121,10 @@ def summary(result: dict[str, Any], fast: bool) -> dict[str, Any]:
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run :func:`torchglow.bench.benchmark` from parsed :func:`add_arguments` options, print a
     summary and, with ``--out DIR``, write the full result to ``DIR/<name>.json``."""
-    config = bench_config(args)
-    name = args.name or default_name(config)
+    config = _bench_config(args)
+    name = args.name or _default_name(config)
     result = {"name": name, **benchmark(config)}
-    brief = summary(result, config.fast)
+    brief = _summary(result, config.fast)
     if args.out_dir:
         out = Path(args.out_dir) / f"{name}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
