@@ -76,7 +76,7 @@ def child(name: str, payload: str) -> int:
     return 0
 
 
-def run_part(report: dict, name: str, fn: str, args: list, cap: float, mode: str, work: Path, deadline: float) -> None:
+def check_part(report: dict, name: str, fn: str, args: list, cap: float, mode: str, work: Path, deadline: float) -> None:
     """``fn(*args)`` in a child process, killed after ``cap`` seconds or at the ``deadline``;
     its result (or error) recorded in ``report``."""
     timeout = min(cap, deadline - time.perf_counter())
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     def part(name, fn, fn_args, cap):
         if name.split("_")[0] not in args.parts:  # its group: train_graph_b64 is of "train"
             return
-        run_part(report, name, fn, fn_args, cap, mode, work, deadline)
+        check_part(report, name, fn, fn_args, cap, mode, work, deadline)
         (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
 
     try:

@@ -71,10 +71,10 @@ def test_a_part_over_its_cap_is_killed_and_recorded(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check.subprocess, "Popen",
                         lambda cmd, **kw: real_popen([sys.executable, "-c", "import time; time.sleep(60)"], **kw))
     t0 = time.perf_counter()
-    gpu_check.run_part(report, "sleepy", "sleep", [], 6, "smoke", tmp_path, time.perf_counter() + 100)
+    gpu_check.check_part(report, "sleepy", "sleep", [], 6, "smoke", tmp_path, time.perf_counter() + 100)
     assert time.perf_counter() - t0 < 20
     assert "timed out after 6 s" in report["errors"]["sleepy"] and "sleepy" not in report
-    gpu_check.run_part(report, "late", "sleep", [], 60, "smoke", tmp_path, time.perf_counter() + 2)
+    gpu_check.check_part(report, "late", "sleep", [], 60, "smoke", tmp_path, time.perf_counter() + 2)
     assert report["errors"]["late"] == "skipped: the time budget is spent"
 
 
