@@ -86,6 +86,31 @@ class TensorImageDataset(ImageDataset):
         return self.images[index], self.labels[index]
 
 
+def open_image(source, channels: int, what: str):
+    """The PIL image in ``source`` (a path or a file object) as grey (``channels`` 1) or RGB, a
+    GIF's first frame; DatasetError naming ``what`` when it does not decode."""
+    from PIL import Image
+
+    try:
+        with Image.open(source) as file:
+            return file.convert("L" if channels == 1 else "RGB")
+    except Exception as error:  # PIL raises many kinds; a file may also change after its header was checked
+        raise DatasetError(f"cannot read image {what}: {error}") from error
+
+
+def centre_square(width: int, height: int) -> tuple[int, int, int, int]:
+    """The (left, top, right, bottom) box of the largest square centred in a width x height image."""
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+def image_tensor(image, size: int, channels: int) -> torch.Tensor:
+    """A size x size PIL image as uint8 (channels, size, size)."""
+    pixels = torch.from_numpy(np.array(image)).reshape(size, size, channels)  # (H, W, C)
+    return pixels.permute(2, 0, 1).contiguous()
+
+
 class DecodedImageDataset(ImageDataset):
     """Base of the data sets whose images are decoded on access into ``channels`` x ``image_size`` x
     ``image_size`` (:class:`ImageFileDataset`, :class:`LSUNDataset`)."""

@@ -13,10 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .base import DatasetError, DecodedImageDataset, split_indices
+from .base import DatasetError, DecodedImageDataset, centre_square, image_tensor, open_image, split_indices
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif"})
 FOLDER_SPLITS = ("train", "test", "val")  # subfolders of an image folder read as splits, not classes
@@ -265,14 +264,6 @@ def read_image(path: Path, size: int, channels: int) -> torch.Tensor:
     """Decode ``path`` to uint8 (channels, size, size): centred square crop, then Lanczos resize."""
     from PIL import Image
 
-    try:
-        with Image.open(path) as file:
-            image = file.convert("L" if channels == 1 else "RGB")  # a GIF's first frame
-    except Exception as error:  # the file changed or is truncated after the header PIL checked
-        raise DatasetError(f"cannot read image {path}: {error}") from error
-    width, height = image.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    image = image.resize((size, size), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side))
-    pixels = torch.from_numpy(np.array(image)).reshape(size, size, channels)  # (H, W, C)
-    return pixels.permute(2, 0, 1).contiguous()
+    image = open_image(path, channels, str(path))
+    box = centre_square(*image.size)
+    return image_tensor(image.resize((size, size), Image.Resampling.LANCZOS, box=box), size, channels)

@@ -6,10 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .base import DatasetError, DecodedImageDataset
+from .base import DatasetError, DecodedImageDataset, centre_square, image_tensor, open_image
 from .sources import SOURCES
 
 LSUN_CATEGORIES = ("bedroom", "church_outdoor", "tower")  # the official code's LSUN categories
@@ -82,19 +81,12 @@ def _read_lmdb(path: Path, read: Callable):
 
 
 def _decode_centre_resized(data: bytes, size: int, channels: int, what: str) -> torch.Tensor:
-    """Encoded image bytes -> uint8 (channels, size, size): centred square crop, then Lanczos resize."""
+    """Encoded image bytes -> uint8 (channels, size, size): the centred square cropped first, then
+    resized with Lanczos (the official lsun.py's order; the crop keeps the filter inside the square)."""
     import io
 
     from PIL import Image
 
-    try:
-        with Image.open(io.BytesIO(data)) as file:
-            image = file.convert("L" if channels == 1 else "RGB")
-    except Exception as error:  # PIL raises many kinds for undecodable bytes
-        raise DatasetError(f"cannot decode image {what}: {error}") from error
-    width, height = image.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
-    pixels = torch.from_numpy(np.array(image)).reshape(size, size, channels)  # (H, W, C)
-    return pixels.permute(2, 0, 1).contiguous()
+    image = open_image(io.BytesIO(data), channels, what)
+    square = image.crop(centre_square(*image.size))
+    return image_tensor(square.resize((size, size), Image.Resampling.LANCZOS), size, channels)

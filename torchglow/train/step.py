@@ -375,11 +375,11 @@ def compile_step(step: TrainStep, mode: str = "regional", backend: str | None = 
         inputs = torch.compile(step._inputs, fullgraph=True, **options)
         apply = torch.compile(step._apply, fullgraph=True, **options)
 
-        def fn(x_uint8: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        def regional_step(x_uint8: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
             return apply(*step._gradients(inputs(x_uint8), y))
 
+        fn = regional_step
     return GraphedStep(step, fn, capture=True) if graphed else fn
-
 
 
 def _compile_whole(step: TrainStep, options: dict[str, Any]):
