@@ -190,7 +190,7 @@ def test_formats_outside_the_allowlist_are_refused(server, kind):
 def test_pillows_own_pixel_limit_is_set_for_the_server_process(server):
     """A 4000 x 4000 header over the server's 9 MP: Pillow itself refuses it while opening (its
     message), before read_upload's own check would (which names the size)."""
-    from test_demo import header_only_png
+    from demo_checks import header_only_png
 
     message = error_of(server.upload(header_only_png(4000, 4000)))
     assert message == f"the upload has more pixels than the limit of {MAX_PIXELS:,}; make it smaller first"
