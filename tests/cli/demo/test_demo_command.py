@@ -64,9 +64,10 @@ def test_command_errors_are_one_line(run, tmp_path, capsys, argv, code, needle):
     assert needle in err and len(err.strip().splitlines()) == 1
 
 
-def test_a_taken_port_is_one_line(run, capsys):
+def test_a_taken_port_is_one_line(run, monkeypatch, capsys):
     import socket
 
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # serve sets them for its process
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
