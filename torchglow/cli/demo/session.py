@@ -8,7 +8,7 @@ Shown images go through :func:`torchglow.tools.images.to_display` (bin ``max_lev
 
 Latents are the standardised ``ε`` of every level (:func:`torchglow.tools.latent.encode_eps`), as the
 official demo: an edit is ``ε + Σ α_i · d_i`` over the attribute directions ``d_i``
-(:func:`torchglow.tools.latent.attribute_directions`), a mix is the slerp of each level's ``ε``.
+(:func:`torchglow.tools.directions.attribute_directions`), a mix is the slerp of each level's ``ε``.
 """
 
 from __future__ import annotations
