@@ -93,28 +93,16 @@ def folder_layout(folder: str | Path) -> FolderLayout:
     entries = sorted(folder.iterdir())
     split_dirs = {p.name.lower(): p for p in entries if p.is_dir() and p.name.lower() in FOLDER_SPLITS}
     if "train" not in split_dirs:
-        files = _image_files(folder)
-        if not files:
-            raise DatasetError(f"image folder {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-        per_split = {split: [files[i] for i in split_indices(len(files), int(len(files) * FOLDER_TEST_FRACTION),
-                                                               split, FOLDER_SPLIT_SEED)]
-                     for split in ("train", "test")}
+        per_split = _seeded_split(_image_files(folder))
         roots = {"train": folder, "test": folder}
         test_from = f"{FOLDER_TEST_FRACTION:.0%} of its images (seed {FOLDER_SPLIT_SEED})"
         ignored: list[str] = []
     else:
         roots = dict(split_dirs)
         per_split = {split: _image_files(root) for split, root in roots.items()}
-        for split, files in per_split.items():
-            if not files:
-                raise DatasetError(f"image folder {roots[split]} holds no images "
-                                   f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
         test_from = next((f"{name}/" for name in ("test", "val") if name in roots), None)
         if test_from is None:  # train/ alone: a seeded share of it is the test split
-            files = per_split["train"]
-            per_split = {split: [files[i] for i in split_indices(len(files), int(len(files) * FOLDER_TEST_FRACTION),
-                                                                   split, FOLDER_SPLIT_SEED)]
-                         for split in ("train", "test")}
+            per_split = _seeded_split(per_split["train"])
             roots["test"] = roots["train"]
             test_from = f"{FOLDER_TEST_FRACTION:.0%} of train/ (seed {FOLDER_SPLIT_SEED})"
         elif "test" not in roots:
@@ -131,7 +119,19 @@ def folder_layout(folder: str | Path) -> FolderLayout:
 
 
 def _image_files(root: Path) -> list[Path]:
-    return sorted(path for path in root.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
+    """The image files below ``root``, sorted; :class:`DatasetError` when there are none."""
+    files = sorted(path for path in root.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
+    if not files:
+        raise DatasetError(f"image folder {root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return files
+
+
+def _seeded_split(files: list[Path]) -> dict[str, list[Path]]:
+    """``files`` as a "train" and a "test" split: :data:`FOLDER_TEST_FRACTION` of them (rounded
+    down) drawn with :data:`FOLDER_SPLIT_SEED` are the test split, in their order."""
+    n_test = int(len(files) * FOLDER_TEST_FRACTION)
+    return {split: [files[i] for i in split_indices(len(files), n_test, split, FOLDER_SPLIT_SEED)]
+            for split in ("train", "test")}
 
 
 def _class_folder(root: Path, path: Path) -> str | None:
