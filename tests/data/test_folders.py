@@ -155,6 +155,19 @@ def test_image_shape_is_read_from_the_images(tmp_path):
     assert len(load_dataset(str(tmp_path / "sizes"), "all", image_size=8)) == 4
 
 
+def test_each_header_is_read_once_when_the_shape_is_inferred(tmp_path, monkeypatch):
+    """The train split's shape comes from every image of the folder: each file's header is read once."""
+    from torchglow.data import folders
+
+    image_folder(tmp_path / "imgs", 20, size=(8, 8))
+    read = []
+    header = folders._header
+    monkeypatch.setattr(folders, "_header", lambda path: read.append(path) or header(path))
+    train = load_dataset(str(tmp_path / "imgs"), "train")
+    assert len(train) == 18 and train.image_shape == (3, 8, 8)
+    assert sorted(read) == sorted((tmp_path / "imgs").iterdir())
+
+
 def test_a_missing_folder_says_no_such_folder_with_the_closest(tmp_path, monkeypatch):
     split_folder(tmp_path / "cats_and_ships", 1, 1)
     for name in (str(tmp_path / "cats_and_shps"), f"folder:{tmp_path / 'cats_and_shps'}"):

@@ -207,14 +207,18 @@ def load_image_folder(
     paths = [path for s in splits for path in layout.files[s]]
     labels = torch.cat([layout.labels[s] for s in splits])
     n_files = len(paths)
-    headers = _headers(paths)
     if image_size is None or channels is None:  # read from every image of the folder, so all splits agree
-        all_headers = headers if split == "all" else _headers([p for s in layout.read_order() for p in layout.files[s]])
+        every = [p for s in layout.read_order() for p in layout.files[s]]
+        all_headers = _headers(every)
+        header_of = dict(zip(every, all_headers))
+        headers = [header_of[path] for path in paths]
         if image_size is None:
             inferred_channels, image_size, _ = infer_image_shape(folder, all_headers)
         else:
             inferred_channels = _channels([h for h in all_headers if h is not None])
         channels = channels or inferred_channels
+    else:
+        headers = _headers(paths)
     readable = [h is not None for h in headers]
     unreadable = [path for path, ok in zip(paths, readable) if not ok]
     if unreadable:
