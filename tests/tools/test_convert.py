@@ -336,7 +336,7 @@ def test_linear_zeros_layers_are_copied_as_they_are_and_padding_stays_zero():
     assert state["project_class.logs"].std() > 0.01  # logs differ per output: a per-row scale is exercised
 
 
-def test_conversion_error_is_a_checkpoint_error():
+def test_a_missing_key_is_a_conversion_error():
     with pytest.raises(ConversionError, match="missing key 'prior_h'"):
         y0ast_to_glow(_drop(STATE, "prior_h"))
 
