@@ -33,7 +33,6 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from torchglow import bench  # noqa: E402
-from torchglow import preprocess as pp  # noqa: E402
 
 # Operators that only make views, read or change metadata, or allocate uninitialised memory.
 METADATA = frozenset(
@@ -96,21 +95,11 @@ def _profiled(fn, all_calls: bool) -> collections.Counter:
 
 def count_phases(overrides: dict, batch_size: int, precision: str,
                  all_calls: bool = False) -> dict[str, collections.Counter]:
-    """The kernel counts of one training step, one sampling call and one evaluation call."""
+    """The kernel counts of one training step, one sampling call and one evaluation call (the
+    eager callables of :func:`torchglow.bench.phase_calls`)."""
     config = bench.BenchConfig("cifar10", batch_size, "cpu", precision=precision, overrides=overrides)
-    counts = {"train": _profiled(bench.train_step(config, bench.build(config)), all_calls)}
-    model, x, y = bench.build(config)
-    model.eval()
-    counts["sample"] = _profiled(lambda: model.sample(batch_size, y=y), all_calls)
-
-    @torch.no_grad()
-    def evaluate():
-        n_bits = model.config.n_bits
-        z = pp.dequantize(pp.preprocess(x, n_bits), n_bits)
-        pp.bits_per_dim_from_log_prob(model(z, y).log_prob, model.config.n_dims, n_bits)
-
-    counts["eval"] = _profiled(evaluate, all_calls)
-    return counts
+    return {phase: _profiled(bench.phase_calls(config, phase)[0]["eager"], all_calls)
+            for phase in ("train", "sample", "eval")}
 
 
 def print_counts(counts: dict[str, collections.Counter], rows: int) -> None:

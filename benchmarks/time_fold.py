@@ -11,14 +11,13 @@ reduction for both). Interleaved rounds; prints the median time of each.
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from torchglow import Glow# noqa: E402
+from torchglow import Glow, bench  # noqa: E402
 from torchglow.fold import fold_steps  # noqa: E402
 
 
@@ -38,16 +37,9 @@ def main() -> None:
         "step by step": lambda: backward([[fold_steps([s], x)[0] for s in steps]
                                           for steps, x in zip(model.levels, inputs)]),
     }
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for fn in variants.values():
-        fn()
-    for _ in range(args.rounds):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    times = bench.time_calls(variants, torch.device("cpu"), warmup=1, repeats=args.rounds)
     for name, t in times.items():
-        print(f"{name}: {statistics.median(t) * 1e3:.2f} ms (forward and backward, 96 steps)")
+        print(f"{name}: {statistics.median(t['timed']) * 1e3:.2f} ms (forward and backward, 96 steps)")
 
 
 if __name__ == "__main__":
