@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..config import PRESETS, ConfigError, GlowConfig, TrainConfig
-
+from ..config import (COMPILE_MODES, COUPLINGS, MEMORY_MODES, OPTIMIZERS, PERMUTATIONS, PRECISIONS, PRESETS,
+                      TRAIN_PRESETS, ConfigError, GlowConfig, TrainConfig)
 from .errors import CLIError, in_flags
 from .options import add_dataclass_options, dataset_help
+
 
 def read_config_file(path: str) -> dict[str, Any]:
     """A YAML or JSON file with model and training options, flat or under ``model:``/``train:``."""
@@ -56,8 +57,6 @@ def build_configs(values: dict[str, Any], preset_name: str | None) -> tuple[Glow
     (:func:`torchglow.data.infer_image_shape`) unless given. Returns the configs and a line saying
     where they come from. CLIError for a data source that cannot work with them
     (:func:`check_data_source`)."""
-    from ..config import TRAIN_PRESETS
-
     model_fields = {f.name for f in dataclasses.fields(GlowConfig)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - model_fields - train_fields - {"preset"})
@@ -137,7 +136,6 @@ def check_data_source(dataset: str, data_dir: str | None, dataset_given: bool, m
     an unknown name; ``--data-dir`` holding images without ``--dataset`` (the folder would be
     ignored); a data set whose images are larger than the model's (they are only zero-padded)."""
     from ..data import IMAGE_EXTENSIONS, IN_MEMORY_SHAPES, DatasetError, check_dataset_name, is_folder
-    from ..config import TRAIN_PRESETS
 
     if not isinstance(dataset, str):
         return  # TrainConfig names the field
@@ -222,8 +220,6 @@ def _say(line: str) -> None:
 
 def add_commands(command) -> None:
     """Add ``train`` through ``command(name, func, help, description)``, which returns its parser."""
-    from ..config import COMPILE_MODES, COUPLINGS, MEMORY_MODES, OPTIMIZERS, PERMUTATIONS, PRECISIONS, TRAIN_PRESETS
-
     p = command("train", cmd_train, "train a Glow (default: the digits preset on scikit-learn's digits, CPU)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="model and training defaults (digits)")
     p.add_argument("--config", help="YAML or JSON file of options (flat, or under model:/train:)")

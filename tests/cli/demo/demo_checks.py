@@ -16,13 +16,14 @@ from tool_checks import digits_like, make_model
 
 
 def require(module: str):
-    """Import ``module``; skip without it, except in CI, where the test must fail instead."""
+    """Import ``module``; skip without it (the test, or at module level the module), except in CI,
+    where it must fail instead."""
     try:
         return __import__(module)
     except ImportError:
         if os.environ.get("CI"):
             pytest.fail(f"{module} is not installed: CI installs it with the dev extra (pip install -e '.[dev]')")
-        pytest.skip(f"{module} is not installed (pip install -e '.[dev]')")
+        pytest.skip(f"{module} is not installed (pip install -e '.[dev]')", allow_module_level=True)
 
 
 def make_session() -> demo.DemoSession:
@@ -44,13 +45,14 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One chunk of a PNG file: length, type, data, CRC."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def header_only_png(width: int, height: int) -> bytes:
     """A PNG claiming ``width`` x ``height`` whose pixel data stop after one row: what a
     decompression bomb looks like to a reader of headers."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
     row = zlib.compress(bytes(width + 1))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", row) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", row) + png_chunk(b"IEND", b"")

@@ -22,10 +22,11 @@ from PIL import Image
 
 from torchglow.cli.demo import session as demo
 
+from demo_checks import header_only_png, png_bytes, png_chunk, require
 from tool_checks import digits_like, make_model
 
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
+require("starlette")
+require("uvicorn")
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[3]
 MAX_PIXELS = 9_000_000  # the test server's pixel limit: a 3000 x 3000 image is the largest it decodes
@@ -112,22 +113,12 @@ def server(tmp_path_factory):
     assert "Traceback" not in text and "Exception" not in text and "internal error" not in text, text[-3000:]
 
 
-def png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def ico_bomb(side: int) -> bytes:
     """An ICO whose directory says 16 x 16 but which holds a ``side`` x ``side`` RGBA PNG of zeros:
     Pillow's ICO plugin decodes that PNG while it opens the file."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
     pixels = zlib.compress(bytes((4 * side + 1) * side))  # each row: filter byte 0, then zeros
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 6, 0, 0, 0))
-           + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+    png = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 6, 0, 0, 0))
+           + png_chunk(b"IDAT", pixels) + png_chunk(b"IEND", b""))
     header = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png), 22)
     return header + png
 
@@ -189,8 +180,6 @@ def test_formats_outside_the_allowlist_are_refused(server, kind):
 def test_pillows_own_pixel_limit_is_set_for_the_server_process(server):
     """A 4000 x 4000 header over the server's 9 MP: Pillow itself refuses it while opening (its
     message), before read_upload's own check would (which names the size)."""
-    from demo_checks import header_only_png
-
     message = error_of(server.upload(header_only_png(4000, 4000)))
     assert message == f"the upload has more pixels than the limit of {MAX_PIXELS:,}; make it smaller first"
 
