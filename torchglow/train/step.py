@@ -251,6 +251,12 @@ class TrainStep:
         names = ("steps", "images", "skipped")
         return dict(zip(names, torch.stack([self.counters[k] for k in names]).tolist()))
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every tensor a step changes in place: weights, EMA, moments, counters, skipped flags (a
+        CUDA graph of the step writes to their addresses)."""
+        return [self.flat, self.exp_avg, self.exp_avg2, self.skipped_flags, *self.counters.values(),
+                *([self.ema_flat] if self.ema_flat is not None else [])]
+
     def clear_bad_run(self) -> None:
         self.counters["bad_run"].zero_()
 
@@ -320,9 +326,7 @@ class GraphedStep(GraphedCall):
         self.step = step
 
     def _state(self) -> list[torch.Tensor]:
-        s = self.step
-        return [s.flat, s.exp_avg, s.exp_avg2, s.skipped_flags, *s.counters.values(),
-                *([s.ema_flat] if s.ema_flat is not None else [])]
+        return self.step.state_tensors()
 
 
 def compile_step(step: TrainStep, mode: str = "regional", backend: str | None = None):
@@ -359,8 +363,7 @@ def compile_step(step: TrainStep, mode: str = "regional", backend: str | None = 
         step.channels_last = True  # cuDNN's fast layout for the activations; the weights stay flat views
     if cuda and not graphed:
         # the state the step updates in place keeps its address, so inductor's CUDA graphs can replay it
-        for t in (step.flat, step.exp_avg, step.exp_avg2, *step.counters.values(), step.skipped_flags,
-                  *([step.ema_flat] if step.ema_flat is not None else [])):
+        for t in step.state_tensors():
             torch._dynamo.mark_static_address(t)
     # inside our own graph, inductor must not capture graphs of its own
     options = dict(backend=backend,
