@@ -234,12 +234,11 @@ class TrainStep:
         (as offsets ``step % log_every``); then a new window (bits/dim sum and count, the longest
         run of non-finite steps ``worst_run``). Call at least every ``log_every`` steps."""
         c = self.counters
-        flags = torch.nonzero(self.skipped_flags).flatten()
         names = ("steps", "images", "skipped", "bad_run", "worst_run", "bpd_sum", "bpd_count", "grad_norm", "lr",
                  "loss_scale")
-        values, flags = torch.stack([c[k].double() for k in names]).tolist(), flags.tolist()
+        values = torch.cat([torch.stack([c[k].double() for k in names]), self.skipped_flags.double()]).tolist()
         out = {k: int(v) if c[k].dtype == torch.int64 else v for k, v in zip(names, values)}
-        out["skipped_offsets"] = flags
+        out["skipped_offsets"] = [i for i, flag in enumerate(values[len(names):]) if flag]
         self.skipped_flags.zero_()
         for k in ("bpd_sum", "bpd_count", "worst_run"):
             c[k].zero_()
