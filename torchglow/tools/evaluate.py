@@ -29,10 +29,11 @@ def evaluate_bpd(model: Glow, images: torch.Tensor, labels: torch.Tensor | None 
                  batch_size: int = 256, n_draws: int = 1, seed: int = 0, fast: bool = False) -> float:
     """Mean bits/dim of uint8 ``images`` (N, C, H, W), averaged over ``n_draws`` seeded
     dequantisation draws. Under torch.distributed each rank scores its share and the result is
-    the mean over the whole set. ``fast``: the forward with compiled flow steps, a CUDA graph on
-    CUDA (:func:`torchglow.tools.fast.fast_forward`), at a fixed batch (``batch_size``, or fewer
-    when the set is smaller), the last batch padded with copies of its first images, which are not
-    counted; equal to the eager forward up to the compiler's float rounding."""
+    the mean over the whole set. ``fast``: the forward replayed as a CUDA graph on CUDA (the eager
+    kernels elsewhere; :func:`torchglow.tools.fast.fast_forward`, its flow steps not compiled), at
+    a fixed batch (``batch_size``, or fewer when the set is smaller), the last batch padded with
+    copies of its first images, which are not counted; equal to the eager forward up to float
+    rounding."""
     from .fast import fast_forward
     from ..noise import mix_seed
 

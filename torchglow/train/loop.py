@@ -154,16 +154,14 @@ def read_device(training: Training) -> None:
     step = c["steps"]
     skipped = sorted(since + 1 + (offset - since) % cfg.log_every for offset in c["skipped_offsets"])
     for s in skipped:
-        training.log({"step": s, "epoch": training.epochs_done(s), "images": c["images"],
-                      "event": "non-finite loss or gradient: step skipped"})
+        training.log_at(s, c["images"], {"event": "non-finite loss or gradient: step skipped"})
     now = time.time()
     if c["bpd_count"]:
         train_bpd = float(dist_utils.all_reduce_mean(torch.tensor(c["bpd_sum"] / c["bpd_count"],
                                                                   device=training.device)))
         rate = (step - since) * cfg.batch_size / max(now - since_time, 1e-9)
-        training.log({"step": step, "epoch": training.epochs_done(step), "images": c["images"],
-                      "train_bpd": train_bpd, "lr": c["lr"], "grad_norm": c["grad_norm"], "images_per_sec": rate,
-                      "time_s": round(training.wall_time(), 3)})
+        training.log_at(step, c["images"], {"train_bpd": train_bpd, "lr": c["lr"], "grad_norm": c["grad_norm"],
+                                            "images_per_sec": rate, "time_s": round(training.wall_time(), 3)})
         training.bar.set_postfix(bpd=f"{train_bpd:.3f}", img_s=f"{rate:.0f}")
     training.last_read = (step, now)
     if c["worst_run"] >= cfg.max_bad_steps:
@@ -172,8 +170,8 @@ def read_device(training: Training) -> None:
                                 f"restoring {training.out / 'last.pt'}; lower `lr` or set `grad_clip`")
         restore_last_good(training)
         training.restored_at = step
-        training.log({"step": step, "epoch": training.epochs_done(step), "images": c["images"],
-                      "event": f"restored {training.out / 'last.pt'} after {c['worst_run']} non-finite steps in a row"})
+        training.log_at(step, c["images"], {
+            "event": f"restored {training.out / 'last.pt'} after {c['worst_run']} non-finite steps in a row"})
 
 
 def end_of_epoch(training: Training) -> None:

@@ -234,12 +234,11 @@ class TrainStep:
         (as offsets ``step % log_every``); then a new window (bits/dim sum and count, the longest
         run of non-finite steps ``worst_run``). Call at least every ``log_every`` steps."""
         c = self.counters
-        flags = torch.nonzero(self.skipped_flags).flatten()
         names = ("steps", "images", "skipped", "bad_run", "worst_run", "bpd_sum", "bpd_count", "grad_norm", "lr",
                  "loss_scale")
-        values, flags = torch.stack([c[k].double() for k in names]).tolist(), flags.tolist()
+        values = torch.cat([torch.stack([c[k].double() for k in names]), self.skipped_flags.double()]).tolist()
         out = {k: int(v) if c[k].dtype == torch.int64 else v for k, v in zip(names, values)}
-        out["skipped_offsets"] = flags
+        out["skipped_offsets"] = [i for i, flag in enumerate(values[len(names):]) if flag]
         self.skipped_flags.zero_()
         for k in ("bpd_sum", "bpd_count", "worst_run"):
             c[k].zero_()
@@ -250,6 +249,12 @@ class TrainStep:
         as Python numbers (one device sync). These device counters are the only record of them."""
         names = ("steps", "images", "skipped")
         return dict(zip(names, torch.stack([self.counters[k] for k in names]).tolist()))
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every tensor a step changes in place: weights, EMA, moments, counters, skipped flags (a
+        CUDA graph of the step writes to their addresses)."""
+        return [self.flat, self.exp_avg, self.exp_avg2, self.skipped_flags, *self.counters.values(),
+                *([self.ema_flat] if self.ema_flat is not None else [])]
 
     def clear_bad_run(self) -> None:
         self.counters["bad_run"].zero_()
@@ -320,9 +325,7 @@ class GraphedStep(GraphedCall):
         self.step = step
 
     def _state(self) -> list[torch.Tensor]:
-        s = self.step
-        return [s.flat, s.exp_avg, s.exp_avg2, s.skipped_flags, *s.counters.values(),
-                *([s.ema_flat] if s.ema_flat is not None else [])]
+        return self.step.state_tensors()
 
 
 def compile_step(step: TrainStep, mode: str = "regional", backend: str | None = None):
@@ -359,8 +362,7 @@ def compile_step(step: TrainStep, mode: str = "regional", backend: str | None = 
         step.channels_last = True  # cuDNN's fast layout for the activations; the weights stay flat views
     if cuda and not graphed:
         # the state the step updates in place keeps its address, so inductor's CUDA graphs can replay it
-        for t in (step.flat, step.exp_avg, step.exp_avg2, *step.counters.values(), step.skipped_flags,
-                  *([step.ema_flat] if step.ema_flat is not None else [])):
+        for t in step.state_tensors():
             torch._dynamo.mark_static_address(t)
     # inside our own graph, inductor must not capture graphs of its own
     options = dict(backend=backend,

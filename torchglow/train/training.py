@@ -128,11 +128,14 @@ class Training:
                 if isinstance(v, (int, float)) and k not in ("step", "epoch", "images"):
                     self.tb.add_scalar(k, v, record["step"])
 
+    def log_at(self, step: int, images: int, record: dict[str, Any]) -> None:
+        """:meth:`log` of ``record`` after its ``step``, epoch and ``images``."""
+        self.log({"step": step, "epoch": self.epochs_done(step), "images": images, **record})
+
     def log_at_step(self, record: dict[str, Any]) -> None:
-        """:meth:`log` of ``record`` after the step, epoch and images of now."""
+        """:meth:`log_at` the step and images of now."""
         totals = self.train_step.totals()
-        self.log({"step": totals["steps"], "epoch": self.epochs_done(totals["steps"]), "images": totals["images"],
-                  **record})
+        self.log_at(totals["steps"], totals["images"], record)
 
     def wall_time(self) -> float:
         return self.state["wall_time_s"] + time.time() - self.segment_start
