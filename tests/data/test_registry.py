@@ -1,9 +1,11 @@
 """The entry point: every split of a named set, unknown names, the seeded choice of images."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from torchglow.data import DatasetError, check_dataset_name, load_dataset, pick_indices
+from torchglow.data import DatasetError, check_dataset_name, is_folder, load_dataset, pick_indices, user_path
 
 from tool_checks import write_image
 
@@ -47,3 +49,12 @@ def test_pick_indices_and_take(tmp_path):
     assert images.shape == (2, 3, 4, 4) and images[0, 0, 0, 0] == 100 and images[1, 0, 0, 0] == 0
     assert labels.tolist() == [-1, -1]
     assert folder.take([])[0].shape == (0, 3, 4, 4)
+
+
+def test_a_home_of_no_user_is_a_missing_path_not_a_crash():
+    """``~name`` of a user that does not exist is a path that is not there (``Path.expanduser``
+    raises RuntimeError for it), wherever the data code expands a user path."""
+    assert user_path("~no_such_user_here/x") == Path("~no_such_user_here/x")
+    assert not is_folder("~no_such_user_here")
+    with pytest.raises(DatasetError, match="no such folder"):
+        check_dataset_name("~no_such_user_here/images")

@@ -135,7 +135,7 @@ def check_data_source(dataset: str, data_dir: str | None, dataset_given: bool, m
     """CLIError (one line, naming the options) for a data set that training cannot use as asked:
     an unknown name; ``--data-dir`` holding images without ``--dataset`` (the folder would be
     ignored); a data set whose images are larger than the model's (they are only zero-padded)."""
-    from ..data import IMAGE_EXTENSIONS, IN_MEMORY_SHAPES, DatasetError, check_dataset_name, is_folder
+    from ..data import IMAGE_EXTENSIONS, IN_MEMORY_SHAPES, DatasetError, check_dataset_name, is_folder, user_path
 
     if not isinstance(dataset, str):
         return  # TrainConfig names the field
@@ -144,10 +144,7 @@ def check_data_source(dataset: str, data_dir: str | None, dataset_given: bool, m
     except DatasetError as e:
         raise CLIError(f"--dataset: {e}") from None
     if data_dir and not dataset_given and not is_folder(dataset):
-        try:
-            folder = Path(data_dir).expanduser()
-        except RuntimeError:  # ~name of no user: not a folder of images
-            folder = Path(data_dir)
+        folder = user_path(data_dir)
         holds_images = folder.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir())
         if holds_images or dataset == "digits":  # the digits come with scikit-learn: no files are read
             raise CLIError(f"--data-dir only says where the files of --dataset {dataset} are (it is not a data "

@@ -45,7 +45,7 @@ folders), ``celeba``, ``lsun``, ``sources`` (finding and fetching files) and ``l
 sources for the tools).
 """
 
-from .base import SPLITS, ConcatImageDataset, DatasetError, DecodedImageDataset, ImageDataset, TensorImageDataset
+from .base import SPLITS, ConcatImageDataset, DatasetError, DecodedImageDataset, ImageDataset, TensorImageDataset, user_path
 from .folders import (
     IMAGE_EXTENSIONS,
     FolderLayout,
@@ -64,5 +64,5 @@ __all__ = [
     "ConcatImageDataset", "DatasetError", "DecodedImageDataset", "FolderLayout", "ImageDataset", "ImageFileDataset",
     "LSUNDataset", "TensorImageDataset",
     "absolute_dataset", "check_dataset_name", "folder_layout", "infer_image_shape", "is_folder", "load_dataset",
-    "load_lsun", "load_npz", "missing_folder_error", "pick_indices", "read_image",
+    "load_lsun", "load_npz", "missing_folder_error", "pick_indices", "read_image", "user_path",
 ]  # fmt: skip

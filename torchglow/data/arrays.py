@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import DatasetError, TensorImageDataset, split_indices
+from .base import DatasetError, TensorImageDataset, split_indices, user_path
 from .sources import locate, open_file, subfolders, torchvision_fetch
 
 # (C, H, W) of the sets held in memory, which can only be zero-padded to a larger size
@@ -167,7 +167,7 @@ def load_npz(path: str | Path, split: str = "train", seed: int = 0) -> TensorIma
     The split: the file's ``split`` array (0 train, 1 test) when it has one; else, for
     ``NAME_train.npz``, the test set is ``NAME_test.npz`` beside it; else a seeded 95/5 split
     (:func:`split_indices` with ``seed``, :data:`NPZ_TEST_FRACTION` in the test split)."""
-    path = Path(path).expanduser()
+    path = user_path(path)
     keys = _npz_keys(path)
     if split == "test" and "split" not in keys and path.stem.endswith("_train"):
         test_path = path.with_name(path.stem.removesuffix("_train") + "_test.npz")

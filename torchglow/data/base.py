@@ -5,6 +5,7 @@ or read from several parts (:class:`ConcatImageDataset`); the seeded split they 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -84,6 +85,15 @@ class TensorImageDataset(ImageDataset):
     def take(self, index) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
         return self.images[index], self.labels[index]
+
+
+def user_path(path: str | Path) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded; a ``~name`` of no user stays as written,
+    a path that does not exist (``Path.expanduser`` raises RuntimeError for it)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        return Path(path)
 
 
 def open_image(source, channels: int, what: str):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .base import DatasetError, DecodedImageDataset, centre_square, image_tensor, open_image, split_indices
+from .base import DatasetError, DecodedImageDataset, centre_square, image_tensor, open_image, split_indices, user_path
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif"})
 FOLDER_SPLITS = ("train", "test", "val")  # subfolders of an image folder read as splits, not classes
@@ -87,7 +87,7 @@ def folder_layout(folder: str | Path) -> FolderLayout:
     """How :func:`load_dataset` reads ``folder`` (see :class:`FolderLayout`): its image files per
     split, their labels and class names. Only file names are read. Raises :class:`DatasetError` for
     a folder that does not exist or holds no images (a split folder without images included)."""
-    folder = Path(folder).expanduser()
+    folder = user_path(folder)
     if not folder.is_dir():
         raise missing_folder_error(folder)
     entries = sorted(folder.iterdir())
@@ -141,7 +141,7 @@ def _class_folder(root: Path, path: Path) -> str | None:
 
 def missing_folder_error(folder: str | Path) -> DatasetError:
     """"no such folder", with the closest folder beside it (difflib) when there is one."""
-    folder = Path(folder).expanduser()
+    folder = user_path(folder)
     close = closest_folder(folder)
     hint = f": did you mean {str(close)!r}?" if close else ("" if folder.parent.is_dir() else
                                                             f" (nor is there a folder {folder.parent})")
@@ -164,7 +164,7 @@ def infer_image_shape(folder: str | Path, headers: Sequence[tuple[tuple[int, int
     are repeated into RGB, losslessly). ``headers``: the (size, mode) of each file (None for an
     unreadable one) when the caller has read them. :class:`DatasetError` when the sizes leave the
     choice to the user."""
-    folder = Path(folder).expanduser()
+    folder = user_path(folder)
     if headers is None:
         layout = folder_layout(folder)
         headers = _headers([path for split in layout.read_order() for path in layout.files[split]])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .base import DatasetError, DecodedImageDataset, centre_square, image_tensor, open_image
+from .base import DatasetError, DecodedImageDataset, centre_square, image_tensor, open_image, user_path
 from .sources import SOURCES
 
 LSUN_CATEGORIES = ("bedroom", "church_outdoor", "tower")  # the official code's LSUN categories
@@ -52,7 +52,7 @@ def load_lsun(category: str, split: str, root: str | Path, *, image_size: int = 
     uses it. Needs the ``lmdb`` package (``pip install torchglow[lsun]``)."""
     if category not in LSUN_CATEGORIES:
         raise DatasetError(f"lsun: unknown category {category!r}; choose one of {', '.join(LSUN_CATEGORIES)}")
-    path = Path(root).expanduser() / f"{category}_{'train' if split == 'train' else 'val'}_lmdb"
+    path = user_path(root) / f"{category}_{'train' if split == 'train' else 'val'}_lmdb"
     if not (path / "data.mdb").is_file():
         raise DatasetError(f"lsun-{category}: {path}/data.mdb not found; get the {category} LMDB folders from "
                            f"{SOURCES['lsun']} into {path.parent}")

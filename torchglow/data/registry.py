@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .base import SPLITS, ConcatImageDataset, DatasetError, ImageDataset, TensorImageDataset
+from .base import SPLITS, ConcatImageDataset, DatasetError, ImageDataset, TensorImageDataset, user_path
 from .celeba import CELEBA_IMAGE_SIZE, load_celeba
 from .folders import ImageFileDataset, closest_folder, load_image_folder, missing_folder_error
 from .lsun import LSUN_CATEGORIES, LSUN_IMAGE_SIZE, load_lsun
@@ -66,7 +66,7 @@ def load_dataset(
     if channels not in (None, 1, 3):
         raise DatasetError(f"{name}: channels must be 1 (grey) or 3 (RGB), got {channels!r}")
     if is_folder(check_dataset_name(name)):
-        folder = Path(name.removeprefix("folder:")).expanduser()
+        folder = user_path(name.removeprefix("folder:"))
         return load_image_folder(folder, split, image_size=image_size, channels=channels)
     if split == "val":
         raise DatasetError(f"{name} has no val split: use train, test or all (a folder may have val/)")
@@ -134,7 +134,7 @@ def _concat(parts: list[ImageDataset], name: str) -> ImageDataset:
 def is_folder(name: str) -> bool:
     """Whether :func:`load_dataset` reads ``name`` as a folder of images: it starts with ``folder:``,
     or it is an existing directory that is not also a data set name."""
-    return bool(name) and name not in DATASETS and (name.startswith("folder:") or Path(name).expanduser().is_dir())
+    return bool(name) and name not in DATASETS and (name.startswith("folder:") or user_path(name).is_dir())
 
 
 def check_dataset_name(name: str) -> str:
@@ -144,13 +144,13 @@ def check_dataset_name(name: str) -> str:
     if name in DATASETS or name.endswith(".npz"):
         return name
     if is_folder(name):
-        folder = Path(name.removeprefix("folder:")).expanduser()
+        folder = user_path(name.removeprefix("folder:"))
         if not folder.is_dir():
             raise missing_folder_error(folder)
         return name
     close = difflib.get_close_matches(name.lower(), DATASETS, n=1)
     path_like = name.startswith((".", "~")) or os.sep in name or "/" in name
-    if path_like or (not close and closest_folder(Path(name).expanduser()) is not None):
+    if path_like or (not close and closest_folder(user_path(name)) is not None):
         raise missing_folder_error(name)
     hint = f"did you mean {close[0]!r}? " if close else ""
     if name.lower() == "lsun":
@@ -165,4 +165,4 @@ def absolute_dataset(name: str) -> str:
     if name in DATASETS:
         return name
     prefix = "folder:" if name.startswith("folder:") else ""
-    return prefix + str(Path(name.removeprefix("folder:")).expanduser().resolve())
+    return prefix + str(user_path(name.removeprefix("folder:")).resolve())

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
-from .base import DatasetError
+from .base import DatasetError, user_path
 
 # Folders searched after the default one when no data_dir is given.
 SYSTEM_DIRS = {"fashion-mnist": Path("/usr/share/datasets/fashion-mnist")}
@@ -28,8 +28,8 @@ SOURCES = {
 def data_roots(name: str, data_dir: str | Path | None) -> list[Path]:
     """Folders to search for ``name``'s files, the first one also being where downloads go."""
     if data_dir is not None:
-        return [Path(data_dir).expanduser()]
-    base = Path(os.environ.get("TORCHGLOW_DATA") or Path.home() / ".cache" / "torchglow").expanduser()
+        return [user_path(data_dir)]
+    base = user_path(os.environ.get("TORCHGLOW_DATA") or Path.home() / ".cache" / "torchglow")
     system = SYSTEM_DIRS.get(name)
     return [base / name] + ([system] if system is not None and system.is_dir() else [])
 

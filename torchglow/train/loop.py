@@ -27,7 +27,6 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -35,7 +34,7 @@ import torch
 from .. import distributed as dist_utils
 from .. import health
 from ..config import ConfigError, GlowConfig, TrainConfig
-from ..data import DatasetError, absolute_dataset
+from ..data import DatasetError, absolute_dataset, user_path
 from ..files import make_readable, write_json_atomic
 from ..model import Glow
 from ..noise import mix_seed
@@ -84,7 +83,7 @@ def train(model_config: GlowConfig, train_config: TrainConfig, resume: bool = Fa
     """
     data_dir = train_config.data_dir
     train_config = dataclasses.replace(train_config, dataset=absolute_dataset(train_config.dataset),
-                                       data_dir=None if data_dir is None else str(Path(data_dir).expanduser().resolve()))
+                                       data_dir=None if data_dir is None else str(user_path(data_dir).resolve()))
     with StopRequest() as stop:
         device = _setup(train_config)
         model = build_model(model_config, train_config, device)

@@ -30,7 +30,7 @@ import torch
 from .. import distributed as dist_utils
 from .checkpoint import CheckpointError, load_model
 from ..config import ConfigError, GlowConfig, TrainConfig
-from ..data import DATASETS, DatasetError, ImageDataset, load_dataset, missing_folder_error, pick_indices
+from ..data import DATASETS, DatasetError, ImageDataset, load_dataset, missing_folder_error, pick_indices, user_path
 from ..files import write_json_atomic
 from ..tools.images import display_max_level
 from ..model import Glow
@@ -168,7 +168,7 @@ class Run:
         own = name == trained_on
         seed = self.train.seed if own else 0
         c, h, _ = self.model.config.image_shape
-        if own and name not in DATASETS and not Path(name.removeprefix("folder:")).expanduser().exists():
+        if own and name not in DATASETS and not user_path(name.removeprefix("folder:")).exists():
             gone = (f"no such file {name!r}" if name.endswith(".npz")
                     else missing_folder_error(name.removeprefix("folder:")))
             raise DatasetError(f"{self.source} was trained on {name}, which is not there any more ({gone}); "
