@@ -38,4 +38,4 @@ def add_commands(command) -> None:
     common_options(p, "evaluate", "test")
     p.add_argument("--draws", type=count(1), default=1, help="dequantisation noise draws averaged per image")
     p.add_argument("--out", help="also write the result to this JSON file")
-    fast_option(p, "compiled forward at a fixed batch (a CUDA graph on CUDA); same bits/dim up to float rounding")
+    fast_option(p, "the forward replayed as a CUDA graph at a fixed batch (on a GPU); same bits/dim up to float rounding")

@@ -34,4 +34,4 @@ def add_commands(command) -> None:
                    help="one row (or grid, class-conditional) per temperature")
     p.add_argument("--n", type=count(1), default=8, help="samples per row")
     p.add_argument("--name", help="file name stem (default: samples_T<temperatures>_n<n>_seed<seed>)")
-    fast_option(p, "compiled decode (a CUDA graph on CUDA); same images up to float rounding")
+    fast_option(p, "the decode replayed as a CUDA graph (on a GPU); same images up to float rounding")

@@ -47,7 +47,7 @@ def common_options(p: argparse.ArgumentParser, tool: str, split: str | None, spl
 
 
 def fast_option(p: argparse.ArgumentParser, what: str) -> None:
-    """``--fast``: ``what`` runs compiled, as :func:`fast_note` says on a CPU."""
+    """``--fast``: ``what`` replayed as a CUDA graph on a GPU (:func:`fast_note` says so on a CPU)."""
     p.add_argument("--fast", action="store_true", help=what)
 
 

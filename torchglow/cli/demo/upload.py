@@ -17,8 +17,9 @@ import io
 import threading
 from typing import Sequence
 
-import numpy as np
 import torch
+
+from ...data.base import centre_square, image_tensor
 
 MAX_UPLOAD_BYTES = 10 * 2**20
 MAX_PIXELS = 50_000_000  # a phone photo is 12-50 MP; decoding is refused above this (decompression bombs)
@@ -90,11 +91,8 @@ def _decode(data: bytes, size: int, channels: int, name: str, max_pixels: int) -
         except Exception as e:
             raise UploadError(f"{name} cannot be decoded, it is truncated or corrupt ({e})") from None
         # the centred square crop and Lanczos resize of torchglow.data.read_image, on the opened file
-        side = min(width, height)
-        left, top = (width - side) // 2, (height - side) // 2
-        image = image.resize((size, size), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side))
-    pixels = torch.from_numpy(np.array(image)).reshape(size, size, channels)  # (H, W, C)
-    return pixels.permute(2, 0, 1).contiguous()
+        image = image.resize((size, size), Image.Resampling.LANCZOS, box=centre_square(width, height))
+    return image_tensor(image, size, channels)
 
 
 @functools.cache
