@@ -3,11 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from torchglow import ConfigError
-
-from torchglow import GlowConfig
-
-from torchglow import preset
+from torchglow import ConfigError, GlowConfig, preset
 
 from conftest import assert_one_error_line, cli
 

@@ -1,9 +1,7 @@
 import pytest
 import torch
 
-from torchglow import ConfigError
-
-from torchglow import Glow
+from torchglow import ConfigError, Glow
 from torchglow.devices import random_tensor, resolve_device
 
 from conftest import assert_one_error_line, cli, tiny_config

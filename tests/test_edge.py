@@ -15,11 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torchglow import Glow
-
-from torchglow import GlowConfig
-
-from torchglow import preset
+from torchglow import Glow, GlowConfig, preset
 from torchglow.layers import Coupling, FlowStep
 from torchglow.networks import ConvActNorm, LinearZeros, ZeroConv2d, edge_image
 

@@ -18,8 +18,7 @@ from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 
 from conftest import tiny_config, tiny_glow
-from torchglow import Glow
-from torchglow import GlowConfig
+from torchglow import Glow, GlowConfig
 from torchglow.train.checkpoint import load_model
 from torchglow.hub import write_model_card
 

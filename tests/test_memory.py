@@ -13,12 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torchglow import ConfigError
-
-from torchglow import Glow
-
-from torchglow import preset
-from torchglow import memory
+from torchglow import ConfigError, Glow, memory, preset
 from torchglow.layers import initializing
 
 from conftest import tiny_config

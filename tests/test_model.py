@@ -6,10 +6,7 @@ import warnings
 import pytest
 import torch
 
-from torchglow import PRESETS
-
-from torchglow import Glow
-from torchglow import health
+from torchglow import PRESETS, Glow, health
 from torchglow.layers import squeeze2d, unsqueeze2d
 from torchglow.model import gaussian_log_prob
 

@@ -57,15 +57,16 @@ class InvConv1x1(nn.Module):
         return torch.stack([getattr(c, name) for c in convs]).to(dtype)
 
     @staticmethod
-    def _lu_factors(convs, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``L + I`` and ``U + diag(sign·exp(log_s))`` of each layer, (K, C, C)."""
+    def _lu_factors(convs, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``L + I`` and ``U + diag(sign·exp(log_s))`` of each layer, (K, C, C), and ``log_s`` (K, C)."""
         first, stack = convs[0], InvConv1x1._stack
         mask, eye = first.lower_mask.to(dtype), first.eye.to(dtype)
         lower = torch.addcmul(eye, stack(convs, "lower", dtype), mask)
         # the diagonal as eye·(sign·exp(log_s)) broadcast over rows: one op, no diag_embed
-        diag = stack(convs, "sign_s", dtype) * torch.exp(stack(convs, "log_s", dtype))
+        log_s = stack(convs, "log_s", dtype)
+        diag = stack(convs, "sign_s", dtype) * torch.exp(log_s)
         upper = torch.addcmul(stack(convs, "upper", dtype) * mask.T, eye, diag[:, None, :])
-        return lower, upper
+        return lower, upper, log_s
 
     @staticmethod
     def matrices(convs, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,9 +74,9 @@ class InvConv1x1(nn.Module):
         if not convs[0].lu:
             w = InvConv1x1._stack(convs, "weight", dtype)
             return w, torch.linalg.slogdet(w.double())[1].to(dtype)
-        lower, upper = InvConv1x1._lu_factors(convs, dtype)
+        lower, upper, log_s = InvConv1x1._lu_factors(convs, dtype)
         perm = InvConv1x1._stack(convs, "perm", dtype)
-        return perm @ lower @ upper, InvConv1x1._stack(convs, "log_s", dtype).sum(-1)
+        return perm @ lower @ upper, log_s.sum(-1)
 
     @staticmethod
     def inverse_matrices(convs) -> torch.Tensor:
@@ -84,7 +85,7 @@ class InvConv1x1(nn.Module):
         if not convs[0].lu:
             # inv_ex: no host sync to check for singular matrices (a flow's W is invertible)
             return torch.linalg.inv_ex(InvConv1x1._stack(convs, "weight", torch.float64))[0]
-        lower, upper = InvConv1x1._lu_factors(convs, torch.float64)
+        lower, upper, _ = InvConv1x1._lu_factors(convs, torch.float64)
         eye = convs[0].eye.double()
         l_inv = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
         u_inv = torch.linalg.solve_triangular(upper, eye, upper=True)

@@ -238,8 +238,7 @@ def forward_steps(steps, z: torch.Tensor, mode: str) -> tuple[torch.Tensor, torc
     """
     if mode == "none":  # first: no Python state read, so a compiled forward has nothing to guard
         return forward_plain(steps, z)
-    if mode not in _SAVING_FORWARDS:  # a memory_mode set around set_memory
-        raise ValueError(f"memory mode must be one of {MEMORY_MODES}, got {mode!r}")
+    check_memory_mode(mode)  # a memory_mode set around set_memory
     if not torch.is_grad_enabled() or len(steps) == 0 or init_pending(steps):
         return forward_plain(steps, z)
     return _SAVING_FORWARDS[mode](steps, z)
